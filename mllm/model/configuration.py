@@ -1,0 +1,254 @@
+"""Configuration of the MiniCPM-V 2.6-style MLLM.
+
+In memory the config is typed and nested: `MLLMConfig.llm` (Qwen2-style decoder), `.vision` (SigLIP NaViT),
+`.slice` (image slicing). On disk it is the MiniCPM-V 2.6 `config.json` layout: the LLM keys sit flat at the
+top level next to the multimodal keys, with `vision_config` and `slice_config` as nested dicts. So a folder
+written by `save_pretrained` loads in the reference code and a reference checkpoint loads here.
+
+Unknown keys fail loudly, except the bookkeeping keys that Hugging Face tools write into every config.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import PreTrainedConfig
+from huggingface_hub.dataclasses import strict
+
+
+@strict
+class LLMConfig(PreTrainedConfig):
+    """Qwen2-style decoder. Field names and defaults follow the reference `LLMConfig` (facts sheet §1.3)."""
+
+    model_type = "llm"
+
+    vocab_size: int = 151936
+    hidden_size: int = 4096
+    intermediate_size: int = 22016
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = 32
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 32768
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    use_sliding_window: bool = False
+    sliding_window: int | None = 4096
+    max_window_layers: int = 28
+    attention_dropout: float | int = 0.0
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must divide by num_attention_heads")
+        super().__post_init__(**kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class VisionConfig:
+    """SigLIP NaViT vision tower (facts sheet §1.2). The position table has (image_size // patch_size)**2 rows."""
+
+    hidden_size: int = 1152
+    image_size: int = 980
+    intermediate_size: int = 4304
+    num_attention_heads: int = 16
+    num_hidden_layers: int = 27
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_act: str = "gelu_pytorch_tanh"
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float = 0.0
+    model_type: str = "siglip"
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class SliceConfig:
+    """How an image is cut into a source view plus slices (facts sheet §6)."""
+
+    patch_size: int = 14
+    max_slice_nums: int = 9
+    scale_resolution: int = 448
+    model_type: str = "mllm"
+
+
+# Keys that Hugging Face tooling writes into config.json files; they carry no model semantics here.
+_BOOKKEEPING_KEYS = {
+    "architectures", "auto_map", "torch_dtype", "dtype", "transformers_version", "_name_or_path", "version",
+    "model_type", "keys_to_ignore_at_inference", "rope_scaling", "rope_parameters", "layer_types",
+    "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder", "tokenizer_class",
+    "_attn_implementation_autoset", "attn_implementation", "num_labels", "id2label", "label2id",
+}
+_LLM_FIELDS = [f.name for f in dataclasses.fields(LLMConfig) if f.name in LLMConfig.__annotations__]
+
+
+@dataclass
+class MLLMConfig:
+    """The whole model: vision tower -> resampler -> LLM, plus the multimodal keys of MiniCPM-V 2.6."""
+
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    slice: SliceConfig = field(default_factory=SliceConfig)
+    query_num: int = 64  # resampler queries = <unk> placeholders per view
+    image_size: int = 448  # informational, as in the reference
+    drop_vision_last_layer: bool = True  # reference class default; the 2.6 checkpoint sets False
+    batch_vision_input: bool = True
+    use_image_id: bool = True
+    vision_batch_size: int = 16
+    slice_mode: bool = True
+    model_type: str = "minicpmv"
+
+    def __post_init__(self):
+        if not self.batch_vision_input:
+            raise ValueError("batch_vision_input must be True: only the patch-strip pixel layout is supported")
+
+    # ---- derived sizes -------------------------------------------------------------------------------------
+    @property
+    def patch_size(self) -> int:
+        return self.vision.patch_size
+
+    @property
+    def resampler_heads(self) -> int:
+        # The reference uses embed_dim // 128 heads (28 for a 3584-wide LLM).
+        return max(1, self.llm.hidden_size // 128)
+
+    @property
+    def vision_layers_used(self) -> int:
+        return self.vision.num_hidden_layers - (1 if self.drop_vision_last_layer else 0)
+
+    # ---- serialization (flat MiniCPM-V layout) ---------------------------------------------------------------
+    def to_dict(self) -> dict:
+        out = {"architectures": ["MLLMModel"], "model_type": self.model_type}
+        for name in _LLM_FIELDS:
+            out[name] = getattr(self.llm, name)
+        for name in ("query_num", "image_size", "drop_vision_last_layer", "batch_vision_input", "use_image_id",
+                     "vision_batch_size", "slice_mode"):
+            out[name] = getattr(self, name)
+        out["vision_config"] = dataclasses.asdict(self.vision)
+        out["slice_config"] = dataclasses.asdict(self.slice)
+        out["patch_size"] = self.patch_size
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> "MLLMConfig":
+        data = dict(data)
+        rope = data.pop("rope_parameters", None) or {}
+        if "rope_theta" not in data and "rope_theta" in rope:
+            data["rope_theta"] = rope["rope_theta"]
+        llm_kwargs = {k: data.pop(k) for k in list(data) if k in _LLM_FIELDS}
+        vision = data.pop("vision_config", None) or {}
+        slice_ = data.pop("slice_config", None) or {"max_slice_nums": 1}
+        data.pop("patch_size", None)  # derived from vision_config
+        data.pop("slice_mode", None)  # forced True, as in the reference
+        top = {f.name for f in dataclasses.fields(cls)} - {"llm", "vision", "slice"}
+        mm_kwargs = {k: data.pop(k) for k in list(data) if k in top}
+        mm_kwargs.pop("model_type", None)
+        unknown = sorted(k for k in data if k not in _BOOKKEEPING_KEYS)
+        if unknown:
+            raise ValueError(f"{source}: unknown config keys {unknown}")
+        return cls(
+            llm=LLMConfig(**llm_kwargs),
+            vision=_typed(VisionConfig, vision, f"{source}: vision_config"),
+            slice=_typed(SliceConfig, slice_, f"{source}: slice_config"),
+            **mm_kwargs,
+        )
+
+    def save(self, folder: str | os.PathLike) -> None:
+        path = Path(folder) / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> "MLLMConfig":
+        path = Path(folder) / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no config.json in the model folder")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from err
+        return cls.from_dict(data, source=str(path))
+
+    @classmethod
+    def from_preset(cls, name: str) -> "MLLMConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return PRESETS[name]()
+
+
+def _typed(kind, data: dict, source: str):
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(k for k in data if k not in known and k not in _BOOKKEEPING_KEYS)
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {unknown}")
+    return kind(**{k: v for k, v in data.items() if k in known})
+
+
+def minicpmv_26() -> MLLMConfig:
+    """The real MiniCPM-V 2.6 sizes (facts sheet §1): 8,099,175,152 parameters."""
+    return MLLMConfig(
+        llm=LLMConfig(
+            vocab_size=151666, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+            num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
+            rope_theta=1_000_000.0, tie_word_embeddings=False, sliding_window=131072, max_window_layers=28,
+            bos_token_id=151643, eos_token_id=151645,
+        ),
+        vision=VisionConfig(),
+        slice=SliceConfig(patch_size=14, max_slice_nums=9, scale_resolution=448),
+        query_num=64,
+        drop_vision_last_layer=False,
+    )
+
+
+def tiny() -> MLLMConfig:
+    """A few million parameters, trainable from scratch on a 2-core CPU (see tiny_model_notes.md).
+
+    Small views (scale_resolution 112 -> 8x8 patches of 14 px) keep the vision sequence short; slicing still
+    happens for images larger than 112x112. The vocabulary matches the project's own BPE tokenizer.
+    """
+    return MLLMConfig(
+        llm=LLMConfig(
+            vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=10000.0,
+            tie_word_embeddings=False, sliding_window=4096, max_window_layers=4,
+        ),
+        vision=VisionConfig(hidden_size=128, image_size=224, intermediate_size=512, num_attention_heads=4,
+                            num_hidden_layers=3, patch_size=14),
+        slice=SliceConfig(patch_size=14, max_slice_nums=4, scale_resolution=112),
+        query_num=16,
+        image_size=112,
+        drop_vision_last_layer=False,
+        vision_batch_size=64,
+    )
+
+
+PRESETS = {"minicpmv-2.6": minicpmv_26, "tiny": tiny}
