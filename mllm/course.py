@@ -1,0 +1,239 @@
+"""`mllm course`: the exercise's arc on a 2-core CPU with the tiny model, stage by stage.
+
+    base        synthetic world (with caption noise) -> tokenizer -> tiny model from random init -> SFT on
+                descriptions, counting, dialogues and yes/no -> CHAIR on the bench + yes/no accuracy
+    sft         SFT of the base model on the yes/no set: test loss and accuracy before and after
+    grounding   (added by the grounding stage)
+    preference  (added by the preference stage)
+
+Each stage writes its folder under `--out` (model, answers, metrics JSON, plots) and adds a row to
+`results.json`; `course.md` is the table of every stage run so far. A stage reuses what earlier stages left
+(the world, the base model), so each can be run alone once its inputs exist. `--quick` shrinks every budget
+to a few minutes in total; the numbers it gives are not the course's targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+STAGES = ["base", "sft"]
+
+
+@dataclass
+class Budget:
+    """Sizes of one course run; `quick()` for smoke runs."""
+
+    n_train: int = 4000
+    n_test: int = 300
+    caption_noise: float = 0.25
+    base_steps: int = 3000
+    base_batch: int = 32
+    base_lr: float = 1e-3
+    sft_steps: int = 150
+    sft_batch: int = 16
+    sft_lr: float = 1e-4
+    eval_limit: int | None = None  # questions per evaluation (None: all)
+
+    @classmethod
+    def quick(cls) -> "Budget":
+        return cls(n_train=200, n_test=40, base_steps=40, base_batch=8, sft_steps=10, sft_batch=8, eval_limit=40)
+
+
+# ---- shared evaluations ----------------------------------------------------------------------------------------
+def describe_and_score(model_dir: Path, world: Path, out_dir: Path, decoding: str = "greedy",
+                       limit: int | None = None, max_new_tokens: int = 160) -> dict:
+    """Answer the world's description bench with the model, then CHAIR against the world's ground truth."""
+    from mllm.eval import chair
+    from mllm.eval.answer import run
+
+    answers = out_dir / f"bench_answers_{decoding}.jsonl"
+    run(str(model_dir), world / "bench.jsonl", answers, decoding=decoding, batch_size=16,
+        max_new_tokens=max_new_tokens, limit=limit, quiet=True)
+    vocab, gt = chair.load_chair_gt(world / "chair_gt.json")
+    records = [json.loads(line) for line in answers.read_text().splitlines()]
+    result = chair.score([{"image_id": r["image_id"], "caption": r["answer"]} for r in records], gt, vocab)
+    chair.write_json_atomic(out_dir / f"chair_{decoding}.json", result)
+    return result["overall_metrics"]
+
+
+def yesno_questions(test_json: Path, out: Path) -> Path:
+    """The exercise's yes/no test file -> an `mllm answer` question file (target and category kept)."""
+    items = json.loads(test_json.read_text())
+    with open(out, "w") as f:
+        for item in items:
+            user, assistant = item["conversations"][0]["content"], item["conversations"][1]["content"]
+            f.write(json.dumps({"image": item["image"], "question": user.replace("<image>", "").strip(),
+                                "id": item["id"], "category": item.get("category"), "target": assistant}) + "\n")
+    return out
+
+
+def answer_yesno(model_dir: Path, world: Path, out_dir: Path, limit: int | None = None) -> dict:
+    from mllm.eval import yesno
+    from mllm.eval.answer import run
+
+    questions = yesno_questions(world / "yesno_test.json", out_dir / "yesno_questions.jsonl")
+    answers = out_dir / "yesno_answers.jsonl"
+    run(str(model_dir), questions, answers, batch_size=32, max_new_tokens=4, limit=limit, quiet=True,
+        image_root=world)
+    records = []
+    for line in answers.read_text().splitlines():
+        row = json.loads(line)
+        meta = row["metainfos"]
+        records.append({"answer": row["answer"], "target": meta["target"], "image": meta["image"],
+                        "category": meta.get("category")})
+    result = yesno.score(records)
+    yesno.write_json_atomic(out_dir / "yesno.json", result)
+    return result["overall"]
+
+
+def test_loss(model_dir: Path, data_json: Path, image_folder: Path, batch_size: int = 32) -> float:
+    """Token-mean cross-entropy of a model over an SFT-format file (the exercise's test loss)."""
+    import torch
+
+    from mllm.data.collate import SupervisedCollator
+    from mllm.data.sft_dataset import SupervisedDataset
+    from mllm.model.loading import load_pretrained
+    from mllm.train.losses import token_nll_sum
+
+    model, tokenizer, _ = load_pretrained(model_dir)
+    dataset = SupervisedDataset.from_config(data_json, tokenizer, model.config, str(image_folder))
+    collate = SupervisedCollator(pad_id=tokenizer.pad_token_id or 0)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            labels = batch.pop("labels")
+            logits = model(**batch).logits
+            nll, n = token_nll_sum(logits, labels)
+            total, count = total + float(nll), count + int(n)
+    return total / max(count, 1)
+
+
+# ---- stages ------------------------------------------------------------------------------------------------------
+def world_dir(out: Path, budget: Budget, seed: int) -> Path:
+    from mllm.data.synth import generate
+
+    world = out / "world"
+    if not (world / "meta.json").is_file():
+        generate(world, n_train=budget.n_train, n_test=budget.n_test, seed=seed, caption_noise=budget.caption_noise)
+    return world
+
+
+def tokenizer_corpus(world: Path) -> list[str]:
+    """Every text of the world's training files, plus digits and box syntax for grounding later."""
+    texts = []
+    for name in ("sft_train.json", "yesno_train.json", "preference_train.json"):
+        for record in json.loads((world / name).read_text()):
+            texts += [m["content"] for m in record.get("conversations", [])]
+            texts += [record[k] for k in ("question", "chosen", "rejected") if k in record]
+    texts += [json.loads(line)["expression"] for line in (world / "rec_train.jsonl").read_text().splitlines()]
+    texts += [f"[{a},{b},{a + 7},{b + 3}]" for a in range(0, 1000, 37) for b in range(0, 1000, 91)]
+    return texts
+
+
+def stage_base(out: Path, budget: Budget, seed: int) -> dict:
+    from mllm.model.init_cli import make_random_checkpoint
+    from mllm.train.sft import DataArguments, ModelArguments, SFTTrainingArguments, train
+
+    world = world_dir(out, budget, seed)
+    stage = out / "base"
+    init = stage / "init"
+    make_random_checkpoint(init, "tiny", texts=tokenizer_corpus(world), vocab_size=1024, seed=seed)
+    mixed = stage / "base_train.json"
+    mixed.write_text(json.dumps(json.loads((world / "sft_train.json").read_text())
+                                + json.loads((world / "yesno_train.json").read_text())))
+    started = time.time()
+    train(ModelArguments(model_name_or_path=str(init)),
+          DataArguments(data_path=str(mixed), image_folder=str(world), model_max_length=512),
+          SFTTrainingArguments(output_dir=str(stage / "model"), max_steps=budget.base_steps,
+                               per_device_train_batch_size=budget.base_batch, learning_rate=budget.base_lr,
+                               lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.01,
+                               adam_beta2=0.98, logging_steps=25, save_strategy="no", report_to="tensorboard",
+                               seed=seed, dataloader_num_workers=0, yesno_eval_samples=0))
+    minutes = (time.time() - started) / 60
+    model_dir = stage / "model"
+    chair_metrics = describe_and_score(model_dir, world, stage, limit=budget.eval_limit)
+    yesno_metrics = answer_yesno(model_dir, world, stage, limit=budget.eval_limit)
+    return {"stage": "base", "model_dir": str(model_dir), "train_minutes": round(minutes, 1),
+            "chair": chair_metrics, "yesno": yesno_metrics}
+
+
+def stage_sft(out: Path, budget: Budget, seed: int) -> dict:
+    from mllm.train.sft import DataArguments, ModelArguments, SFTTrainingArguments, train
+
+    world = world_dir(out, budget, seed)
+    base = out / "base" / "model"
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(f"{base}: run the base stage first (mllm course --stage base)")
+    stage = out / "sft"
+    stage.mkdir(parents=True, exist_ok=True)
+    before = {"test_loss": test_loss(base, world / "yesno_test.json", world),
+              **answer_yesno(base, world, _fresh(stage / "before"), limit=budget.eval_limit)}
+    train(ModelArguments(model_name_or_path=str(base)),
+          DataArguments(data_path=str(world / "yesno_train.json"), eval_data_path=str(world / "yesno_test.json"),
+                        image_folder=str(world), model_max_length=512),
+          SFTTrainingArguments(output_dir=str(stage / "model"), max_steps=budget.sft_steps,
+                               per_device_train_batch_size=budget.sft_batch, learning_rate=budget.sft_lr,
+                               lr_scheduler_type="cosine", warmup_ratio=0.1, weight_decay=0.1, adam_beta2=0.95,
+                               logging_steps=10, eval_strategy="steps", eval_steps=max(budget.sft_steps // 3, 1),
+                               per_device_eval_batch_size=32, save_strategy="no", seed=seed,
+                               yesno_eval_samples=64))
+    after = {"test_loss": test_loss(stage / "model", world / "yesno_test.json", world),
+             **answer_yesno(stage / "model", world, _fresh(stage / "after"), limit=budget.eval_limit)}
+    return {"stage": "sft", "model_dir": str(stage / "model"), "before": before, "after": after}
+
+
+def _fresh(folder: Path) -> Path:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+RUNNERS = {"base": stage_base, "sft": stage_sft}
+
+
+# ---- report ------------------------------------------------------------------------------------------------------
+def table(results: dict) -> str:
+    rows = ["| stage | metric | value | exercise target (real model) |", "|---|---|---|---|"]
+    if "base" in results:
+        c, y = results["base"]["chair"], results["base"]["yesno"]
+        rows += [f"| base | CHAIRs / CHAIRi | {100 * c['CHAIRs']:.1f} / {100 * c['CHAIRi']:.1f} | 32.7 / 8.5 |",
+                 f"| base | Recall / Len | {100 * c['Recall']:.1f} / {c['Len']:.1f} | 61.7 / 126 |",
+                 f"| base | yes/no acc / acc+ | {y['acc']:.3f} / {y['acc_plus']:.3f} | 0.696 (exercise accuracy) |"]
+    if "sft" in results:
+        b, a = results["sft"]["before"], results["sft"]["after"]
+        rows += [f"| sft | yes/no test loss | {b['test_loss']:.3f} -> {a['test_loss']:.3f} | < 0.11 |",
+                 f"| sft | yes/no acc | {b['acc']:.3f} -> {a['acc']:.3f} | 0.81-0.90 |"]
+    for extra in results.values():
+        rows += extra.get("table_rows", [])
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mllm course", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", choices=STAGES + ["all"], default="all")
+    parser.add_argument("--out", type=Path, default=Path("runs/course"))
+    parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run of every stage")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    budget = Budget.quick() if args.quick else Budget()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    for stage in STAGES if args.stage == "all" else [args.stage]:
+        print(f"== stage {stage} ==", flush=True)
+        results[stage] = RUNNERS[stage](args.out, budget, args.seed)
+        tmp = results_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=2, default=str))
+        os.replace(tmp, results_path)
+        (args.out / "course.md").write_text(table(results) + "\n")
+    print(table(results))
+    print(f"results: {results_path}, table: {args.out / 'course.md'}")
+    return 0

@@ -1,0 +1,143 @@
+"""Reading and writing model weights: safetensors only, single file or sharded, written atomically.
+
+A checkpoint folder holds `config.json` plus either `model.safetensors` or `model-0000k-of-0000n.safetensors`
+shards with a `model.safetensors.index.json` (the Hugging Face layout, which MiniCPM-V 2.6 uses). Loading checks
+the tensors against the model and fails with one message listing every missing, unexpected or mis-shaped tensor.
+Pickle-based weight files (`*.bin`, `*.pt`) are refused: they can run code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that does not match the model it is loaded into."""
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint folder, in shard order."""
+    folder = Path(folder)
+    if (folder / INDEX_FILE).is_file():
+        index = _read_json(folder / INDEX_FILE)
+        if "weight_map" not in index:
+            raise CheckpointError(f"{folder / INDEX_FILE}: no 'weight_map' field")
+        names = sorted(set(index["weight_map"].values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder / INDEX_FILE}: shard files missing: {missing}")
+        return [folder / n for n in names]
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE]
+    pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+    hint = f" (found {pickled}: pickle weight files are not loaded; convert them to safetensors)" if pickled else ""
+    raise CheckpointError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}{hint}")
+
+
+def load_state_dict(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder, optionally cast to `dtype` (floating tensors only)."""
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    if dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(dtype)
+                    state[key] = tensor
+        except CheckpointError:
+            raise
+        except Exception as err:  # safetensors raises several error types for damaged files
+            raise CheckpointError(f"{path}: cannot read safetensors file ({err})") from err
+    return state
+
+
+def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one CheckpointError listing missing, unexpected and mis-shaped tensors."""
+    missing = sorted(k for k in expected if k not in found)
+    unexpected = sorted(k for k in found if k not in expected)
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k])}"
+        for k in expected
+        if k in found and tuple(found[k].shape) != tuple(expected[k])
+    )
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            shown = "\n    ".join(items[:20]) + (f"\n    ... and {len(items) - 20} more" if len(items) > 20 else "")
+            problems.append(f"  {len(items)} {title} tensor(s):\n    {shown}")
+    if problems:
+        raise CheckpointError(f"{source}: checkpoint does not match the model\n" + "\n".join(problems))
+
+
+def save_state_dict(state: dict[str, torch.Tensor], folder: str | os.PathLike, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write tensors as one safetensors file, or shards plus an index when larger than `max_shard_bytes`.
+
+    Every file is written under a temporary name and renamed into place, so a crash never leaves a
+    half-written checkpoint that looks complete. Stale files of an earlier layout are removed.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        _atomic_save(shards[0], folder / SINGLE_FILE, metadata)
+        _remove(folder / INDEX_FILE)
+        for old in folder.glob("model-*-of-*.safetensors"):
+            _remove(old)
+        return
+    weight_map = {}
+    names = []
+    for i, shard in enumerate(shards, start=1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        names.append(name)
+        _atomic_save(shard, folder / name, metadata)
+        weight_map.update({k: name for k in shard})
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    _atomic_write_text(folder / INDEX_FILE, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    _remove(folder / SINGLE_FILE)
+    for old in folder.glob("model-*-of-*.safetensors"):
+        if old.name not in names:
+            _remove(old)
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)
+
+
+def _remove(path: Path) -> None:
+    if path.exists():
+        path.unlink()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err

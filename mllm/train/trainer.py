@@ -1,0 +1,207 @@
+"""`SFTTrainer`: Hugging Face `Trainer` with our loss, plus small callbacks.
+
+The Trainer subclass overrides `compute_loss` only; the math lives in `mllm.train.losses`.
+
+Loss normalisation across gradient accumulation and data parallelism (the "GA / DDP equivalence"):
+the Trainer counts the target tokens of the whole optimizer step, over all accumulated micro-batches (and,
+with `average_tokens_across_devices`, the default, over all processes), and passes that count as
+`num_items_in_batch`. `compute_loss` returns sum(token NLL of this micro-batch) / num_items_in_batch, times the
+number of processes (DDP averages gradients over processes; the factor turns that average back into a sum).
+The Trainer then does not divide by the accumulation steps again (it treats a loss normalised by
+`num_items_in_batch` as already scaled when `model_accepts_loss_kwargs` is set, which `SFTTrainer` sets
+explicitly). The gradient of one optimizer step is therefore the gradient of the token-mean loss of all its
+samples, whatever the micro-batch split: 2 processes x batch b == 1 process x batch b x accumulation 2.
+Without a count (e.g. a direct call), the loss is the micro-batch token mean.
+
+Labels are pre-shifted; `compute_loss` never shifts (see `mllm.data.conversation`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.integrations import TensorBoardCallback
+
+from mllm.train.losses import sft_loss
+
+logger = logging.getLogger(__name__)
+MODULE_GROUPS = ("vpm", "resampler", "llm")
+
+
+class SFTTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # compute_loss below consumes `num_items_in_batch`; make the Trainer count it and trust the scaling,
+        # whatever it guessed from the model's forward signature.
+        self.model_accepts_loss_kwargs = True
+        if self.pop_callback(TensorBoardCallback) is not None:
+            self.add_callback(TensorBoardWithoutModelConfig())
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)  # the Trainer reads `labels` from its dict again after this call
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        loss = sft_loss(outputs.logits, labels, num_items=num_items_in_batch)
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # DDP averages over processes: undo it
+        return (loss, outputs) if return_outputs else loss
+
+
+# ---- reporting -------------------------------------------------------------------------------------------------
+
+def _group(name: str) -> str:
+    """Top-level module of a parameter name, with PEFT's `base_model.model.` prefix removed."""
+    name = name.removeprefix("base_model.model.")
+    return name.split(".", 1)[0]
+
+
+def trainable_parameter_table(model: torch.nn.Module) -> str:
+    """A text table of trainable / total parameters per module (vpm, resampler, llm, others)."""
+    counts: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
+        row = counts.setdefault(_group(name), [0, 0])
+        row[0] += p.numel() if p.requires_grad else 0
+        row[1] += p.numel()
+    order = [g for g in MODULE_GROUPS if g in counts] + sorted(g for g in counts if g not in MODULE_GROUPS)
+    total = [sum(r[0] for r in counts.values()), sum(r[1] for r in counts.values())]
+    lines = [f"{'module':<12}{'trainable':>14}{'total':>14}{'%':>8}"]
+    for group, (trainable, size) in [(g, counts[g]) for g in order] + [("all", total)]:
+        lines.append(f"{group:<12}{trainable:>14,}{size:>14,}{100 * trainable / max(size, 1):>8.2f}")
+    return "\n".join(lines)
+
+
+# ---- callbacks -------------------------------------------------------------------------------------------------
+
+class TensorBoardWithoutModelConfig(TensorBoardCallback):
+    """transformers' TensorBoard callback, minus the text dump of `model.config.to_json_string()` at the start,
+    which `MLLMConfig` (a plain dataclass, not a PreTrainedConfig) does not provide."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        kwargs.pop("model", None)
+        super().on_train_begin(args, state, control, **kwargs)
+
+
+class ConfigIntoCheckpointCallback(TrainerCallback):
+    """Write the tokenizer, and config.json next to full weights, into each `checkpoint-N` folder, so that
+    checkpoint loads with `MLLMModel.from_pretrained` + `load_tokenizer` (the Trainer saves only
+    `model.safetensors` for a plain nn.Module, or the adapter for PEFT)."""
+
+    def __init__(self, config, tokenizer=None):
+        self.config = config
+        self.tokenizer = tokenizer
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not state.is_world_process_zero or not folder.is_dir():
+            return
+        if (folder / "model.safetensors").is_file():
+            self.config.save(folder)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(str(folder))
+
+
+class YesNoAccuracyCallback(TrainerCallback):
+    """At each evaluation, greedily answer the first `max_samples` yes/no questions of the eval records and
+    log `eval_yesno_accuracy` (the exercise's rule: the target "Yes"/"No" is a substring of the answer)."""
+
+    def __init__(self, trainer: Trainer, records: list[dict], image_folder: str | os.PathLike, processor,
+                 max_samples: int = 64, batch_size: int = 8, max_new_tokens: int = 8):
+        self.trainer = trainer
+        self.items = yesno_items(records, image_folder)[:max_samples]
+        self.processor = processor
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if not self.items or not state.is_world_process_zero:
+            return  # other ranks go on and wait for rank 0 at the next collective
+        if zero_stage(self.trainer) == 3:
+            # rank 0 alone cannot run a model whose parameters are partitioned over all ranks
+            logger.warning("yes/no generation is skipped under DeepSpeed ZeRO-3; score the saved model with "
+                           "`mllm answer` + `mllm eval yesno` instead")
+            return
+        model = self.trainer.model
+        model = model.get_base_model() if hasattr(model, "get_base_model") else model
+        accuracy = yesno_accuracy(model, self.processor, self.items, self.batch_size, self.max_new_tokens)
+        self.trainer.log({"eval_yesno_accuracy": accuracy})
+
+
+def zero_stage(trainer: Trainer) -> int:
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return int(plugin.zero_stage) if plugin is not None else 0
+
+
+def yesno_items(records: list[dict], image_folder: str | os.PathLike) -> list[dict]:
+    """Single-image two-turn records whose answer is Yes or No -> {image, question, target}."""
+    items = []
+    for r in records:
+        conv, image = r.get("conversations") or [], r.get("image")
+        if len(conv) != 2 or not isinstance(image, str) or conv[1].get("content", "").strip() not in ("Yes", "No"):
+            continue
+        question = conv[0]["content"].replace("<image>", "").strip()
+        items.append({"image": str(Path(image_folder) / image), "question": question,
+                      "target": conv[1]["content"].strip()})
+    return items
+
+
+def yesno_accuracy(model, processor, items: list[dict], batch_size: int = 8, max_new_tokens: int = 8) -> float:
+    """Fraction of items whose greedy answer contains the target (case-sensitive substring)."""
+    from mllm.eval.yesno import score
+    from mllm.model.generation import GenerationSettings, build_chat_prompt, generate
+    from mllm.model.image_processing import load_image
+
+    was_training = model.training
+    model.eval()
+    records = []
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            prompts, images = [], []
+            for item in chunk:
+                text, ordered = build_chat_prompt([{"role": "user", "content": item["question"]}],
+                                                  processor.tokenizer, images=[load_image(item["image"])])
+                prompts.append(text)
+                images.append(ordered)
+            answers = generate(model, processor(prompts, images), processor.tokenizer,
+                               GenerationSettings("greedy", max_new_tokens=max_new_tokens))
+            records += [{"answer": a, "target": it["target"], "image": it["image"]} for a, it in zip(answers, chunk)]
+    finally:
+        model.train(was_training)
+    return score(records)["overall"]["exercise_accuracy"]
+
+
+class LossCurveCallback(TrainerCallback):
+    """At the end of training, plot train and eval loss against the step into `output_dir/loss_curve.png`."""
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_loss_curve(state.log_history, Path(args.output_dir) / "loss_curve.png")
+
+
+def plot_loss_curve(log_history: list[dict], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {key: [(h["step"], h[key]) for h in log_history if key in h and "step" in h]
+              for key in ("loss", "eval_loss")}
+    if not any(series.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "eval")):
+        if series[key]:
+            steps, values = zip(*series[key])
+            ax.plot(steps, values, marker="o" if key == "eval_loss" else None, markersize=3, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (token mean)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
