@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/mllm demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_llm.py

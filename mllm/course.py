@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mllm.data.grounding_prepare import GROUNDING_PROMPT, rec_conversations  # the grounding prompt's one home
+
 STAGES = ["base", "sft"]
 
 
@@ -32,9 +34,9 @@ class Budget:
     n_train: int = 4000
     n_test: int = 300
     caption_noise: float = 0.25
-    base_steps: int = 3000
+    base_steps: int = 1400
     base_batch: int = 32
-    base_lr: float = 1e-3
+    base_lr: float = 1.5e-3
     sft_steps: int = 150
     sft_batch: int = 16
     sft_lr: float = 1e-4
@@ -68,7 +70,8 @@ def yesno_questions(test_json: Path, out: Path) -> Path:
     with open(out, "w") as f:
         for item in items:
             user, assistant = item["conversations"][0]["content"], item["conversations"][1]["content"]
-            f.write(json.dumps({"image": item["image"], "question": user.replace("<image>", "").strip(),
+            f.write(json.dumps({"image": item["image"], "image_path": item["image"],
+                                "question": user.replace("<image>", "").strip(),
                                 "id": item["id"], "category": item.get("category"), "target": assistant}) + "\n")
     return out
 
@@ -85,10 +88,30 @@ def answer_yesno(model_dir: Path, world: Path, out_dir: Path, limit: int | None 
     for line in answers.read_text().splitlines():
         row = json.loads(line)
         meta = row["metainfos"]
-        records.append({"answer": row["answer"], "target": meta["target"], "image": meta["image"],
+        records.append({"answer": row["answer"], "target": meta["target"], "image": meta["image_path"],
                         "category": meta.get("category")})
     result = yesno.score(records)
     yesno.write_json_atomic(out_dir / "yesno.json", result)
+    return result["overall"]
+
+
+def ground_and_score(model_dir: Path, world: Path, out_dir: Path, limit: int | None = None) -> dict:
+    """Acc@IoU>=0.5 of the model on the world's held-out referring expressions (unpadded 0-1000 grid)."""
+    from mllm.eval import grounding
+    from mllm.eval.answer import run
+
+    questions = out_dir / "rec_questions.jsonl"
+    with open(questions, "w") as f:
+        for line in (world / "rec_test.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            f.write(json.dumps({"image": rec["img_path"], "question": GROUNDING_PROMPT.format(expression=rec["expression"]),
+                                "bbox": rec["bbox"], "width": rec["width"], "height": rec["height"],
+                                "split": "synthetic", "image_id": rec["image_id"]}) + "\n")
+    answers = out_dir / "rec_answers.jsonl"
+    run(str(model_dir), questions, answers, batch_size=32, max_new_tokens=24, limit=limit, quiet=True,
+        image_root=world)
+    result = grounding.score_files(answers, square_pad=False)
+    grounding.write_json_atomic(out_dir / "grounding.json", result)
     return result["overall"]
 
 
@@ -147,14 +170,16 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
     make_random_checkpoint(init, "tiny", texts=tokenizer_corpus(world), vocab_size=1024, seed=seed)
     mixed = stage / "base_train.json"
     mixed.write_text(json.dumps(json.loads((world / "sft_train.json").read_text())
-                                + json.loads((world / "yesno_train.json").read_text())))
+                                + json.loads((world / "yesno_train.json").read_text())
+                                + rec_conversations(world / "rec_train.jsonl", per_image=1)))
     started = time.time()
     train(ModelArguments(model_name_or_path=str(init)),
           DataArguments(data_path=str(mixed), image_folder=str(world), model_max_length=512),
           SFTTrainingArguments(output_dir=str(stage / "model"), max_steps=budget.base_steps,
                                per_device_train_batch_size=budget.base_batch, learning_rate=budget.base_lr,
-                               lr_scheduler_type="cosine", warmup_ratio=0.05, weight_decay=0.01,
-                               adam_beta2=0.98, logging_steps=25, save_strategy="no", report_to="tensorboard",
+                               lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01,
+                               adam_beta2=0.98, logging_steps=25, save_strategy="steps", save_steps=500,
+                               save_total_limit=1, report_to="tensorboard",
                                seed=seed, dataloader_num_workers=0, yesno_eval_samples=0))
     minutes = (time.time() - started) / 60
     model_dir = stage / "model"
@@ -180,7 +205,7 @@ def stage_sft(out: Path, budget: Budget, seed: int) -> dict:
                         image_folder=str(world), model_max_length=512),
           SFTTrainingArguments(output_dir=str(stage / "model"), max_steps=budget.sft_steps,
                                per_device_train_batch_size=budget.sft_batch, learning_rate=budget.sft_lr,
-                               lr_scheduler_type="cosine", warmup_ratio=0.1, weight_decay=0.1, adam_beta2=0.95,
+                               lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.1, adam_beta2=0.95,
                                logging_steps=10, eval_strategy="steps", eval_steps=max(budget.sft_steps // 3, 1),
                                per_device_eval_batch_size=32, save_strategy="no", seed=seed,
                                yesno_eval_samples=64))

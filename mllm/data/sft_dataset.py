@@ -198,6 +198,10 @@ class SupervisedDataset(Dataset):
         return sample
 
     def __getitem__(self, index: int) -> dict:
+        if not -len(self.records) <= index < len(self.records):
+            # Also ends plain iteration (`for sample in dataset`), which stops at the first IndexError.
+            raise IndexError(f"index {index} out of range for {len(self.records)} records")
+        index %= len(self.records)
         for attempt in range(len(self.records)):
             record = self.records[(index + attempt) % len(self.records)]
             try:

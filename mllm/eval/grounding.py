@@ -9,6 +9,13 @@ quantised first (the exercise compares with the quantised GT; the difference is 
 A parse failure (no box, or an inverted one) counts as a miss and is also reported as a count and a rate per
 split (eval_facts §5.10). Threshold: IoU >= 0.5, as in Qwen-VL and the exercise (Shikra uses > 0.5).
 The eight RefCOCO/RefCOCO+/RefCOCOg splits print first, in the papers' order; any other split follows.
+
+With `--model`, REC files (`--rec`, or the eight Shikra files of `--refcoco-dir`) are first turned into one
+question file per split (prompt `GROUNDING_PROMPT` by default) and answered with `mllm.eval.answer.run`:
+greedy, batched, appended and resumable, so a killed 10,000-item split continues where it stopped. The
+question lines record the frame (`square_pad`) so the answers file scores itself; the default frame there is
+the unpadded image, the course's training convention (with `--square-pad` the images are padded white first,
+as in training with `mllm grounding prepare --square-pad`). `--draw N` writes pictures of N sampled cases.
 """
 
 from __future__ import annotations
@@ -51,7 +58,8 @@ def score(predictions: list[str], references: list[dict], grid: int = 1000, squa
           threshold: float = 0.5) -> dict:
     """Acc@IoU>=threshold per split and overall of predicted box texts against GT pixel boxes.
 
-    Each reference is {"bbox": [x0,y0,x1,y1] pixels, "width", "height", optional "split" (default "all")}.
+    Each reference is {"bbox": [x0,y0,x1,y1] pixels, "width", "height", optional "split" (default "all"),
+    optional "square_pad" (the frame its answer was asked in; overrides the `square_pad` argument)}.
     """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
@@ -65,7 +73,7 @@ def score(predictions: list[str], references: list[dict], grid: int = 1000, squa
             box, fmt, overlap = None, None, 0.0
         else:
             grid_box, fmt = parsed
-            box = grid_to_pixel(grid_box, ref["width"], ref["height"], grid, square_pad)
+            box = grid_to_pixel(grid_box, ref["width"], ref["height"], grid, ref.get("square_pad", square_pad))
             overlap = iou(box, ref["bbox"])
         correct = overlap >= threshold
         for stats in (splits.setdefault(split, _empty_split()), overall):
@@ -110,7 +118,8 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 def read_answers(path: str | Path) -> tuple[list[str], list[dict], list[dict]]:
     """(predictions, references, skipped lines) from an answers jsonl whose lines carry `answer` and
-    `metainfos` {bbox, width, height, split} (the fields may also sit at the top level)."""
+    `metainfos` {bbox, width, height, split} (the fields may also sit at the top level); `square_pad`,
+    `expression` and `image_file`, when there, are kept in the reference."""
     predictions, references, skipped = [], [], []
     for line_no, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
@@ -126,8 +135,10 @@ def read_answers(path: str | Path) -> tuple[list[str], list[dict], list[dict]]:
             skipped.append({"line": line_no, "reason": f"missing {', '.join(missing)}"})
             continue
         predictions.append(record.get("answer") or "")
-        references.append({"bbox": meta["bbox"], "width": meta["width"], "height": meta["height"],
-                           "split": meta.get("split") or meta.get("dataset_name") or "all"})
+        reference = {"bbox": meta["bbox"], "width": meta["width"], "height": meta["height"],
+                     "split": meta.get("split") or meta.get("dataset_name") or "all"}
+        reference.update({k: meta[k] for k in ("square_pad", "expression", "image_file") if k in meta})
+        references.append(reference)
     return predictions, references, skipped
 
 
@@ -140,29 +151,246 @@ def score_files(answers: str | Path, grid: int = 1000, square_pad: bool = True, 
     return result
 
 
+# ------------------------------------------------------------------------------------- a model on REC files
+
+# Shikra's file for each standard split (eval_facts §3.3) and its size (§3.2; a full split must have it).
+SHIKRA_FILES = {
+    "refcoco_val": "REC_refcoco_unc_val.jsonl", "refcoco_testA": "REC_refcoco_unc_testA.jsonl",
+    "refcoco_testB": "REC_refcoco_unc_testB.jsonl", "refcoco+_val": "REC_refcoco+_unc_val.jsonl",
+    "refcoco+_testA": "REC_refcoco+_unc_testA.jsonl", "refcoco+_testB": "REC_refcoco+_unc_testB.jsonl",
+    "refcocog_val": "REC_refcocog_umd_val.jsonl", "refcocog_test": "REC_refcocog_umd_test.jsonl",
+}
+EXPECTED_SIZES = {"refcoco_val": 10834, "refcoco_testA": 5657, "refcoco_testB": 5095, "refcoco+_val": 10758,
+                  "refcoco+_testA": 5726, "refcoco+_testB": 4889, "refcocog_val": 4896, "refcocog_test": 9602}
+DEFAULT_MAX_NEW_TOKENS = {"plain": 32, "qwen": 64}  # a plain box is 17 digit/punctuation tokens at most
+
+
+def refcoco_files(folder: str | Path) -> list[Path]:
+    """The standard split files present in `folder`, in the papers' order."""
+    found = [Path(folder) / name for name in SHIKRA_FILES.values() if (Path(folder) / name).is_file()]
+    if not found:
+        raise FileNotFoundError(f"{folder}: none of the Shikra REC files {list(SHIKRA_FILES.values())}")
+    return found
+
+
+def write_questions(rec_file: Path, split: str, out: Path, image_root: Path, prompt: str, square_pad: bool,
+                    padded_dir: Path | None, limit: int | None = None, fraction: float | None = None) -> dict:
+    """REC lines -> an `mllm answer` question file (absolute image paths, GT and frame in the extra fields).
+    Missing images and malformed lines are counted and listed, not asked."""
+    from mllm.data.grounding_prepare import pad_image_to_square
+
+    lines = [line for line in Path(rec_file).read_text().splitlines() if line.strip()]
+    total = len(lines)
+    if fraction is not None:
+        lines = lines[: int(len(lines) * fraction)]  # the exercise's first-1/5 subsets (not shuffled)
+    if limit is not None:
+        lines = lines[:limit]
+    stats = {"split": split, "file": str(rec_file), "lines_in_file": total, "asked": 0, "missing_images": [],
+             "malformed": []}
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            rec = json.loads(line)
+            path, expression, bbox = rec["img_path"], rec["expression"], rec["bbox"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            stats["malformed"].append(f"{rec_file}:{number}: {type(err).__name__}: {err}")
+            continue
+        image_file = (image_root / path).resolve()
+        if not image_file.is_file():
+            stats["missing_images"].append(f"{rec_file}:{number}: {image_file}")
+            continue
+        if rec.get("width") is None or rec.get("height") is None:
+            from PIL import Image
+
+            with Image.open(image_file) as image:
+                rec["width"], rec["height"] = image.size
+        asked = image_file
+        if square_pad:
+            asked = (padded_dir / path).resolve()
+            if not asked.is_file():
+                from PIL import Image
+
+                asked.parent.mkdir(parents=True, exist_ok=True)
+                with Image.open(image_file) as image:
+                    pad_image_to_square(image).save(asked)
+        rows.append({"image": str(asked), "question": prompt.format(expression=expression),
+                     "image_id": rec.get("image_id", path), "expression": expression, "bbox": bbox,
+                     "width": rec["width"], "height": rec["height"], "split": split, "square_pad": square_pad,
+                     "image_file": str(image_file), "line": number})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    os.replace(tmp, out)
+    stats["asked"] = len(rows)
+    return stats
+
+
+def _check_settings(path: Path, settings: dict) -> None:
+    """An answers file may only be resumed under the settings that began it."""
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != settings:
+            raise ValueError(f"{path.parent} holds answers made with other settings ({old} != {settings}); "
+                             "use another --out-dir or delete it")
+    else:
+        write_json_atomic(path, settings)
+
+
+def draw_samples(result: dict, references: list[dict], predictions: list[str], out_dir: Path, n: int,
+                 seed: int = 0) -> list[str]:
+    """One PNG per sampled case (GT green, prediction red, expression caption) and `contact_sheet.png`."""
+    import random
+
+    from PIL import Image
+
+    from mllm.eval.grounding_draw import contact_sheet, draw_case
+
+    candidates = [i for i, r in enumerate(references) if r.get("image_file")]
+    chosen = sorted(random.Random(f"draw/{seed}").sample(candidates, min(n, len(candidates))))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths, pictures = [], []
+    for k, i in enumerate(chosen):
+        ref, sample = references[i], result["samples"][i]
+        verdict = f"IoU {sample['iou']:.2f}" if sample["pred_box"] is not None else f"no box in {predictions[i]!r}"
+        with Image.open(ref["image_file"]) as image:
+            picture = draw_case(image, f"{ref.get('expression', '?')} ({verdict})", ref["bbox"], sample["pred_box"])
+        path = out_dir / f"{k:02d}_{sample['split']}_{i}.png"
+        picture.save(path)
+        paths.append(str(path))
+        pictures.append(picture)
+    if pictures:
+        sheet = out_dir / "contact_sheet.png"
+        contact_sheet(pictures).save(sheet)
+        paths.append(str(sheet))
+    return paths
+
+
+def evaluate_model(model_dir: str | Path, rec_files: list[Path], out_dir: Path, image_root: Path | None = None,
+                   style: str = "plain", square_pad: bool = False, template: int = 0, limit: int | None = None,
+                   fraction: float | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
+                   system_prompt: str | None = None, draw: int = 0, seed: int = 0, threshold: float = 0.5,
+                   quiet: bool = False) -> dict:
+    """Ask `model_dir` for the box of every expression of each REC file (one split per file), score, write
+    `out_dir/grounding.json`. Answers go to `out_dir/answers/<split>.jsonl` and resume like `mllm answer`.
+
+    `system_prompt=None` uses the chat template's default system message, as SFT training does.
+    `image_root` defaults to each REC file's folder."""
+    from mllm.data.grounding_prepare import TEMPLATES
+    from mllm.eval.answer import run as answer
+
+    out_dir = Path(out_dir)
+    prompt = TEMPLATES[("rec", style)][template]
+    max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[style]
+    settings = {"model": str(model_dir), "prompt": prompt, "square_pad": square_pad, "system_prompt": system_prompt,
+                "max_new_tokens": max_new_tokens, "decoding": "greedy"}
+    predictions, references, skipped, per_split = [], [], [], {}
+    for rec_file in rec_files:
+        rec_file = Path(rec_file)
+        split = canonical_split(rec_file.stem)
+        root = Path(image_root) if image_root is not None else rec_file.parent
+        questions = out_dir / "questions" / f"{split}.jsonl"
+        answers = out_dir / "answers" / f"{split}.jsonl"
+        _check_settings(out_dir / "answers" / f"{split}.settings.json", settings)
+        stats = write_questions(rec_file, split, questions, root, prompt, square_pad, out_dir / "padded_images",
+                                limit, fraction)
+        for message in stats["missing_images"] + stats["malformed"]:
+            print(f"grounding: not asked: {message}", file=sys.stderr)
+        full = limit is None and fraction is None
+        if full and split in EXPECTED_SIZES and stats["lines_in_file"] != EXPECTED_SIZES[split]:
+            print(f"grounding: warning: {rec_file} has {stats['lines_in_file']} lines, the published split "
+                  f"{split} has {EXPECTED_SIZES[split]} (eval_facts §3.2)", file=sys.stderr)
+        stats |= answer(str(model_dir), questions, answers, decoding="greedy", batch_size=batch_size,
+                        max_new_tokens=max_new_tokens, system_prompt=system_prompt, quiet=quiet)
+        p, r, s = read_answers(answers)
+        predictions += p
+        references += r
+        skipped += [{**entry, "split": split} for entry in s]
+        per_split[split] = {k: (len(v) if isinstance(v, list) else v) for k, v in stats.items()} | {
+            "answers": str(answers), "missing_image_lines": stats["missing_images"][:20]}
+    result = score(predictions, references, threshold=threshold, square_pad=square_pad)
+    result |= {"skipped": skipped, "model": str(model_dir), "inputs": per_split,
+               "settings": result["settings"] | {k: settings[k] for k in ("prompt", "system_prompt", "max_new_tokens")}
+               | {"style": style, "limit": limit, "fraction": fraction}}
+    if draw:
+        result["pictures"] = draw_samples(result, references, predictions, out_dir / "pictures", draw, seed)
+    write_json_atomic(out_dir / "grounding.json", result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mllm eval grounding", description=__doc__.split("\n")[0])
-    p.add_argument("--answers", required=True, help="answers jsonl: answer + metainfos{bbox,width,height,split}")
-    p.add_argument("--out", required=True, help="result JSON")
+    p = argparse.ArgumentParser(
+        prog="mllm eval grounding", description=__doc__.split("\n")[0],
+        epilog="Two uses: score an answers file (--answers, --out), or run a model on REC files first "
+               "(--model with --rec or --refcoco-dir, and --out-dir).")
+    p.add_argument("--answers", help="answers jsonl: answer + metainfos{bbox,width,height,split}")
+    p.add_argument("--out", help="result JSON (default with --model: <out-dir>/grounding.json)")
     p.add_argument("--grid", type=int, default=1000, help="coordinate grid of the model's boxes")
-    p.add_argument("--no-square-pad", dest="square_pad", action="store_false",
-                   help="grid coordinates are per-axis fractions of the original image (no square padding)")
+    pad = p.add_mutually_exclusive_group()
+    pad.add_argument("--square-pad", dest="square_pad", action="store_true", default=None,
+                     help="grid coordinates are on the image centred in a square (the exercise's frame; the "
+                          "default when scoring an answers file whose lines do not say)")
+    pad.add_argument("--no-square-pad", dest="square_pad", action="store_false",
+                     help="grid coordinates are per-axis fractions of the original image (the default with "
+                          "--model: the course's base model is trained so)")
     p.add_argument("--threshold", type=float, default=0.5, help="IoU needed for a hit (>=)")
+    model = p.add_argument_group("running a model (--model)")
+    model.add_argument("--model", help="checkpoint folder to answer with")
+    model.add_argument("--rec", type=Path, action="append", default=[], help="Shikra REC jsonl (repeatable)")
+    model.add_argument("--refcoco-dir", type=Path, help="folder with the eight REC_refcoco*_{unc,umd}_*.jsonl files")
+    model.add_argument("--image-root", type=Path, help="folder the REC img_path values are relative to "
+                                                       "(default: each REC file's folder)")
+    model.add_argument("--out-dir", type=Path, help="questions, resumable answers, pictures and grounding.json")
+    model.add_argument("--style", choices=("plain", "qwen"), default="plain", help="prompt and answer box style")
+    model.add_argument("--template", type=int, default=0, help="index of the REC prompt template (0: GROUNDING_PROMPT)")
+    model.add_argument("--limit", type=int, help="ask only the first N expressions of each split")
+    model.add_argument("--fraction", type=float, help="ask only the first fraction of each split (exercise: 0.2)")
+    model.add_argument("--batch-size", type=int, default=16)
+    model.add_argument("--max-new-tokens", type=int, help="default 32 (plain) / 64 (qwen)")
+    model.add_argument("--system-prompt", default=None,
+                       help="system message (default: the chat template's own, as in SFT training)")
+    model.add_argument("--draw", type=int, default=0, help="draw N sampled cases and a contact sheet")
+    model.add_argument("--seed", type=int, default=0, help="seed of the drawn sample")
     return p
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Scores `args.answers`, writes `args.out`, prints the table; a `--model` path can generate answers first."""
-    result = score_files(args.answers, args.grid, args.square_pad, args.threshold)
+    """Scores `args.answers` (or first answers the REC files with `args.model`), writes the JSON, prints the table."""
+    if args.model:
+        rec_files = list(args.rec) + (refcoco_files(args.refcoco_dir) if args.refcoco_dir else [])
+        result = evaluate_model(args.model, rec_files, args.out_dir, args.image_root, args.style,
+                                bool(args.square_pad), args.template, args.limit, args.fraction, args.batch_size,
+                                args.max_new_tokens, args.system_prompt, args.draw, args.seed, args.threshold)
+        if args.out:
+            write_json_atomic(args.out, result)
+    else:
+        square_pad = True if args.square_pad is None else args.square_pad
+        result = score_files(args.answers, args.grid, square_pad, args.threshold)
+        write_json_atomic(args.out, result)
     for entry in result["skipped"]:
         print(f"grounding: skipped line {entry['line']}: {entry['reason']}", file=sys.stderr)
-    write_json_atomic(args.out, result)
     print(format_table(result))
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model:
+        if not (args.rec or args.refcoco_dir) or args.out_dir is None:
+            parser.error("--model needs --rec FILE or --refcoco-dir DIR, and --out-dir")
+        for path in args.rec:
+            if not path.is_file():
+                parser.error(f"--rec {path}: no such file")
+        try:
+            run(args)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
+        return 0
+    if not args.answers or not args.out:
+        parser.error("give --answers and --out (or --model with REC files)")
     run(args)
     return 0
 

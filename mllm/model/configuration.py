@@ -143,6 +143,17 @@ class MLLMConfig:
     def vision_layers_used(self) -> int:
         return self.vision.num_hidden_layers - (1 if self.drop_vision_last_layer else 0)
 
+    # ---- what transformers' Trainer and DeepSpeed integration ask of a model config -----------------------------
+    @property
+    def hidden_size(self) -> int:
+        return self.llm.hidden_size
+
+    def get_text_config(self, *_, **__) -> LLMConfig:
+        return self.llm
+
+    def to_json_string(self, *_, **__) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
     # ---- serialization (flat MiniCPM-V layout) ---------------------------------------------------------------
     def to_dict(self) -> dict:
         out = {"architectures": ["MLLMModel"], "model_type": self.model_type}

@@ -61,13 +61,16 @@ class MLLMModel(nn.Module):
         for module, flag in ((self.vpm, vision), (self.resampler, resampler), (self.llm, llm)):
             module.requires_grad_(flag)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **_) -> None:
+        """Non-reentrant activation checkpointing of every LLM and vision layer (the Trainer's switch)."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.vpm.gradient_checkpointing = True
-        if kwargs.get("use_reentrant", True):
-            # Reentrant checkpointing needs an input that requires grad, or frozen embeddings cut the graph.
-            self.llm.enable_input_require_grads()
+        if not kwargs["use_reentrant"]:
+            # Only reentrant checkpointing needs inputs that require grad; the hook would only cost a copy.
+            self.llm.disable_input_require_grads()
+
+    activation_checkpointing_enable = gradient_checkpointing_enable
 
     def gradient_checkpointing_disable(self) -> None:
         self.llm.gradient_checkpointing_disable()
@@ -118,7 +121,7 @@ class MLLMModel(nn.Module):
         sizes = torch.cat([torch.as_tensor(t, dtype=torch.int32).reshape(-1, 2) for t, n in zip(tgt_sizes, counts) if n])
         features = self.get_vision_embedding([p for v in views for p in v], sizes).to(embeds.dtype)  # (V, Q, D)
         query_num = features.shape[1]
-        per_sample = features.split(counts, dim=0)
+        rows, cols = [], []
         for i in range(batch):
             bounds = image_bound[i]
             bounds = torch.as_tensor(bounds if bounds is not None else [], dtype=torch.long).reshape(-1, 2)
@@ -130,10 +133,15 @@ class MLLMModel(nn.Module):
                 )
             if counts[i] == 0:
                 continue
-            positions = torch.cat([torch.arange(int(s), int(e)) for s, e in bounds]).to(embeds.device)
+            positions = torch.cat([torch.arange(int(s), int(e)) for s, e in bounds])
             if int(positions.max()) >= embeds.shape[1] or int(positions.min()) < 0:
                 raise ImageTokenMismatch(f"sample {i}: image_bound {bounds.tolist()} outside the sequence of {embeds.shape[1]}")
-            embeds[i, positions] = per_sample[i].reshape(-1, embeds.shape[-1])  # (V_i*Q, D) replaces placeholders
+            rows.append(torch.full_like(positions, i))
+            cols.append(positions)
+        # One out-of-place scatter: the views' vectors, in textual order, replace the placeholder positions.
+        # (Out of place, so a frozen embedding's output -- a leaf under checkpointing hooks -- is never mutated.)
+        index = (torch.cat(rows).to(embeds.device), torch.cat(cols).to(embeds.device))
+        embeds = embeds.index_put(index, features.reshape(-1, embeds.shape[-1]))  # (V*Q, D) into (B, T, D)
         return embeds
 
     def _dummy_vision_features(self) -> torch.Tensor:

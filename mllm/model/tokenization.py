@@ -100,7 +100,10 @@ def load_tokenizer(folder: str | Path, check: bool = True) -> PreTrainedTokenize
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     remote = "AutoTokenizer" in (config.get("auto_map") or {})
     tokenizer = None
-    if not remote:
+    if config.get("tokenizer_class") in ("PreTrainedTokenizerFast", "TokenizersBackend"):
+        # Our own tokenizer: load it directly (AutoTokenizer would also parse the model's config.json).
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    elif not remote:
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
         except ValueError:  # e.g. "Tokenizer class X does not exist or is not currently imported"

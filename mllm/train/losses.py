@@ -14,6 +14,10 @@ All reductions run in float32, whatever the logits' dtype.
 - `token_logps(logits, labels) -> (per_token [B, L], sum [B], avg [B])`: log pi(label_t | prefix) per target
   token (0 where masked), its per-sample sum and its per-sample mean (sum / max(count, 1)). Preference losses
   (DPO family) build on these; `avg` is the length-normalised variant (IPO / SimPO style).
+- `preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss_type)
+  -> (loss per pair, chosen rewards, rejected rewards)`: "sigmoid" (DPO), "nca_pair" (the exercise's loss),
+  "ipo" (on length-averaged log-probs).
+- `masked_token_mean_nll(per_token_logps, labels)`: the optional SFT term on the chosen answers.
 """
 
 from __future__ import annotations
@@ -65,3 +69,46 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     count = (labels != IGNORE_INDEX).sum(dim=-1)  # (B,)
     total = per_token.sum(dim=-1)  # (B,)
     return per_token, total, total / count.clamp(min=1)
+
+
+# ---- preference (DPO family) -------------------------------------------------------------------------------------
+#
+# Inputs are per-pair log-probabilities [B] of the chosen (y_w) and rejected (y_l) answers under the policy and
+# under the frozen reference, as `token_logps` returns them (its `sum`, or its `avg` for length-normalised losses).
+# The implicit reward is r(y) = beta * (logp_policy(y) - logp_ref(y)); the rewards returned are detached (they are
+# for logging). At step 0 (policy == reference) every reward is 0, "sigmoid" gives ln 2 and "nca_pair" 2 ln 2.
+#
+#   sigmoid   DPO:   -log s(r_w - r_l)
+#   nca_pair  the exercise's loss (NCA, Chen et al. 2024): -log s(r_w) - 1/2 [log s(-r_w) + log s(-r_l)]; it pushes
+#             the chosen reward up in absolute terms, not only the margin, so the chosen likelihood does not sink.
+#   ipo       IPO:   (h - 1/(2 beta))^2, h = (logp - logp_ref)(y_w) - (logp - logp_ref)(y_l). IPO is defined on
+#             LENGTH-AVERAGED log-probs (the per-token mean; TRL's reading, confirmed by the IPO authors): pass the
+#             `avg` outputs of `token_logps`. beta plays IPO's tau: the target log-ratio gap is 1/(2 beta).
+
+PREFERENCE_LOSSES = ("sigmoid", "nca_pair", "ipo")
+
+
+def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                    ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "nca_pair"
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss per pair [B], chosen rewards [B], rejected rewards [B]), float32; see the comment above."""
+    if loss_type not in PREFERENCE_LOSSES:
+        raise ValueError(f"loss_type must be one of {PREFERENCE_LOSSES}, got {loss_type!r}")
+    chosen_ratio = policy_chosen.float() - ref_chosen.float().to(policy_chosen.device)  # (B,)
+    rejected_ratio = policy_rejected.float() - ref_rejected.float().to(policy_rejected.device)  # (B,)
+    chosen_reward, rejected_reward = beta * chosen_ratio, beta * rejected_ratio
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(chosen_reward - rejected_reward)
+    elif loss_type == "nca_pair":
+        losses = -F.logsigmoid(chosen_reward) - 0.5 * (F.logsigmoid(-chosen_reward) + F.logsigmoid(-rejected_reward))
+    else:  # ipo
+        losses = (chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta)) ** 2
+    return losses, chosen_reward.detach(), rejected_reward.detach()
+
+
+def masked_token_mean_nll(per_token_logps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Token-mean negative log-likelihood of every target token of the rows given (float32 scalar): the optional
+    SFT term of a preference loss, computed on the chosen rows from `token_logps`'s per-token output (no second
+    pass over the vocabulary). Equal to `sft_loss` of the same rows."""
+    count = (labels != IGNORE_INDEX).sum()
+    return -per_token_logps.float().sum() / count.clamp(min=1)

@@ -123,3 +123,11 @@ def test_collator_pads_right_and_masks_by_length():
     assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
     assert [len(p) for p in batch["pixel_values"]] == [0, 1]
     assert batch["image_bound"][1].tolist() == [[0, 1]] and batch["tgt_sizes"][0].shape == (0, 2)
+
+
+def test_iteration_ends_and_out_of_range_index_raises(tmp_path, tok):
+    """Samplers that iterate the dataset (e.g. transformers' length grouping) must see it end."""
+    dataset = make(tmp_path, tok, [record(0, "img/small.png"), record(1, "img/wide.png")])
+    assert len(list(iter(dataset))) == 2
+    with pytest.raises(IndexError):
+        dataset[2]

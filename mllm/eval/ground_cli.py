@@ -1,0 +1,87 @@
+"""`mllm ground`: find a referring expression in an image; print the box and draw it.
+
+    mllm ground --image scene.png "the red star" [--model DIR] [--out scene.ground.png] [--style plain|qwen]
+
+The model is asked with the grounding prompt (`GROUNDING_PROMPT` for the plain style), greedily. The answer's
+box is read with `parse_box`, mapped from the 0..1000 grid to pixels of the original image (unpadded frame by
+default, the course's training convention; `--square-pad` for models trained on the exercise's padded frame,
+in which case the image is padded white before it is shown to the model) and drawn in red.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from mllm.data.boxes import grid_to_pixel, parse_box
+
+GRID = 1000
+
+
+def ground(model, tokenizer, processor, image, expression: str, style: str = "plain", square_pad: bool = False,
+           template: int = 0, max_new_tokens: int = 64, system_prompt: str | None = None) -> dict:
+    """{"answer", "grid_box" (or None), "pixel_box" (or None), "format"} for one expression in one PIL image."""
+    from mllm.data.grounding_prepare import TEMPLATES, pad_image_to_square
+    from mllm.model.generation import GenerationSettings, build_chat_prompt, generate
+
+    shown = pad_image_to_square(image) if square_pad else image
+    question = TEMPLATES[("rec", style)][template].format(expression=expression)
+    text, images = build_chat_prompt([{"role": "user", "content": [shown, question]}], tokenizer,
+                                     system_prompt=system_prompt)
+    answer = generate(model, processor([text], [images]), tokenizer,
+                      GenerationSettings(max_new_tokens=max_new_tokens))[0]
+    parsed = parse_box(answer, GRID)
+    if parsed is None:
+        return {"answer": answer, "grid_box": None, "pixel_box": None, "format": None}
+    grid_box, fmt = parsed
+    pixel_box = grid_to_pixel(grid_box, image.width, image.height, GRID, square_pad)
+    return {"answer": answer, "grid_box": grid_box, "pixel_box": [round(v, 1) for v in pixel_box], "format": fmt}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mllm ground", description=__doc__.split("\n\n")[0])
+    parser.add_argument("expression", help='what to find, e.g. "the red star"')
+    parser.add_argument("--image", type=Path, required=True)
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the shipped tiny model)")
+    parser.add_argument("--out", type=Path, default=None, help="picture to write (default <image>.ground.png)")
+    parser.add_argument("--style", choices=("plain", "qwen"), default="plain")
+    parser.add_argument("--square-pad", action="store_true", help="the model was trained on the padded frame")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--system-prompt", default=None, help="default: the chat template's own (as in training)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+
+    from mllm.eval.grounding_draw import draw_case
+    from mllm.model.image_processing import load_image
+    from mllm.model.loading import default_model_dir, load_pretrained
+
+    try:
+        image = load_image(str(args.image))
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    model, tokenizer, processor = load_pretrained(args.model or default_model_dir())
+    result = ground(model, tokenizer, processor, image, args.expression, args.style, args.square_pad,
+                    max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt)
+    out = args.out or args.image.with_name(args.image.stem + ".ground.png")
+    caption = args.expression if result["pixel_box"] else f"{args.expression} (no box in {result['answer']!r})"
+    draw_case(image, caption, pred=result["pixel_box"]).save(out)
+    result["picture"] = str(out)
+    if args.json:
+        print(json.dumps(result))
+    elif result["pixel_box"] is None:
+        print(f"no box found in the answer {result['answer']!r}; picture: {out}")
+    else:
+        x0, y0, x1, y1 = result["pixel_box"]
+        print(f"{args.expression}: pixels [{x0:g}, {y0:g}, {x1:g}, {y1:g}] in the {image.width}x{image.height} image "
+              f"(grid {format_grid(result['grid_box'])}, answer {result['answer']!r}); picture: {out}")
+    return 0 if result["pixel_box"] is not None else 1
+
+
+def format_grid(box) -> str:
+    return "[" + ",".join(f"{v:g}" for v in box) + "]"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
