@@ -3,8 +3,10 @@
     base        synthetic world (with caption noise) -> tokenizer -> tiny model from random init -> SFT on
                 descriptions, counting, dialogues and yes/no -> CHAIR on the bench + yes/no accuracy
     sft         SFT of the base model on the yes/no set: test loss and accuracy before and after
-    grounding   (added by the grounding stage)
-    preference  (added by the preference stage)
+    grounding   held-out Acc@IoU>=0.5 of the base model, grounding fine-tuning, Acc@0.5 again
+                (`mllm.train.grounding.course_stage`)
+    preference  CHAIR of the base model, reference log-probs, preference training, CHAIR again
+                (`mllm.train.preference_stage.course_stage`)
 
 Each stage writes its folder under `--out` (model, answers, metrics JSON, plots) and adds a row to
 `results.json`; `course.md` is the table of every stage run so far. A stage reuses what earlier stages left
@@ -22,9 +24,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mllm.jsonio import write_json_atomic
+
 from mllm.data.grounding_prepare import GROUNDING_PROMPT, rec_conversations  # the grounding prompt's one home
 
-STAGES = ["base", "sft"]
+STAGES = ["base", "sft", "grounding", "preference"]
 
 
 @dataclass
@@ -34,9 +38,10 @@ class Budget:
     n_train: int = 4000
     n_test: int = 300
     caption_noise: float = 0.25
-    base_steps: int = 1400
+    base_steps: int = 1100
+    base_caption_steps: int = 350
     base_batch: int = 32
-    base_lr: float = 1.5e-3
+    base_lr: float = 1e-3
     sft_steps: int = 150
     sft_batch: int = 16
     sft_lr: float = 1e-4
@@ -44,7 +49,7 @@ class Budget:
 
     @classmethod
     def quick(cls) -> "Budget":
-        return cls(n_train=200, n_test=40, base_steps=40, base_batch=8, sft_steps=10, sft_batch=8, eval_limit=40)
+        return cls(n_train=200, n_test=40, base_steps=40, base_caption_steps=15, base_batch=8, sft_steps=10, sft_batch=8, eval_limit=40)
 
 
 # ---- shared evaluations ----------------------------------------------------------------------------------------
@@ -60,7 +65,7 @@ def describe_and_score(model_dir: Path, world: Path, out_dir: Path, decoding: st
     vocab, gt = chair.load_chair_gt(world / "chair_gt.json")
     records = [json.loads(line) for line in answers.read_text().splitlines()]
     result = chair.score([{"image_id": r["image_id"], "caption": r["answer"]} for r in records], gt, vocab)
-    chair.write_json_atomic(out_dir / f"chair_{decoding}.json", result)
+    write_json_atomic(out_dir / f"chair_{decoding}.json", result)
     return result["overall_metrics"]
 
 
@@ -91,7 +96,7 @@ def answer_yesno(model_dir: Path, world: Path, out_dir: Path, limit: int | None 
         records.append({"answer": row["answer"], "target": meta["target"], "image": meta["image_path"],
                         "category": meta.get("category")})
     result = yesno.score(records)
-    yesno.write_json_atomic(out_dir / "yesno.json", result)
+    write_json_atomic(out_dir / "yesno.json", result)
     return result["overall"]
 
 
@@ -111,7 +116,7 @@ def ground_and_score(model_dir: Path, world: Path, out_dir: Path, limit: int | N
     run(str(model_dir), questions, answers, batch_size=32, max_new_tokens=24, limit=limit, quiet=True,
         image_root=world)
     result = grounding.score_files(answers, square_pad=False)
-    grounding.write_json_atomic(out_dir / "grounding.json", result)
+    write_json_atomic(out_dir / "grounding.json", result)
     return result["overall"]
 
 
@@ -161,6 +166,14 @@ def tokenizer_corpus(world: Path) -> list[str]:
 
 
 def stage_base(out: Path, budget: Budget, seed: int) -> dict:
+    """Tiny model from random init, in two phases.
+
+    Phase 1 trains on descriptions only, where nearly every answer token depends on the image: on the full
+    mix a from-scratch model first fits the language prior (templates, "Yes"/"No" at 50%), and its vision
+    tower collapses to image-independent output before it can help (measured: identical answers for every
+    image after 500 steps). Phase 2 continues on everything: descriptions, counting, dialogues, yes/no, and
+    one referring expression per image.
+    """
     from mllm.model.init_cli import make_random_checkpoint
     from mllm.train.sft import DataArguments, ModelArguments, SFTTrainingArguments, train
 
@@ -168,25 +181,34 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
     stage = out / "base"
     init = stage / "init"
     make_random_checkpoint(init, "tiny", texts=tokenizer_corpus(world), vocab_size=1024, seed=seed)
+    sft_records = json.loads((world / "sft_train.json").read_text())
+    captions = stage / "base_captions.json"
+    captions.write_text(json.dumps([r for r in sft_records if r.get("task") in ("short", "detailed")]))
     mixed = stage / "base_train.json"
-    mixed.write_text(json.dumps(json.loads((world / "sft_train.json").read_text())
-                                + json.loads((world / "yesno_train.json").read_text())
+    mixed.write_text(json.dumps(sft_records + json.loads((world / "yesno_train.json").read_text())
                                 + rec_conversations(world / "rec_train.jsonl", per_image=1)))
     started = time.time()
-    train(ModelArguments(model_name_or_path=str(init)),
-          DataArguments(data_path=str(mixed), image_folder=str(world), model_max_length=512),
-          SFTTrainingArguments(output_dir=str(stage / "model"), max_steps=budget.base_steps,
-                               per_device_train_batch_size=budget.base_batch, learning_rate=budget.base_lr,
-                               lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01,
-                               adam_beta2=0.98, logging_steps=25, save_strategy="steps", save_steps=500,
-                               save_total_limit=1, report_to="tensorboard",
-                               seed=seed, dataloader_num_workers=0, yesno_eval_samples=0))
+    phases = [("phase1", init, captions, budget.base_caption_steps, "constant_with_warmup"),
+              ("phase2", stage / "phase1", mixed, budget.base_steps - budget.base_caption_steps, "cosine")]
+    for name, start_from, data, steps, schedule in phases:
+        train(ModelArguments(model_name_or_path=str(start_from)),
+              DataArguments(data_path=str(data), image_folder=str(world), model_max_length=512),
+              SFTTrainingArguments(output_dir=str(stage / name), max_steps=steps,
+                                   per_device_train_batch_size=budget.base_batch, learning_rate=budget.base_lr,
+                                   lr_scheduler_type=schedule, warmup_steps=0.05, weight_decay=0.01,
+                                   adam_beta2=0.98, logging_steps=25, save_strategy="steps", save_steps=100,
+                                   save_total_limit=1, report_to="tensorboard", seed=seed,
+                                   dataloader_num_workers=0, yesno_eval_samples=0))
     minutes = (time.time() - started) / 60
     model_dir = stage / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    shutil.copytree(stage / "phase2", model_dir, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
     chair_metrics = describe_and_score(model_dir, world, stage, limit=budget.eval_limit)
     yesno_metrics = answer_yesno(model_dir, world, stage, limit=budget.eval_limit)
+    grounding_metrics = ground_and_score(model_dir, world, stage, limit=budget.eval_limit)
     return {"stage": "base", "model_dir": str(model_dir), "train_minutes": round(minutes, 1),
-            "chair": chair_metrics, "yesno": yesno_metrics}
+            "chair": chair_metrics, "yesno": yesno_metrics, "grounding": grounding_metrics}
 
 
 def stage_sft(out: Path, budget: Budget, seed: int) -> dict:
@@ -221,7 +243,19 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
-RUNNERS = {"base": stage_base, "sft": stage_sft}
+def stage_grounding(out: Path, budget: Budget, seed: int) -> dict:
+    from mllm.train.grounding import course_stage
+
+    return course_stage(out, budget, seed)
+
+
+def stage_preference(out: Path, budget: Budget, seed: int) -> dict:
+    from mllm.train.preference_stage import course_stage
+
+    return course_stage(out, budget, seed)
+
+
+RUNNERS = {"base": stage_base, "sft": stage_sft, "grounding": stage_grounding, "preference": stage_preference}
 
 
 # ---- report ------------------------------------------------------------------------------------------------------
@@ -232,6 +266,8 @@ def table(results: dict) -> str:
         rows += [f"| base | CHAIRs / CHAIRi | {100 * c['CHAIRs']:.1f} / {100 * c['CHAIRi']:.1f} | 32.7 / 8.5 |",
                  f"| base | Recall / Len | {100 * c['Recall']:.1f} / {c['Len']:.1f} | 61.7 / 126 |",
                  f"| base | yes/no acc / acc+ | {y['acc']:.3f} / {y['acc_plus']:.3f} | 0.696 (exercise accuracy) |"]
+        if "grounding" in results["base"]:
+            rows.append(f"| base | grounding Acc@0.5 | {results['base']['grounding']['accuracy']:.3f} | - |")
     if "sft" in results:
         b, a = results["sft"]["before"], results["sft"]["after"]
         rows += [f"| sft | yes/no test loss | {b['test_loss']:.3f} -> {a['test_loss']:.3f} | < 0.11 |",

@@ -143,6 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
-    report = run(args.model or default_model_dir(), args.out, args.seed, args.n_eval)
+    model_dir = args.model
+    if model_dir is None:
+        try:
+            model_dir = default_model_dir()
+        except FileNotFoundError:
+            from mllm.model.init_cli import make_random_checkpoint
+
+            model_dir = args.out / "random-tiny"
+            print("NOTE: no trained tiny model ships with this version yet (`mllm course --stage base` trains one);"
+                  f" the demo runs a RANDOMLY INITIALISED tiny checkpoint written to {model_dir}: expect chance-level"
+                  " scores and meaningless text.")
+            make_random_checkpoint(model_dir, "tiny", seed=0)
+    report = run(model_dir, args.out, args.seed, args.n_eval)
     print(f"\nreport: {report.resolve()}")
     return 0

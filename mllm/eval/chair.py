@@ -30,7 +30,6 @@ import contextlib
 import copyreg
 import hashlib
 import json
-import os
 import pickle
 import re
 import sys
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from mllm.eval.coco_vocab import COCO_DOUBLE_WORDS, COCO_SYNONYMS
+from mllm.jsonio import read_jsonl, write_json_atomic
 
 # ----------------------------------------------------------------------------------------------- text
 
@@ -295,14 +295,6 @@ COCO_ANNOTATION_FILES = ("instances_train2014.json", "instances_val2014.json",
                          "captions_train2014.json", "captions_val2014.json")
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1))
-    os.replace(tmp, path)
-
-
 def _images_from_json(images: dict[str, list[str]]) -> dict[Any, list[str]]:
     """JSON object keys are strings; all-digit ones are COCO ids and become ints again."""
     return {int(k) if k.isdigit() else k: list(v) for k, v in images.items()}
@@ -414,19 +406,13 @@ def read_answers(path: str | Path) -> tuple[list[tuple[int, dict]], list[dict]]:
     text = Path(path).read_text()
     if text.lstrip().startswith("["):
         return list(enumerate(json.loads(text), start=1)), []
-    records, bad = [], []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            bad.append({"line": line_no, "reason": f"malformed JSON: {err.msg}"})
-            continue
-        if not isinstance(record, dict):
+    numbered, bad = read_jsonl(path)
+    records = []
+    for line_no, record in numbered:
+        if isinstance(record, dict):
+            records.append((line_no, record))
+        else:
             bad.append({"line": line_no, "reason": "not a JSON object"})
-            continue
-        records.append((line_no, record))
     return records, bad
 
 

@@ -225,6 +225,12 @@ def write_questions(rec_file: Path, split: str, out: Path, image_root: Path, pro
     return stats
 
 
+def _weights_stamp(model_dir: str | Path) -> list:
+    """(name, size, mtime) of the weight files: a model retrained in the same folder gets new answers."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("*.bin"))
+    return [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files]
+
+
 def _check_settings(path: Path, settings: dict) -> None:
     """An answers file may only be resumed under the settings that began it."""
     if path.is_file():
@@ -281,8 +287,9 @@ def evaluate_model(model_dir: str | Path, rec_files: list[Path], out_dir: Path, 
     out_dir = Path(out_dir)
     prompt = TEMPLATES[("rec", style)][template]
     max_new_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[style]
-    settings = {"model": str(model_dir), "prompt": prompt, "square_pad": square_pad, "system_prompt": system_prompt,
-                "max_new_tokens": max_new_tokens, "decoding": "greedy"}
+    settings = {"model": str(model_dir), "weights": _weights_stamp(model_dir), "prompt": prompt,
+                "square_pad": square_pad, "system_prompt": system_prompt, "max_new_tokens": max_new_tokens,
+                "decoding": "greedy"}
     predictions, references, skipped, per_split = [], [], [], {}
     for rec_file in rec_files:
         rec_file = Path(rec_file)
@@ -308,9 +315,9 @@ def evaluate_model(model_dir: str | Path, rec_files: list[Path], out_dir: Path, 
         per_split[split] = {k: (len(v) if isinstance(v, list) else v) for k, v in stats.items()} | {
             "answers": str(answers), "missing_image_lines": stats["missing_images"][:20]}
     result = score(predictions, references, threshold=threshold, square_pad=square_pad)
+    asked = {k: settings[k] for k in ("prompt", "system_prompt", "max_new_tokens")}
     result |= {"skipped": skipped, "model": str(model_dir), "inputs": per_split,
-               "settings": result["settings"] | {k: settings[k] for k in ("prompt", "system_prompt", "max_new_tokens")}
-               | {"style": style, "limit": limit, "fraction": fraction}}
+               "settings": result["settings"] | asked | {"style": style, "limit": limit, "fraction": fraction}}
     if draw:
         result["pictures"] = draw_samples(result, references, predictions, out_dir / "pictures", draw, seed)
     write_json_atomic(out_dir / "grounding.json", result)

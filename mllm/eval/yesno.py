@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from mllm.jsonio import read_jsonl, write_json_atomic
 
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
                   "artwork", "OCR")
@@ -145,26 +146,6 @@ def records_from_answers(answers: list[dict]) -> tuple[list[dict], dict[str, int
     return records, problems
 
 
-def read_jsonl(path: str | Path) -> tuple[list[dict], list[dict]]:
-    records, bad = [], []
-    for line_no, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            bad.append({"line": line_no, "reason": f"malformed JSON: {err.msg}"})
-    return records, bad
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1))
-    os.replace(tmp, path)
-
-
 def format_table(result: dict) -> str:
     lines = [f"{'category':<24}{'n':>6}{'acc':>8}{'acc+':>8}{'score':>8}{'other':>7}"]
     for name, r in [*result["categories"].items(), ("overall", result["overall"])]:
@@ -183,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test", help="test.json (id, image, conversations, category?) giving targets and images")
     p.add_argument("--out", required=True, help="result JSON")
     args = p.parse_args(argv)
-    answers, skipped = read_jsonl(args.answers)
+    numbered, skipped = read_jsonl(args.answers)
+    answers = [record for _, record in numbered]
     if args.test:
         records, problems = join_with_test(answers, json.loads(Path(args.test).read_text()))
     else:

@@ -11,15 +11,15 @@ from pathlib import Path
 
 
 def default_corpus() -> list[str]:
-    """Texts the tokenizer is trained on when none are given: sentences of the synthetic scene world."""
-    try:
-        from mllm.data.scenes import corpus_sentences
-    except ImportError:
-        corpus_sentences = None
-    if corpus_sentences is not None:
-        return corpus_sentences()
-    return ["a red circle and a blue square.", "Is there a green star in the image? Please answer yes or no.",
-            "Yes", "No", "[120,340,560,780]"]
+    """Texts the tokenizer is trained on when none are given: a small synthetic world's training files."""
+    import tempfile
+
+    from mllm.course import tokenizer_corpus
+    from mllm.data.synth import generate
+
+    with tempfile.TemporaryDirectory() as folder:
+        generate(folder, n_train=100, n_test=0, seed=0, progress=False)
+        return tokenizer_corpus(Path(folder))
 
 
 def make_random_checkpoint(out: str | Path, preset: str = "tiny", texts: list[str] | None = None,

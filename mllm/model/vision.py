@@ -94,6 +94,15 @@ class SiglipVisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size, kernel_size=config.patch_size,
                                          stride=config.patch_size, padding="valid")
         self.position_embedding = nn.Embedding(self.num_patches_per_side**2, config.hidden_size)
+        # SigLIP's init (std 1/sqrt(width)), not nn.Embedding's N(0, 1): at unit scale the positions swamp the
+        # patch content, and a tower trained from scratch then feeds the resampler image-independent features.
+        nn.init.normal_(self.position_embedding.weight, std=config.hidden_size**-0.5)
+        # Zero-mean filters: a flat patch (the background) maps to the bias alone and the response comes from
+        # what differs inside the patch. Without this every patch token of a mostly plain image shares one large
+        # component, and a tower trained from scratch collapses to image-independent output.
+        with torch.no_grad():
+            weight = self.patch_embedding.weight
+            weight -= weight.mean(dim=(1, 2, 3), keepdim=True)
 
     def forward(self, pixel_values: Tensor, patch_attention_mask: Tensor, tgt_sizes: Tensor) -> Tensor:
         weight = self.patch_embedding.weight

@@ -17,11 +17,14 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from mllm.train.sft import DataArguments, ModelArguments, SFTTrainingArguments
 
@@ -30,8 +33,9 @@ EXERCISE_REFCOCO_VAL = 67.5  # the exercise report's RefCOCO val Acc@0.5 (first 
 
 @dataclass
 class GroundingDataArguments:
-    rec: list[str] = field(default_factory=list, metadata={"help": "Shikra REC jsonl files (repeatable list)"})
-    flickr: list[str] = field(default_factory=list, metadata={"help": "Flickr30k-entities jsonl files (gc task)"})
+    rec: list[str] = field(default_factory=list, metadata={"help": "one or more Shikra REC jsonl files"})
+    flickr: list[str] = field(default_factory=list,
+                              metadata={"help": "one or more Flickr30k-entities jsonl files (gc task)"})
     data_path: str | None = field(default=None, metadata={"help": "an already prepared conversations JSON"})
     image_folder: str = field(default=".", metadata={"help": "folder the image paths are relative to"})
     tasks: str = field(default="rec", metadata={"help": "comma-separated: rec, reg, gc"})
@@ -93,6 +97,7 @@ def train_grounding(model_args: ModelArguments, data_args: GroundingDataArgument
     if data_args.eval_rec and result["model_dir"] and training_args.process_index == 0:
         from mllm.eval.grounding import evaluate_model, format_table
 
+        shutil.rmtree(output_dir / "grounding_eval", ignore_errors=True)  # answers of an earlier model
         evaluation = evaluate_model(result["model_dir"], [Path(p) for p in data_args.eval_rec],
                                     output_dir / "grounding_eval", Path(data_args.image_folder), data_args.style,
                                     data_args.square_pad, limit=data_args.eval_limit, draw=8, quiet=True)
@@ -119,6 +124,45 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---- the course's grounding stage -------------------------------------------------------------------------------
 
+class CosineToDeadline(TrainerCallback):
+    """Linear warmup then cosine decay to 0 over whichever runs out first, `max_steps` or `minutes` of wall
+    clock; training stops at the deadline. The course runs on 2 shared cores whose speed varies several-fold
+    with their load: a step count alone either overruns the stage's time budget or leaves the rate high when
+    a time limit cuts it. Use with lr_scheduler_type="constant": before every step this callback sets the rate
+    in the optimizer and in the constant scheduler, so the logs show the rate used.
+    `stopped_at` is the step at which the deadline stopped training (None: max_steps came first)."""
+
+    def __init__(self, minutes: float, warmup: float = 0.05):
+        self.seconds, self.warmup = minutes * 60, warmup
+        self.started, self.peak, self.lr, self.stopped_at = None, None, None, None
+
+    def progress(self, state) -> float:
+        return max((time.time() - self.started) / self.seconds, state.global_step / max(state.max_steps, 1))
+
+    def rate(self, progress: float) -> float:
+        if progress < self.warmup:
+            return self.peak * max(progress, 1e-3) / self.warmup
+        return self.peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - self.warmup) / (1 - self.warmup))))
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        self.started, self.peak = time.time(), args.learning_rate
+        if optimizer is not None:
+            self.on_step_begin(args, state, control, optimizer, lr_scheduler)
+
+    def on_step_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        self.lr = self.rate(self.progress(state))
+        for group in optimizer.param_groups:
+            group["lr"] = self.lr
+        if lr_scheduler is not None:  # the constant scheduler's base rate, and its last rate (what is logged)
+            lr_scheduler.base_lrs = [self.lr] * len(optimizer.param_groups)
+            lr_scheduler._last_lr = [self.lr] * len(optimizer.param_groups)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress(state) >= 1.0 and state.global_step < state.max_steps:
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+
 def _budget(budget, name: str, default):
     value = getattr(budget, name, None)
     return default if value is None else value
@@ -135,9 +179,12 @@ def course_stage(out: Path, budget, seed: int) -> dict:
     fine-tuning on every object of `rec_train.jsonl` mixed with ~15% general SFT data (`sft_train.json`,
     against forgetting), then Acc@0.5 again; pictures of sampled cases and the loss curve are written.
 
-    Budget attributes read (with defaults, so an older `Budget` works): grounding_steps (default a third of
-    base_steps, i.e. 600 for the full course and 13 for `--quick`), grounding_batch (32, capped at base_batch),
-    grounding_lr (1e-3), grounding_mix (0.15), eval_limit (None: all 1079 held-out expressions).
+    Budget attributes read (with defaults, so an older `Budget` works): grounding_steps (default half of
+    base_steps: 600 for the full course, 20 for `--quick`), grounding_batch (32, capped at base_batch),
+    grounding_lr (1e-3), grounding_mix (0.15), grounding_turns (1: one question per conversation),
+    grounding_minutes (13: the cosine schedule runs to whichever comes first, grounding_steps or these minutes
+    of training, so the whole stage, two evaluations included, fits in 20 minutes on 2 busy cores),
+    eval_limit (None: all 1079 held-out expressions).
     """
     from mllm.data.grounding_prepare import PrepareOptions, prepare
     from mllm.eval.grounding import evaluate_model
@@ -152,36 +199,42 @@ def course_stage(out: Path, budget, seed: int) -> dict:
     for old in ("before", "after", "model"):  # answers resume by path: never mix two runs' answers
         shutil.rmtree(stage / old, ignore_errors=True)
     stage.mkdir(parents=True, exist_ok=True)
-    steps = int(_budget(budget, "grounding_steps", max(10, _budget(budget, "base_steps", 1800) // 3)))
+    steps = int(_budget(budget, "grounding_steps", max(10, _budget(budget, "base_steps", 1200) // 2)))
     batch = int(_budget(budget, "grounding_batch", min(32, _budget(budget, "base_batch", 32))))
     lr = float(_budget(budget, "grounding_lr", 1e-3))
     mix_ratio = float(_budget(budget, "grounding_mix", 0.15))
+    turns = int(_budget(budget, "grounding_turns", 1))
+    minutes = float(_budget(budget, "grounding_minutes", 13.0))  # training wall-clock cap
     limit = getattr(budget, "eval_limit", None)
     test = [world / "rec_test.jsonl"]
 
     before = evaluate_model(base, test, stage / "before", limit=limit, batch_size=32, draw=4, seed=seed, quiet=True)
     print(f"grounding: base model Acc@0.5 {before['overall']['accuracy']:.3f} on {before['overall']['n']}", flush=True)
     data = stage / "grounding_train.json"
-    report = prepare(data, [world / "rec_train.jsonl"], image_root=world, options=PrepareOptions(seed=seed),
-                     mix=world / "sft_train.json", mix_ratio=mix_ratio)
+    report = prepare(data, [world / "rec_train.jsonl"], image_root=world,
+                     options=PrepareOptions(turns_per_image=turns, seed=seed), mix=world / "sft_train.json",
+                     mix_ratio=mix_ratio)
+    clock = CosineToDeadline(minutes)
     started = time.time()
     trained = train(ModelArguments(model_name_or_path=str(base)),
                     DataArguments(data_path=str(data), image_folder=str(world), model_max_length=512),
                     SFTTrainingArguments(output_dir=str(stage / "model"), max_steps=steps,
                                          per_device_train_batch_size=batch, learning_rate=lr,
-                                         lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01,
-                                         adam_beta2=0.98, logging_steps=max(1, min(25, steps // 20)),
+                                         lr_scheduler_type="constant", weight_decay=0.01, adam_beta2=0.98,
+                                         logging_steps=max(1, min(25, steps // 20)),
                                          save_strategy="no", report_to="none", seed=seed, dataloader_num_workers=0,
-                                         train_sampling_strategy="group_by_length", yesno_eval_samples=0))
-    minutes = (time.time() - started) / 60
+                                         train_sampling_strategy="group_by_length", yesno_eval_samples=0),
+                    callbacks=[clock])
+    train_minutes = (time.time() - started) / 60
     model_dir = Path(trained["model_dir"])
     after = evaluate_model(model_dir, test, stage / "after", limit=limit, batch_size=32, draw=8, seed=seed, quiet=True)
     b, a = _acc(before), _acc(after)
     result = {
         "stage": "grounding", "model_dir": str(model_dir), "before": b, "after": a,
-        "train_minutes": round(minutes, 1),
-        "settings": {"steps": steps, "batch": batch, "lr": lr, "mix_ratio": mix_ratio, "eval_limit": limit,
-                     "train_records": report["total_written"], "frame": "unpadded image, 0-1000 grid",
+        "train_minutes": round(train_minutes, 1),
+        "settings": {"steps": steps, "batch": batch, "lr": lr, "mix_ratio": mix_ratio, "turns_per_image": turns,
+                     "eval_limit": limit, "minutes_cap": minutes, "stopped_early_at_step": clock.stopped_at,
+                     "train_records": report["records"], "frame": "unpadded image, 0-1000 grid",
                      "prompt": after["settings"]["prompt"]},
         "data_report": {k: report[k] for k in ("read", "written", "clipped", "skipped")},
         "loss_curve": str(model_dir / "loss_curve.png"),

@@ -19,8 +19,8 @@ Design choices:
 - `PreferenceTrainer` overrides `compute_loss` (one forward of the concatenated chosen + rejected batch,
   `token_logps`, `preference_loss` from `mllm.train.losses`) and `log` (adds the window's mean rewards and
   log-probs: TRL's names `rewards/{chosen,rejected,margins,accuracies}`, `logps/{chosen,rejected}`,
-  `logps/{ref_chosen,ref_rejected}`; accuracy is strict r_w > r_l, so it is 0 at step 0; the logps are those the
-  loss uses, sums or token means). The loss is a mean over pairs; the Trainer divides it by the accumulation
+  `logps/{ref_chosen,ref_rejected}`; accuracy is strict r_w > r_l, so it is 0 at step 0 (up to float noise when
+  the reference pass padded a pair differently); the logps are those the loss uses, sums or token means). The loss is a mean over pairs; the Trainer divides it by the accumulation
   steps, and DDP averages over processes, so an optimizer step sees the mean over all its pairs.
 - loss "ipo" always uses token-averaged log-probs (its definition); the others use sums unless
   `use_average_logp` (the exercise's provided script sets it).
@@ -125,7 +125,8 @@ class PreferenceTrainer(Trainer):
                           "rewards/margins": chosen_rewards - rejected_rewards,
                           "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
                           "logps/chosen": policy[:pairs].detach(), "logps/rejected": policy[pairs:].detach(),
-                          "logps/ref_chosen": ref_chosen.to(policy.device), "logps/ref_rejected": ref_rejected.to(policy.device)})
+                          "logps/ref_chosen": ref_chosen.to(policy.device),
+                          "logps/ref_rejected": ref_rejected.to(policy.device)})
         return (loss, outputs) if return_outputs else loss
 
     def _check_reference(self, sums: torch.Tensor, ref: dict, idx) -> None:

@@ -93,7 +93,8 @@ def test_flickr_grounded_captions(tmp_path):
     report = prepare(out, flickr_files=[flickr], options=PrepareOptions(tasks=("gc",)), quiet=True)
     (record,) = json.loads(out.read_text())
     assert record["id"] == "GC_0" and record["image"] == "123.jpg"
-    assert record["conversations"][1]["content"] == "A man [100,100,300,900] holds two cups [500,200,600,400;700,200,800,400] ."
+    caption = "A man [100,100,300,900] holds two cups [500,200,600,400;700,200,800,400] ."
+    assert record["conversations"][1]["content"] == caption
     assert report["skipped"]["outside"] == 1  # box 3 dropped, its phrase keeps the other two
     qwen = grounded_caption(line["sentence"], [[[10, 5, 30, 45]], None], 100, 50, "qwen", False)
     assert qwen == "<ref>A man</ref><box>(100,100),(300,900)</box> holds two cups ."
@@ -114,6 +115,19 @@ def test_mix_ratio_and_determinism(tmp_path):
     assert (tmp_path / "a.json").read_text() != (tmp_path / "c.json").read_text()
     records = json.loads((tmp_path / "a.json").read_text())
     assert sum(r["id"].startswith("g") for r in records) == 2
+
+
+def test_turns_per_image_joins_questions_of_one_image(tmp_path):
+    rec = _world(tmp_path)
+    out = tmp_path / "multi.json"
+    report = prepare(out, [rec], options=PrepareOptions(tasks=("rec", "reg"), turns_per_image=3), quiet=True)
+    records = json.loads(out.read_text())
+    assert report["written"] == {"rec": 3, "reg": 3} and report["records"] == 3  # 4 questions -> 3 + 1, and 2
+    assert sorted(len(r["conversations"]) for r in records) == [2, 4, 6]
+    for record in records:
+        users = [m["content"] for m in record["conversations"][0::2]]
+        assert users[0].startswith("<image>\n") and not any("<image>" in u for u in users[1:])
+        assert [m["role"] for m in record["conversations"]] == ["user", "assistant"] * len(users)
 
 
 def test_rec_conversations_keeps_the_course_format(tmp_path):

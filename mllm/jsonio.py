@@ -1,0 +1,34 @@
+"""JSON files written atomically and JSON-lines files read with per-line error reports.
+
+Every result file of the project goes through `write_json_atomic` (a temporary file renamed into place), so an
+interrupted run never leaves a half-written result that looks complete. `read_jsonl` never stops at a bad line:
+it returns the good records with their line numbers and one skip entry per malformed line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1))
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | Path) -> tuple[list[tuple[int, Any]], list[dict]]:
+    """((line number, record) pairs, skipped lines as {"line", "reason"}) of a JSON-lines file."""
+    records, skipped = [], []
+    for line_no, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((line_no, json.loads(line)))
+        except json.JSONDecodeError as err:
+            skipped.append({"line": line_no, "reason": f"malformed JSON: {err.msg}"})
+    return records, skipped
