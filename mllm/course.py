@@ -38,8 +38,8 @@ class Budget:
     n_train: int = 4000
     n_test: int = 300
     caption_noise: float = 0.25
-    base_steps: int = 1100
-    base_caption_steps: int = 350
+    base_steps: int = 1000
+    base_caption_steps: int = 300
     base_batch: int = 32
     base_lr: float = 1e-3
     sft_steps: int = 150
@@ -168,11 +168,12 @@ def tokenizer_corpus(world: Path) -> list[str]:
 def stage_base(out: Path, budget: Budget, seed: int) -> dict:
     """Tiny model from random init, in two phases.
 
-    Phase 1 trains on descriptions only, where nearly every answer token depends on the image: on the full
-    mix a from-scratch model first fits the language prior (templates, "Yes"/"No" at 50%), and its vision
-    tower collapses to image-independent output before it can help (measured: identical answers for every
-    image after 500 steps). Phase 2 continues on everything: descriptions, counting, dialogues, yes/no, and
-    one referring expression per image.
+    Phase 1 trains the LLM alone on descriptions, reading the frozen, randomly initialised vision tower and
+    resampler, whose features already tell images apart. Training all parts from the first step fails: the
+    LLM first fits the language prior, and meanwhile the vision side collapses to image-independent output
+    (measured: identical answers for every image after 500 steps; frozen, the LLM uses the image within 80).
+    Phase 2 trains everything on the full mix: descriptions, counting, dialogues, yes/no, and one referring
+    expression per image.
     """
     from mllm.model.init_cli import make_random_checkpoint
     from mllm.train.sft import DataArguments, ModelArguments, SFTTrainingArguments, train
@@ -188,14 +189,15 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
     mixed.write_text(json.dumps(sft_records + json.loads((world / "yesno_train.json").read_text())
                                 + rec_conversations(world / "rec_train.jsonl", per_image=1)))
     started = time.time()
-    phases = [("phase1", init, captions, budget.base_caption_steps, "constant_with_warmup"),
-              ("phase2", stage / "phase1", mixed, budget.base_steps - budget.base_caption_steps, "cosine")]
-    for name, start_from, data, steps, schedule in phases:
-        train(ModelArguments(model_name_or_path=str(start_from)),
+    phases = [("phase1", init, captions, budget.base_caption_steps, budget.base_lr, False),
+              ("phase2", stage / "phase1", mixed, budget.base_steps - budget.base_caption_steps,
+               budget.base_lr / 2, True)]
+    for name, start_from, data, steps, lr, tune_vision in phases:
+        train(ModelArguments(model_name_or_path=str(start_from), tune_vision=tune_vision, tune_resampler=tune_vision),
               DataArguments(data_path=str(data), image_folder=str(world), model_max_length=512),
               SFTTrainingArguments(output_dir=str(stage / name), max_steps=steps,
-                                   per_device_train_batch_size=budget.base_batch, learning_rate=budget.base_lr,
-                                   lr_scheduler_type=schedule, warmup_steps=0.05, weight_decay=0.01,
+                                   per_device_train_batch_size=budget.base_batch, learning_rate=lr,
+                                   lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01,
                                    adam_beta2=0.98, logging_steps=25, save_strategy="steps", save_steps=100,
                                    save_total_limit=1, report_to="tensorboard", seed=seed,
                                    dataloader_num_workers=0, yesno_eval_samples=0))

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from mllm.data.boxes import grid_to_pixel, iou, parse_box
+from mllm.jsonio import write_json_atomic
 
 STANDARD_SPLITS = ("refcoco_val", "refcoco_testA", "refcoco_testB", "refcoco+_val", "refcoco+_testA",
                    "refcoco+_testB", "refcocog_val", "refcocog_test")
@@ -106,14 +107,6 @@ def format_table(results: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- I/O
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1))
-    os.replace(tmp, path)
 
 
 def read_answers(path: str | Path) -> tuple[list[str], list[dict], list[dict]]:

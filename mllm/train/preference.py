@@ -20,8 +20,9 @@ Design choices:
   `token_logps`, `preference_loss` from `mllm.train.losses`) and `log` (adds the window's mean rewards and
   log-probs: TRL's names `rewards/{chosen,rejected,margins,accuracies}`, `logps/{chosen,rejected}`,
   `logps/{ref_chosen,ref_rejected}`; accuracy is strict r_w > r_l, so it is 0 at step 0 (up to float noise when
-  the reference pass padded a pair differently); the logps are those the loss uses, sums or token means). The loss is a mean over pairs; the Trainer divides it by the accumulation
-  steps, and DDP averages over processes, so an optimizer step sees the mean over all its pairs.
+  the reference pass padded a pair differently); the logps are those the loss uses, sums or token means).
+  The loss is a mean over pairs; the Trainer divides it by the accumulation steps, and DDP averages over
+  processes, so an optimizer step sees the mean over all its pairs.
 - loss "ipo" always uses token-averaged log-probs (its definition); the others use sums unless
   `use_average_logp` (the exercise's provided script sets it).
 - Freezing, LoRA, activation checkpointing, DeepSpeed, checkpoints, resume and the final save are the SFT
@@ -32,13 +33,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -244,13 +244,9 @@ def train(model_args: ModelArguments, data_args: PreferenceDataArguments, traini
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, PreferenceDataArguments, PreferenceTrainingArguments))
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    return parser.parse_args_into_dataclasses(args=argv)
+    from mllm.train.sft import parse_dataclasses
+
+    return parse_dataclasses((ModelArguments, PreferenceDataArguments, PreferenceTrainingArguments), argv)
 
 
 def main(argv: list[str] | None = None) -> int:

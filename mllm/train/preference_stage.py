@@ -37,11 +37,37 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
-def course_stage(out: Path, budget, seed: int = 0) -> dict:
-    from mllm.course import describe_and_score
+def align(base: Path, world: Path, stage: Path, settings: dict, seed: int = 0) -> dict:
+    """Reference log-probs of the first steps x batch pairs of the world, then preference training of `base`
+    into stage/model; returns `train`'s result plus "pairs" and "train_minutes"."""
     from mllm.train.logp import compute_reference_logps
     from mllm.train.preference import PreferenceDataArguments, PreferenceTrainingArguments, train
     from mllm.train.sft import ModelArguments
+
+    # the pairs one run consumes (steps x batch, in file order), so the reference pass costs no more than needed
+    pairs = json.loads((world / "preference_train.json").read_text())[: settings["steps"] * settings["batch"]]
+    data = stage / "pairs.json"
+    if not data.is_file() or json.loads(data.read_text()) != pairs:
+        data.write_text(json.dumps(pairs))
+    compute_reference_logps(base, data, world, ref_name="base", batch_size=16, model_max_length=512,
+                            on_stale="recompute", progress=False)
+    started = time.time()
+    result = train(
+        ModelArguments(model_name_or_path=str(base), use_lora=settings["use_lora"], lora_r=16, lora_alpha=32,
+                       lora_dropout=0.0, tune_vision=not settings["use_lora"]),
+        PreferenceDataArguments(data_path=str(data), image_folder=str(world), ref_name="base", model_max_length=512),
+        PreferenceTrainingArguments(
+            output_dir=str(stage / "model"), max_steps=settings["steps"], per_device_train_batch_size=settings["batch"],
+            learning_rate=settings["lr"], lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0,
+            beta=settings["beta"], loss_type=settings["loss"], sft_weight=settings["sft_weight"],
+            use_average_logp=settings["average_logp"], logging_steps=max(settings["steps"] // 30, 1),
+            save_strategy="no", report_to="tensorboard", seed=seed, dataloader_num_workers=0,
+            dataloader_pin_memory=False, disable_tqdm=True))
+    return result | {"pairs": len(pairs), "train_minutes": (time.time() - started) / 60}
+
+
+def course_stage(out: Path, budget, seed: int = 0) -> dict:
+    from mllm.course import describe_and_score
 
     out = Path(out)
     world, base = out / "world", out / "base" / "model"
@@ -55,27 +81,7 @@ def course_stage(out: Path, budget, seed: int = 0) -> dict:
     stage.mkdir(parents=True, exist_ok=True)
     started = time.time()
     before = describe_and_score(base, world, _fresh(stage / "before"), "greedy", limit=limit)
-
-    # the pairs one run consumes (steps x batch, in file order), so the reference pass costs no more than needed
-    pairs = json.loads((world / "preference_train.json").read_text())[: settings["steps"] * settings["batch"]]
-    data = stage / "pairs.json"
-    if not data.is_file() or json.loads(data.read_text()) != pairs:
-        data.write_text(json.dumps(pairs))
-    compute_reference_logps(base, data, world, ref_name="base", batch_size=16, model_max_length=512,
-                            on_stale="recompute", progress=False)
-
-    train_started = time.time()
-    result = train(
-        ModelArguments(model_name_or_path=str(base), use_lora=settings["use_lora"], lora_r=16, lora_alpha=32,
-                       lora_dropout=0.0, tune_vision=not settings["use_lora"]),
-        PreferenceDataArguments(data_path=str(data), image_folder=str(world), ref_name="base", model_max_length=512),
-        PreferenceTrainingArguments(
-            output_dir=str(stage / "model"), max_steps=settings["steps"], per_device_train_batch_size=settings["batch"],
-            learning_rate=settings["lr"], lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0,
-            beta=settings["beta"], loss_type=settings["loss"], sft_weight=settings["sft_weight"],
-            use_average_logp=settings["average_logp"], logging_steps=max(settings["steps"] // 30, 1),
-            save_strategy="no", report_to="tensorboard", seed=seed, dataloader_num_workers=0, disable_tqdm=True))
-    train_minutes = (time.time() - train_started) / 60
+    result = align(base, world, stage, settings, seed)
     after = describe_and_score(Path(result["model_dir"]), world, _fresh(stage / "after"), "greedy", limit=limit)
 
     final = result["final_metrics"]
@@ -87,6 +93,6 @@ def course_stage(out: Path, budget, seed: int = 0) -> dict:
             f"{final.get('rewards/margins', float('nan')):.2f} | rising margins |"]
     return {"stage": "preference", "model_dir": result["model_dir"], "before": before, "after": after,
             "reward_accuracy": final.get("rewards/accuracies"), "reward_margin": final.get("rewards/margins"),
-            "reward_curves": result["reward_curves"], "settings": settings, "pairs": len(pairs),
-            "train_minutes": round(train_minutes, 1), "stage_minutes": round((time.time() - started) / 60, 1),
-            "table_rows": rows}
+            "reward_curves": result["reward_curves"], "settings": settings, "pairs": result["pairs"],
+            "train_minutes": round(result["train_minutes"], 1),
+            "stage_minutes": round((time.time() - started) / 60, 1), "table_rows": rows}

@@ -220,7 +220,12 @@ def final_eval_logs(state) -> dict:
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, SFTTrainingArguments))
+    return parse_dataclasses((ModelArguments, DataArguments, SFTTrainingArguments), argv)
+
+
+def parse_dataclasses(types: tuple, argv: list[str] | None = None):
+    """Typed arguments from flags, or from a single .json / .yaml file of options."""
+    parser = HfArgumentParser(types)
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(argv[0])

@@ -139,3 +139,25 @@ def test_lora_through_the_cli_saves_reloads_and_resumes(tiny_checkpoint, prefere
     assert main(argv + ["--resume_from_checkpoint", "auto"]) == 0
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and [h["step"] for h in state["log_history"] if "loss" in h][-2:] == [3, 4]
+
+
+def test_course_stage_on_a_tiny_world(tiny_checkpoint, tmp_path):
+    """The course stage end to end: before / after CHAIR with the same decoding, curves, table rows."""
+    from types import SimpleNamespace
+
+    from mllm.data.synth import generate
+    from mllm.train.preference import course_stage
+
+    with pytest.raises(FileNotFoundError, match="run `mllm course --stage base` first"):
+        course_stage(tmp_path, SimpleNamespace(), 0)
+    generate(tmp_path / "world", n_train=6, n_test=3, seed=0, progress=False)
+    shutil.copytree(tiny_checkpoint, tmp_path / "base" / "model")
+    budget = SimpleNamespace(n_train=6, eval_limit=3, preference_steps=2, preference_batch=3)
+    result = course_stage(tmp_path, budget, seed=0)
+    assert result["stage"] == "preference" and result["pairs"] == 6
+    assert set(result["before"]) == set(result["after"]) == {"CHAIRs", "CHAIRi", "Recall", "Len"}
+    assert 0.0 <= result["reward_accuracy"] <= 1.0 and result["settings"]["steps"] == 2
+    assert (tmp_path / "preference" / "model" / "reward_curves.png").is_file()
+    assert (tmp_path / "preference" / "pairs.base.logp.jsonl").is_file()
+    assert result["table_rows"][0].startswith("| preference | CHAIRs / CHAIRi | ")
+    MLLMModel.from_pretrained(result["model_dir"])
