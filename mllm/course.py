@@ -173,7 +173,9 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
     LLM first fits the language prior, and meanwhile the vision side collapses to image-independent output
     (measured: identical answers for every image after 500 steps; frozen, the LLM uses the image within 80).
     Phase 2 trains everything on the full mix: descriptions, counting, dialogues, yes/no, and one referring
-    expression per image.
+    expression per image, at a tenth of the rate: unfrozen at 5e-4, the vision side collapses again at once
+    (32-image probe: loss back to the prior, same with shuffled images), at 1e-4 it keeps and sharpens what the
+    LLM reads (probe loss 0.016 against 1.94 with shuffled images).
     """
     from mllm.model.init_cli import make_random_checkpoint
     from mllm.train.sft import DataArguments, ModelArguments, SFTTrainingArguments, train
@@ -191,7 +193,7 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
     started = time.time()
     phases = [("phase1", init, captions, budget.base_caption_steps, budget.base_lr, False),
               ("phase2", stage / "phase1", mixed, budget.base_steps - budget.base_caption_steps,
-               budget.base_lr / 2, True)]
+               budget.base_lr / 10, True)]
     for name, start_from, data, steps, lr, tune_vision in phases:
         train(ModelArguments(model_name_or_path=str(start_from), tune_vision=tune_vision, tune_resampler=tune_vision),
               DataArguments(data_path=str(data), image_folder=str(world), model_max_length=512),
