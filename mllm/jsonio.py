@@ -32,3 +32,18 @@ def read_jsonl(path: str | Path) -> tuple[list[tuple[int, Any]], list[dict]]:
         except json.JSONDecodeError as err:
             skipped.append({"line": line_no, "reason": f"malformed JSON: {err.msg}"})
     return records, skipped
+
+
+def read_json_records(path: str | Path, what: str = "records") -> list[dict]:
+    """A JSON list of objects (the exercise's data files); ValueError naming the file and the bad record."""
+    path = Path(path)
+    try:
+        records = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of {what}, got {type(records).__name__}")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: record {i} is not an object")
+    return records

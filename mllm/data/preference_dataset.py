@@ -22,7 +22,6 @@ rows [B, 2B) the rejected ones, right-padded together (`SupervisedCollator`); ea
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from torch.utils.data import Dataset
 
 from mllm.data.collate import SupervisedCollator
 from mllm.data.conversation import conversation_to_ids, place_images
+from mllm.jsonio import read_json_records
 from mllm.model.image_processing import ImageProcessor
 from mllm.model.tokenization import special_token_ids
 
@@ -79,15 +79,8 @@ class PreferenceDataset(Dataset):
         return cls(data_path, tokenizer, processor, config.query_num, image_folder, model_max_length, reference)
 
     def _read(self) -> list[dict]:
-        try:
-            records = json.loads(self.data_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{self.data_path}: not valid JSON ({err})") from err
-        if not isinstance(records, list):
-            raise ValueError(f"{self.data_path}: expected a JSON list of preference records")
+        records = read_json_records(self.data_path, "preference records")
         for i, r in enumerate(records):
-            if not isinstance(r, dict):
-                raise ValueError(f"{self.data_path}: record {i} is not an object")
             bad = [k for k in ("question", "chosen", "rejected") if not isinstance(r.get(k), str)]
             if bad:
                 raise ValueError(f"{self.data_path}: record {i} needs string fields {bad}")

@@ -22,7 +22,6 @@ record is returned instead, so batch sizes stay exact.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -32,6 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from mllm.data.conversation import NoTargetError, TruncationError, conversation_to_ids, place_images
+from mllm.jsonio import read_json_records
 from mllm.model.image_processing import ImageProcessor, get_sliced_grid
 from mllm.model.tokenization import special_token_ids
 
@@ -96,14 +96,9 @@ class SupervisedDataset(Dataset):
 
     # ---- reading and checking ------------------------------------------------------------------------------
     def _read(self) -> list[dict]:
-        try:
-            records = json.loads(self.data_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{self.data_path}: not valid JSON ({err})") from err
-        if not isinstance(records, list):
-            raise ValueError(f"{self.data_path}: expected a JSON list of records, got {type(records).__name__}")
+        records = read_json_records(self.data_path)
         for i, r in enumerate(records):
-            if not isinstance(r, dict) or "conversations" not in r:
+            if "conversations" not in r:
                 raise ValueError(f"{self.data_path}: record {i} has no 'conversations'")
         return records
 
