@@ -96,7 +96,7 @@ def answer_record(item: dict, answer: str, model_name: str) -> dict:
 
 def run(model_dir: str, questions: Path, out: Path, decoding: str = "greedy", batch_size: int = 8,
         max_new_tokens: int = 512, min_new_tokens: int = 0, image_root: Path | None = None,
-        system_prompt: str | None = "", limit: int | None = None, quiet: bool = False) -> dict:
+        system_prompt: str | None = None, limit: int | None = None, quiet: bool = False) -> dict:
     from mllm.model.generation import GenerationSettings, build_chat_prompt, generate
     from mllm.model.loading import load_pretrained
 
@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--min-new-tokens", type=int, default=0)
     parser.add_argument("--image-root", type=Path, default=None, help="folder that image paths are relative to")
-    parser.add_argument("--system-prompt", default="", help="system message (the exercise sends an empty one)")
+    parser.add_argument("--system-prompt", default=None,
+                        help="system message; default: the chat template's own, as in training (the exercise's eval "
+                             "sends an empty one, --system-prompt '', which a small model trained without it ignores)")
     parser.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
     args = parser.parse_args(argv)

@@ -181,10 +181,10 @@ def course_stage(out: Path, budget, seed: int) -> dict:
 
     Budget attributes read (with defaults, so an older `Budget` works): grounding_steps (default half of
     base_steps: 600 for the full course, 20 for `--quick`), grounding_batch (32, capped at base_batch),
-    grounding_lr (1e-3), grounding_mix (0.15), grounding_turns (1: one question per conversation),
-    grounding_minutes (13: the cosine schedule runs to whichever comes first, grounding_steps or these minutes
-    of training, so the whole stage, two evaluations included, fits in 20 minutes on 2 busy cores),
-    eval_limit (None: all 1079 held-out expressions).
+    grounding_lr (1e-4), grounding_mix (0.15), grounding_turns (1: one question per conversation),
+    grounding_tune_vision / grounding_tune_resampler (True), grounding_minutes (13: the cosine schedule runs
+    to whichever comes first, grounding_steps or these minutes of training, so the whole stage, two
+    evaluations included, fits in 20 minutes on 2 busy cores), eval_limit (None: all 1079 expressions).
     """
     from mllm.data.grounding_prepare import PrepareOptions, prepare
     from mllm.eval.grounding import evaluate_model
@@ -201,10 +201,14 @@ def course_stage(out: Path, budget, seed: int) -> dict:
     stage.mkdir(parents=True, exist_ok=True)
     steps = int(_budget(budget, "grounding_steps", max(10, _budget(budget, "base_steps", 1200) // 2)))
     batch = int(_budget(budget, "grounding_batch", min(32, _budget(budget, "base_batch", 32))))
-    lr = float(_budget(budget, "grounding_lr", 1e-3))
+    # 1e-4, not 1e-3: unfrozen at >= 5e-4 the tiny model's vision side collapses to image-independent output
+    # (the base recipe's probe; grounding pilots from 1e-3 ended with one box for every image)
+    lr = float(_budget(budget, "grounding_lr", 1e-4))
     mix_ratio = float(_budget(budget, "grounding_mix", 0.15))
     turns = int(_budget(budget, "grounding_turns", 1))
     minutes = float(_budget(budget, "grounding_minutes", 13.0))  # training wall-clock cap
+    tune_vision = bool(_budget(budget, "grounding_tune_vision", True))
+    tune_resampler = bool(_budget(budget, "grounding_tune_resampler", True))
     limit = getattr(budget, "eval_limit", None)
     test = [world / "rec_test.jsonl"]
 
@@ -216,7 +220,8 @@ def course_stage(out: Path, budget, seed: int) -> dict:
                      mix_ratio=mix_ratio)
     clock = CosineToDeadline(minutes)
     started = time.time()
-    trained = train(ModelArguments(model_name_or_path=str(base)),
+    trained = train(ModelArguments(model_name_or_path=str(base), tune_vision=tune_vision,
+                                   tune_resampler=tune_resampler),
                     DataArguments(data_path=str(data), image_folder=str(world), model_max_length=512),
                     SFTTrainingArguments(output_dir=str(stage / "model"), max_steps=steps,
                                          per_device_train_batch_size=batch, learning_rate=lr,
@@ -233,7 +238,8 @@ def course_stage(out: Path, budget, seed: int) -> dict:
         "stage": "grounding", "model_dir": str(model_dir), "before": b, "after": a,
         "train_minutes": round(train_minutes, 1),
         "settings": {"steps": steps, "batch": batch, "lr": lr, "mix_ratio": mix_ratio, "turns_per_image": turns,
-                     "eval_limit": limit, "minutes_cap": minutes, "stopped_early_at_step": clock.stopped_at,
+                     "tune_vision": tune_vision, "tune_resampler": tune_resampler, "eval_limit": limit,
+                     "minutes_cap": minutes, "stopped_early_at_step": clock.stopped_at,
                      "train_records": report["records"], "frame": "unpadded image, 0-1000 grid",
                      "prompt": after["settings"]["prompt"]},
         "data_report": {k: report[k] for k in ("read", "written", "clipped", "skipped")},
