@@ -1,0 +1,44 @@
+"""The tiny base model shipped in the package, checked on freshly generated held-out scenes.
+
+A stale or broken checkpoint (weights, tokenizer or config out of step with the code) fails here. The bars sit
+below the numbers measured on the course's 300 held-out scenes (README: Recall 64.6, CHAIRi 22.1, yes/no
+accuracy 0.543), to leave room for the smaller sample drawn here; a random checkpoint of the same preset
+scores Recall ~0 and answers no question with yes or no. The issue's targets for the base model (yes/no >= 0.90,
+Recall >= 0.70) are not reached by this checkpoint yet, and this test does not pretend they are.
+"""
+
+import json
+
+import pytest
+
+from mllm.course import answer_yesno, describe_and_score
+from mllm.data.synth import generate
+from mllm.model.loading import SHIPPED_MODEL, default_model_dir
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fresh_world")
+    generate(folder, n_train=0, n_test=60, seed=4242, caption_noise=0.0, progress=False)
+    return folder
+
+
+def test_shipped_checkpoint_is_small_and_complete():
+    folder = default_model_dir()
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    assert 0 < size <= 20 * 2**20
+    assert (folder / "tokenizer.json").is_file() and (folder / "config.json").is_file()
+
+
+def test_shipped_model_describes_what_it_sees(world, tmp_path):
+    chair = describe_and_score(SHIPPED_MODEL, world, tmp_path)
+    assert chair["Recall"] >= 0.55
+    assert 0.0 < chair["CHAIRi"] < 0.4  # trained on noisy captions, it hallucinates measurably
+
+
+def test_shipped_model_answers_yes_or_no(world, tmp_path):
+    result = answer_yesno(SHIPPED_MODEL, world, tmp_path)
+    answers = [json.loads(line)["answer"] for line in (tmp_path / "yesno_answers.jsonl").read_text().splitlines()]
+    assert result["n_questions"] == len(answers) > 100
+    assert sum(a in ("Yes", "No") for a in answers) >= 0.95 * len(answers)
+    assert result["acc"] >= 0.5
