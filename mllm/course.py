@@ -170,18 +170,17 @@ def tokenizer_corpus(world: Path) -> list[str]:
 
 
 def stage_base(out: Path, budget: Budget, seed: int) -> dict:
-    """Tiny model from random init, in three phases.
+    """Tiny model from random init, in three phases, all but the first on the full mix (descriptions, counting,
+    dialogues, yes/no, one referring expression per image).
 
     Phase 0 pretrains the vision tower and resampler on the scenes' labels (`mllm.train.vision_pretrain`),
     standing in for the pretrained SigLIP the real model starts from: through the LLM's loss alone the tower
-    learned colours and counts but barely shapes in 1000 steps. Phase 1 trains the LLM alone on descriptions, reading the frozen, randomly initialised vision tower and
-    resampler, whose features already tell images apart. Training all parts from the first step fails: the
-    LLM first fits the language prior, and meanwhile the vision side collapses to image-independent output
-    (measured: identical answers for every image after 500 steps; frozen, the LLM uses the image within 80).
-    Phase 2 trains everything on the full mix: descriptions, counting, dialogues, yes/no, and one referring
-    expression per image, at a tenth of the rate: unfrozen at 5e-4, the vision side collapses again at once
-    (32-image probe: loss back to the prior, same with shuffled images), at 1e-4 it keeps and sharpens what the
-    LLM reads (probe loss 0.016 against 1.94 with shuffled images).
+    learned colours and counts but barely shapes in 1000 steps. Phase 1 trains the LLM alone over the frozen
+    pretrained vision side. Training all parts from the first step fails: the LLM first fits the language
+    prior, and meanwhile the vision side collapses to image-independent output (measured: identical answers for
+    every image after 500 steps). Phase 2 trains everything at a tenth of the rate: unfrozen at 5e-4, the vision
+    side collapses again at once (32-image probe: loss back to the prior, same with shuffled images), at 1e-4 it
+    keeps and sharpens what the LLM reads (probe loss 0.016 against 1.94 with shuffled images).
     """
     from mllm.model.init_cli import make_random_checkpoint
     from mllm.train.sft import DataArguments, ModelArguments, SFTTrainingArguments, train
@@ -190,7 +189,6 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
     world = world_dir(out, budget, seed)
     stage = out / "base"
     init = stage / "init"
-    started = time.time()
     log_path = stage / "phase0" / "vision_pretrain_log.json"
     if log_path.is_file() and (stage / "phase0" / "model.safetensors").is_file():
         # the phase is deterministic for a seed and written last: a finished one is reused (resume after a stop)
@@ -207,16 +205,15 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
         del model
     pretrain_minutes = log[-1]["minutes"]
     started = time.time()
-    sft_records = json.loads((world / "sft_train.json").read_text())
     mixed = stage / "base_train.json"
-    mixed.write_text(json.dumps(sft_records + json.loads((world / "yesno_train.json").read_text())
+    mixed.write_text(json.dumps(json.loads((world / "sft_train.json").read_text())
+                                + json.loads((world / "yesno_train.json").read_text())
                                 + rec_conversations(world / "rec_train.jsonl", per_image=1)))
-    phases = [("phase1", stage / "phase0", mixed, budget.base_frozen_steps, budget.base_lr, False),
-              ("phase2", stage / "phase1", mixed, budget.base_steps - budget.base_frozen_steps,
-               budget.base_lr / 10, True)]
-    for name, start_from, data, steps, lr, tune_vision in phases:
+    phases = [("phase1", stage / "phase0", budget.base_frozen_steps, budget.base_lr, False),
+              ("phase2", stage / "phase1", budget.base_steps - budget.base_frozen_steps, budget.base_lr / 10, True)]
+    for name, start_from, steps, lr, tune_vision in phases:
         train(ModelArguments(model_name_or_path=str(start_from), tune_vision=tune_vision, tune_resampler=tune_vision),
-              DataArguments(data_path=str(data), image_folder=str(world), model_max_length=512),
+              DataArguments(data_path=str(mixed), image_folder=str(world), model_max_length=512),
               SFTTrainingArguments(output_dir=str(stage / name), max_steps=steps,
                                    per_device_train_batch_size=budget.base_batch, learning_rate=lr,
                                    lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01,

@@ -152,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
 
             model_dir = args.out / "random-tiny"
             print("NOTE: the shipped tiny model is missing from this installation (`mllm course --stage base`"
-                  f" trains one); the demo runs a RANDOMLY INITIALISED tiny checkpoint written to {model_dir}: expect chance-level"
-                  " scores and meaningless text.")
+                  f" trains one); the demo runs a RANDOMLY INITIALISED tiny checkpoint written to {model_dir}:"
+                  " expect chance-level scores and meaningless text.")
             make_random_checkpoint(model_dir, "tiny", seed=0)
     report = run(model_dir, args.out, args.seed, args.n_eval)
     print(f"\nreport: {report.resolve()}")

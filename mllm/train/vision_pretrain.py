@@ -118,13 +118,13 @@ def pretrain(model, world: Path, steps: int = 1500, batch_size: int = 64, lr: fl
         sizes = torch.tensor([e["size"] for e in batch], dtype=torch.int32)
         patches = model.vpm(packed, patch_mask, sizes)  # (B, N_max, Dv)
         resampled = model.resampler(patches, sizes)  # (B, Q, D)
-        valid = patch_mask.flatten(1)  # (B, N_max)
-        shape_t = torch.zeros(valid.shape, dtype=torch.long).masked_scatter(valid, torch.cat([e["shape"] for e in batch]))
-        colour_t = torch.zeros(valid.shape, dtype=torch.long).masked_scatter(valid, torch.cat([e["colour"] for e in batch]))
-        shape_logits, colour_logits = heads.patch_shape(patches[valid]), heads.patch_colour(patches[valid])
+        real = patches[patch_mask.flatten(1)]  # (sum N_i, Dv): view by view, row-major, as the targets concatenate
+        shape_t = torch.cat([e["shape"] for e in batch])
+        colour_t = torch.cat([e["colour"] for e in batch])
+        shape_logits, colour_logits = heads.patch_shape(real), heads.patch_colour(real)
         scene_logits = heads.scene(resampled.flatten(1))  # (B, N_SCENE_TARGETS)
         scene_t = torch.stack([e["scene"] for e in batch])
-        loss = (F.cross_entropy(shape_logits, shape_t[valid]) + F.cross_entropy(colour_logits, colour_t[valid])
+        loss = (F.cross_entropy(shape_logits, shape_t) + F.cross_entropy(colour_logits, colour_t)
                 + scene_weight * F.binary_cross_entropy_with_logits(scene_logits, scene_t))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -133,9 +133,9 @@ def pretrain(model, world: Path, steps: int = 1500, batch_size: int = 64, lr: fl
         schedule.step()
         if (step + 1) % log_every == 0 or step + 1 == steps:
             with torch.no_grad():
-                fg = shape_t[valid] > 0
-                shape_acc = (shape_logits.argmax(-1)[fg] == shape_t[valid][fg]).float().mean().item()
-                colour_acc = (colour_logits.argmax(-1)[fg] == colour_t[valid][fg]).float().mean().item()
+                fg = shape_t > 0
+                shape_acc = (shape_logits.argmax(-1)[fg] == shape_t[fg]).float().mean().item()
+                colour_acc = (colour_logits.argmax(-1)[fg] == colour_t[fg]).float().mean().item()
                 predicted = scene_logits > 0
                 tp = (predicted & (scene_t > 0)).sum().item()
                 f1 = 2 * tp / max(1, predicted.sum().item() + (scene_t > 0).sum().item())
