@@ -23,6 +23,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "train grounding": ("mllm.train.grounding", "visual-grounding fine-tuning"),
     "train preference": ("mllm.train.preference", "preference alignment (DPO family)"),
     "grounding prepare": ("mllm.data.grounding_prepare", "Shikra-format annotations -> grounding SFT conversations"),
+    "preference pairs": ("mllm.data.self_pairs", "preference pairs from a model's own sampled descriptions, judged by "
+                                                 "the synthetic world's ground truth"),
     "logp": ("mllm.train.logp", "cache reference log-probs of a preference file"),
     "course": ("mllm.course", "run the exercise's arc on the tiny model, stage by stage"),
     "init": ("mllm.model.init_cli", "write a randomly initialised checkpoint of a preset"),

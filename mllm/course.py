@@ -49,6 +49,7 @@ class Budget:
     sft_batch: int = 16
     sft_lr: float = 1e-4
     eval_limit: int | None = None  # questions per evaluation (None: all)
+    preference_pairs: str = "self"  # "self": the base's own corrected descriptions; "world": preference_train.json
 
     @classmethod
     def quick(cls) -> "Budget":
@@ -304,9 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", choices=STAGES + ["all"], default="all")
     parser.add_argument("--out", type=Path, default=Path("runs/course"))
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run of every stage")
+    parser.add_argument("--preference-pairs", choices=["self", "world"], default="self",
+                        help="preference stage: pairs from the base model's own descriptions (corrected against "
+                             "the scenes) or the world's synthetic corrupted descriptions")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     budget = Budget.quick() if args.quick else Budget()
+    budget.preference_pairs = args.preference_pairs
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}

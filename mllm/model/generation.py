@@ -8,6 +8,7 @@ batch are left-padded, so each prompt decodes as it would alone.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from threading import Thread
 from typing import Iterator
@@ -110,10 +111,14 @@ def generate(model, inputs: dict, tokenizer, settings: GenerationSettings | None
     embeds = model.get_vllm_embedding(input_ids, inputs.get("pixel_values"), inputs.get("tgt_sizes"),
                                       inputs.get("image_bound"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    output = model.llm.generate(
-        inputs_embeds=embeds, attention_mask=attention_mask, eos_token_id=stops, pad_token_id=pad_id,
-        streamer=streamer, **settings.kwargs(),
-    )
+    with warnings.catch_warnings():
+        # The prompt goes in as embeddings (image features have no ids), as in the reference model, so a
+        # repetition penalty covers the answer's tokens only; transformers says so once per batch.
+        warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
+        output = model.llm.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask, eos_token_id=stops, pad_token_id=pad_id,
+            streamer=streamer, **settings.kwargs(),
+        )
     return [decode_new_tokens(tokenizer, row, stops) for row in output]
 
 

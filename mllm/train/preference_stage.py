@@ -1,14 +1,17 @@
-"""`mllm course --stage preference`: align the course's base model on the world's preference pairs, and measure
-CHAIR on the description bench before and after with the same greedy decoding.
+"""`mllm course --stage preference`: align the course's base model on preference pairs, and measure CHAIR on
+the description bench before and after with the same greedy decoding.
 
-    out/world/preference_train.json  (chosen: correct detailed description; rejected: + a hallucinated object,
-                                      a wrong shape or a wrong colour)
-    out/base/model                   the policy's starting point and the reference model
+    pairs "self" (default)          the base model's own sampled descriptions of training images, each hallucinating
+                                    one paired with itself minus its hallucinating sentences (`mllm.data.self_pairs`,
+                                    out/preference/self_pairs/); the world's pairs when they give none
+    pairs "world"                   out/world/preference_train.json (chosen: correct detailed description;
+                                    rejected: + a hallucinated object, a wrong shape or a wrong colour)
+    out/base/model                  the policy's starting point and the reference model
     -> out/preference/{before,after}/chair_greedy.json, pairs.json + its reference cache, model/ (+ reward_curves.png)
 
 Budget attributes are read with defaults (`getattr`), so `course.Budget` needs no change; a Budget that adds
 them (preference_steps, preference_batch, preference_lr, preference_beta, preference_loss, preference_sft_weight,
-preference_average_logp, preference_use_lora) overrides these. A small world (Budget.quick()) gets a ~1 minute run.
+preference_average_logp, preference_use_lora, preference_pairs, ...) overrides these. A small world (Budget.quick()) gets a ~1 minute run.
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ import shutil
 import time
 from pathlib import Path
 
+# pairs: "self" (the base model's own sampled descriptions, `mllm.data.self_pairs`, with pair_mode) or "world"
+# (the world's corrupted descriptions, preference_train.json).
 FULL = {"steps": 300, "batch": 8, "lr": 1e-4, "beta": 0.1, "loss": "nca_pair", "sft_weight": 0.0,
-        "average_logp": False, "use_lora": False}
-QUICK = FULL | {"steps": 8, "batch": 4}
+        "average_logp": False, "use_lora": False, "pairs": "self", "pair_mode": "corrected", "pair_images": 1500,
+        "pair_samples": 4}
+QUICK = FULL | {"steps": 8, "batch": 4, "pair_images": 3, "pair_samples": 2}
 TARGETS = {"CHAIRs / CHAIRi": "< 29.5 / < 7.8"}  # the exercise's targets for the real model after alignment
 
 
@@ -44,8 +50,23 @@ def align(base: Path, world: Path, stage: Path, settings: dict, seed: int = 0) -
     from mllm.train.preference import PreferenceDataArguments, PreferenceTrainingArguments, train
     from mllm.train.sft import ModelArguments
 
+    if settings["pairs"] == "self":
+        from mllm.data.self_pairs import build_pairs
+
+        summary = build_pairs(base, world, stage / "self_pairs", settings["pair_images"], settings["pair_samples"],
+                              seed=seed, mode=settings["pair_mode"])
+        source = Path(summary["pairs_file"])
+        if not summary["pairs"]:  # a model that names nothing (random, or a --quick base) hallucinates nothing
+            print(f"{base}: its sampled descriptions gave no pair; using the world's corrupted descriptions")
+            source = world / "preference_train.json"
+    elif settings["pairs"] == "world":
+        source = world / "preference_train.json"
+    else:
+        raise ValueError(f"preference pairs must be 'self' or 'world', got {settings['pairs']!r}")
     # the pairs one run consumes (steps x batch, in file order), so the reference pass costs no more than needed
-    pairs = json.loads((world / "preference_train.json").read_text())[: settings["steps"] * settings["batch"]]
+    pairs = json.loads(source.read_text())[: settings["steps"] * settings["batch"]]
+    if not pairs:
+        raise ValueError(f"{source}: no preference pairs")
     data = stage / "pairs.json"
     if not data.is_file() or json.loads(data.read_text()) != pairs:
         data.write_text(json.dumps(pairs))
@@ -63,7 +84,7 @@ def align(base: Path, world: Path, stage: Path, settings: dict, seed: int = 0) -
             use_average_logp=settings["average_logp"], logging_steps=max(settings["steps"] // 30, 1),
             save_strategy="no", report_to="tensorboard", seed=seed, dataloader_num_workers=0,
             dataloader_pin_memory=False, disable_tqdm=True))
-    return result | {"pairs": len(pairs), "train_minutes": (time.time() - started) / 60}
+    return result | {"pairs": len(pairs), "pairs_source": str(source), "train_minutes": (time.time() - started) / 60}
 
 
 def course_stage(out: Path, budget, seed: int = 0) -> dict:
@@ -94,5 +115,5 @@ def course_stage(out: Path, budget, seed: int = 0) -> dict:
     return {"stage": "preference", "model_dir": result["model_dir"], "before": before, "after": after,
             "reward_accuracy": final.get("rewards/accuracies"), "reward_margin": final.get("rewards/margins"),
             "reward_curves": result["reward_curves"], "settings": settings, "pairs": result["pairs"],
-            "train_minutes": round(result["train_minutes"], 1),
+            "pairs_source": result["pairs_source"], "train_minutes": round(result["train_minutes"], 1),
             "stage_minutes": round((time.time() - started) / 60, 1), "table_rows": rows}

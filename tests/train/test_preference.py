@@ -155,6 +155,10 @@ def test_course_stage_on_a_tiny_world(tiny_checkpoint, tmp_path):
     budget = SimpleNamespace(n_train=6, eval_limit=3, preference_steps=2, preference_batch=3)
     result = course_stage(tmp_path, budget, seed=0)
     assert result["stage"] == "preference" and result["pairs"] == 6
+    # The random model's own samples name no object, so no self pair: the stage says so and takes the world's.
+    summary = json.loads((tmp_path / "preference" / "self_pairs" / "pairs_summary.json").read_text())
+    assert summary["samples"] == 6 and summary["pairs"] == 0
+    assert result["pairs_source"] == str(tmp_path / "world" / "preference_train.json")
     assert set(result["before"]) == set(result["after"]) == {"CHAIRs", "CHAIRi", "Recall", "Len"}
     assert 0.0 <= result["reward_accuracy"] <= 1.0 and result["settings"]["steps"] == 2
     assert (tmp_path / "preference" / "model" / "reward_curves.png").is_file()

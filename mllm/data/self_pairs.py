@@ -1,0 +1,209 @@
+"""Preference pairs from the model's own sampled descriptions, judged against the scenes' ground truth.
+
+The world's `preference_train.json` corrupts correct descriptions (an extra object, a wrong shape or colour).
+Those pairs are off-policy: the base model ranks them correctly before any training (reward accuracy ~0.97
+from the first steps) and the errors they show are not the ones it makes, so aligning on them leaves its
+CHAIR where it was. Here, as in RLHF-V / RLAIF-V, the model itself describes each training image several
+times by sampling; CHAIR against the image's ground-truth categories counts each description's hallucinated
+mentions; the least hallucinating description (ties: the higher recall) becomes `chosen`, the most
+hallucinating (ties: the lower recall) `rejected`. An image whose descriptions all hallucinate equally gives
+no pair ("ranked"). Or, in the spirit of RLHF-V's corrected answers ("corrected", the default), each
+hallucinating sample is paired with itself minus the sentences that name an object the image lacks.
+
+    sample_questions(scenes, n_images, samples_per_image, seed)  -> question records (`mllm answer` format)
+    rank_pairs(answers, sentences)                               -> pair records (the preference file format)
+    correct_description(caption, hallucinated)                   -> the caption without its hallucinating sentences
+    corrected_pairs(answers, sentences, vocab, gt)               -> pair records
+    build_pairs(model_dir, world, out_dir, ...)                  -> pairs.json (sampling resumes like `mllm answer`)
+
+`mllm preference pairs --model DIR --world DIR --out DIR` runs `build_pairs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+from pathlib import Path
+from typing import Callable
+
+from mllm.data.scenes import DETAILED_PROMPTS, NUMBER_WORDS
+from mllm.jsonio import write_json_atomic
+
+
+def sample_questions(scenes: list[dict], n_images: int, samples_per_image: int, seed: int = 0) -> list[dict]:
+    """The first `n_images` training scenes, each asked one detailed-description prompt `samples_per_image`
+    times (one `mllm answer` record per sample; the image path is kept in the record for the pair file)."""
+    if samples_per_image < 2:
+        raise ValueError(f"samples_per_image must be at least 2 to rank a pair, got {samples_per_image}")
+    rng = random.Random(seed)
+    train = [s for s in scenes if s.get("split") == "train"][:n_images]
+    records = []
+    for scene in train:
+        prompt = rng.choice(DETAILED_PROMPTS)
+        records += [{"image": scene["image"], "question": prompt, "image_id": scene["image_id"],
+                     "image_path": scene["image"]}] * samples_per_image
+    return records
+
+
+def rank_pairs(answers: list[dict], sentences: list[dict]) -> list[dict]:
+    """Pairs from scored samples: `answers` are `mllm answer` rows (question, answer, metainfos with image_id
+    and image_path), `sentences` the matching per-caption entries of `chair.score` (same order).
+
+    Per image: chosen = fewest hallucinated mentions, then highest recall; rejected = most hallucinated, then
+    lowest recall; only images where chosen hallucinates strictly less give a pair."""
+    if len(answers) != len(sentences):
+        raise ValueError(f"{len(answers)} answers but {len(sentences)} scored captions")
+    by_image: dict[str, list[tuple[int, float, dict]]] = {}
+    for answer, sentence in zip(answers, sentences):
+        image_id = answer["metainfos"]["image_id"]
+        if sentence["image_id"] != image_id:
+            raise ValueError(f"answers and scores are out of order: {image_id!r} vs {sentence['image_id']!r}")
+        hallucinated = len(sentence["mscoco_hallucinated_words"])
+        by_image.setdefault(image_id, []).append((hallucinated, sentence["metrics"]["Recall"], answer))
+    pairs = []
+    for image_id, candidates in by_image.items():
+        ranked = sorted(candidates, key=lambda c: (c[0], -c[1]))  # stable: the earlier sample wins a full tie
+        best, worst = ranked[0], ranked[-1]
+        if best[0] >= worst[0]:
+            continue
+        pairs.append({"idx": len(pairs), "question": best[2]["question"], "chosen": best[2]["answer"],
+                      "rejected": worst[2]["answer"], "image_path": best[2]["metainfos"]["image_path"],
+                      "metainfos": {"image_id": image_id, "chosen_hallucinated": best[0],
+                                    "rejected_hallucinated": worst[0], "chosen_recall": round(best[1], 4),
+                                    "rejected_recall": round(worst[1], 4), "samples": len(candidates)}})
+    return pairs
+
+
+_COUNT = re.compile(r"\b(shows) (\w+) (objects?)\b")
+
+
+def correct_description(caption: str, hallucinated: Callable[[str], bool]) -> str | None:
+    """The caption without its hallucinating sentences (RLHF-V's fine-grained correction, done by rule).
+
+    Sentences are split at ". "; a sentence is dropped when `hallucinated(sentence)` is true; a "shows N
+    objects" count is lowered by the number of dropped sentences. Returns None when nothing is dropped or
+    nothing but the count sentence would remain."""
+    sentences = [s for s in re.split(r"(?<=\.)\s+", caption.strip()) if s]
+    kept = [s for s in sentences if not hallucinated(s)]
+    dropped = len(sentences) - len(kept)
+    if dropped == 0 or not [s for s in kept if not _COUNT.search(s)]:
+        return None
+
+    def recount(match: re.Match) -> str:
+        if match.group(2) not in NUMBER_WORDS:
+            return match.group(0)
+        n = max(NUMBER_WORDS.index(match.group(2)) - dropped, 1)
+        return f"{match.group(1)} {NUMBER_WORDS[n]} {'object' if n == 1 else 'objects'}"
+
+    return " ".join(_COUNT.sub(recount, s) for s in kept)
+
+
+def corrected_pairs(answers: list[dict], sentences: list[dict], vocab, gt: dict) -> list[dict]:
+    """One pair per hallucinating sample: chosen = the sample with its hallucinating sentences removed
+    (`correct_description`), rejected = the sample as the model wrote it."""
+    from mllm.eval.chair import resolve_image_id
+
+    pairs = []
+    for answer, sentence in zip(answers, sentences):
+        if not sentence["mscoco_hallucinated_words"]:
+            continue
+        truth = set(gt[resolve_image_id(sentence["image_id"], gt)])
+        chosen = correct_description(answer["answer"], lambda s: bool(vocab.objects(s) - truth))
+        if chosen is None:
+            continue
+        pairs.append({"idx": len(pairs), "question": answer["question"], "chosen": chosen,
+                      "rejected": answer["answer"], "image_path": answer["metainfos"]["image_path"],
+                      "metainfos": {"image_id": sentence["image_id"], "chosen_hallucinated": 0,
+                                    "rejected_hallucinated": len(sentence["mscoco_hallucinated_words"]),
+                                    "source": "corrected"}})
+    return pairs
+
+
+MODES = ("corrected", "ranked")
+
+
+def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n_images: int = 600,
+                samples_per_image: int = 4, seed: int = 0, batch_size: int = 32, max_new_tokens: int = 160,
+                mode: str = "corrected", quiet: bool = True) -> dict:
+    """Sample descriptions of the world's training images with `model_dir`, score them, and pair them:
+    mode "corrected" (`corrected_pairs`) or "ranked" (`rank_pairs`).
+
+    Writes out_dir/{questions.jsonl, samples.jsonl, pairs.json, pairs_summary.json}; an interrupted run resumes
+    its sampling (samples.jsonl is appended by `mllm answer`). Returns the summary."""
+    import torch
+
+    from mllm.eval import chair
+    from mllm.eval.answer import run
+
+    world, out_dir = Path(world), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scenes = [json.loads(line) for line in (world / "scenes.jsonl").read_text().splitlines() if line.strip()]
+    questions = sample_questions(scenes, n_images, samples_per_image, seed)
+    question_file = out_dir / "questions.jsonl"
+    text = "".join(json.dumps(q) + "\n" for q in questions)
+    if not question_file.is_file() or question_file.read_text() != text:
+        question_file.write_text(text)
+        (out_dir / "samples.jsonl").unlink(missing_ok=True)  # samples of other questions must not be reused
+    torch.manual_seed(seed)
+    run(str(model_dir), question_file, out_dir / "samples.jsonl", decoding="sample", batch_size=batch_size,
+        max_new_tokens=max_new_tokens, image_root=world, quiet=quiet)
+    answers = sorted((json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()),
+                     key=lambda row: row["idx"])
+    vocab, gt = chair.load_chair_gt(world / "chair_gt.json")
+    scored = chair.score([{"image_id": a["metainfos"]["image_id"], "caption": a["answer"]} for a in answers],
+                         gt, vocab)
+    if scored["skipped"]:  # empty samples: drop them from both lists so the two stay aligned
+        empty = {s["index"] for s in scored["skipped"]}
+        answers = [a for i, a in enumerate(answers) if i not in empty]
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "ranked":
+        pairs = rank_pairs(answers, scored["sentences"])
+    else:
+        pairs = corrected_pairs(answers, scored["sentences"], vocab, gt)
+        random.Random(seed).shuffle(pairs)  # samples of one image are adjacent; a batch should mix images
+        for index, pair in enumerate(pairs):
+            pair["idx"] = index
+    write_json_atomic(out_dir / "pairs.json", pairs)
+    summary = {"mode": mode, "images": len({a["metainfos"]["image_id"] for a in answers}), "samples": len(answers),
+               "pairs": len(pairs), "samples_metrics": scored["overall_metrics"],
+               "chosen_hallucinated_mean": _mean(p["metainfos"]["chosen_hallucinated"] for p in pairs),
+               "rejected_hallucinated_mean": _mean(p["metainfos"]["rejected_hallucinated"] for p in pairs),
+               "model": str(model_dir), "pairs_file": str(out_dir / "pairs.json")}
+    write_json_atomic(out_dir / "pairs_summary.json", summary)
+    return summary
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mllm preference pairs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="the policy that describes the images (and the reference)")
+    parser.add_argument("--world", required=True, help="a synthetic world (mllm synth): scenes.jsonl, chair_gt.json")
+    parser.add_argument("--out", required=True, help="folder for questions, samples, pairs.json")
+    parser.add_argument("--images", type=int, default=600, help="training images to describe")
+    parser.add_argument("--samples", type=int, default=4, help="sampled descriptions per image")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--mode", choices=MODES, default="corrected",
+                        help="corrected: each hallucinating sample vs itself without its hallucinating sentences; "
+                             "ranked: an image's least vs most hallucinating sample")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    summary = build_pairs(args.model, args.world, args.out, args.images, args.samples, args.seed, args.batch_size,
+                          args.max_new_tokens, args.mode, quiet=False)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
