@@ -21,11 +21,12 @@ import shutil
 import time
 from pathlib import Path
 
-# pairs: "self" (the base model's own sampled descriptions, `mllm.data.self_pairs`, with pair_mode) or "world"
-# (the world's corrupted descriptions, preference_train.json).
+# pairs: "self" (the base model's own sampled descriptions, `mllm.data.self_pairs`, with pair_mode, of
+# pair_images scenes: "fresh" ones generated for the stage, or the world's "train" images) or "world" (the world's
+# corrupted descriptions, preference_train.json).
 FULL = {"steps": 300, "batch": 8, "lr": 1e-4, "beta": 0.1, "loss": "nca_pair", "sft_weight": 0.0,
         "average_logp": False, "use_lora": False, "pairs": "self", "pair_mode": "corrected", "pair_images": 1500,
-        "pair_samples": 4}
+        "pair_samples": 4, "pair_scenes": "fresh"}
 QUICK = FULL | {"steps": 8, "batch": 4, "pair_images": 3, "pair_samples": 2}
 TARGETS = {"CHAIRs / CHAIRi": "< 29.5 / < 7.8"}  # the exercise's targets for the real model after alignment
 
@@ -50,15 +51,22 @@ def align(base: Path, world: Path, stage: Path, settings: dict, seed: int = 0) -
     from mllm.train.preference import PreferenceDataArguments, PreferenceTrainingArguments, train
     from mllm.train.sft import ModelArguments
 
+    images = world  # the folder the pairs' image paths are relative to
     if settings["pairs"] == "self":
         from mllm.data.self_pairs import build_pairs
+        from mllm.data.synth import generate
 
-        summary = build_pairs(base, world, stage / "self_pairs", settings["pair_images"], settings["pair_samples"],
+        if settings["pair_scenes"] == "fresh":
+            # Scenes the base never saw: on its training images it hallucinates far less than on new ones.
+            images = stage / "fresh_scenes"
+            if not (images / "scenes.jsonl").is_file():
+                generate(images, n_train=settings["pair_images"], n_test=0, seed=seed + 1, progress=False)
+        summary = build_pairs(base, images, stage / "self_pairs", settings["pair_images"], settings["pair_samples"],
                               seed=seed, mode=settings["pair_mode"])
         source = Path(summary["pairs_file"])
         if not summary["pairs"]:  # a model that names nothing (random, or a --quick base) hallucinates nothing
             print(f"{base}: its sampled descriptions gave no pair; using the world's corrupted descriptions")
-            source = world / "preference_train.json"
+            source, images = world / "preference_train.json", world
     elif settings["pairs"] == "world":
         source = world / "preference_train.json"
     else:
@@ -70,13 +78,13 @@ def align(base: Path, world: Path, stage: Path, settings: dict, seed: int = 0) -
     data = stage / "pairs.json"
     if not data.is_file() or json.loads(data.read_text()) != pairs:
         data.write_text(json.dumps(pairs))
-    compute_reference_logps(base, data, world, ref_name="base", batch_size=16, model_max_length=512,
+    compute_reference_logps(base, data, images, ref_name="base", batch_size=16, model_max_length=512,
                             on_stale="recompute", progress=False)
     started = time.time()
     result = train(
         ModelArguments(model_name_or_path=str(base), use_lora=settings["use_lora"], lora_r=16, lora_alpha=32,
                        lora_dropout=0.0, tune_vision=not settings["use_lora"]),
-        PreferenceDataArguments(data_path=str(data), image_folder=str(world), ref_name="base", model_max_length=512),
+        PreferenceDataArguments(data_path=str(data), image_folder=str(images), ref_name="base", model_max_length=512),
         PreferenceTrainingArguments(
             output_dir=str(stage / "model"), max_steps=settings["steps"], per_device_train_batch_size=settings["batch"],
             learning_rate=settings["lr"], lr_scheduler_type="cosine", warmup_steps=0.1, weight_decay=0.0,

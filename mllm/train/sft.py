@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,7 +196,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
 
     resume = training_args.resume_from_checkpoint
     if resume == "auto":
-        resume = get_last_checkpoint(training_args.output_dir)
+        out = training_args.output_dir
+        resume = get_last_checkpoint(out) if os.path.isdir(out) else None
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
     eval_metrics = {}

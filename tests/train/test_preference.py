@@ -158,6 +158,7 @@ def test_course_stage_on_a_tiny_world(tiny_checkpoint, tmp_path):
     # The random model's own samples name no object, so no self pair: the stage says so and takes the world's.
     summary = json.loads((tmp_path / "preference" / "self_pairs" / "pairs_summary.json").read_text())
     assert summary["samples"] == 6 and summary["pairs"] == 0
+    assert (tmp_path / "preference" / "fresh_scenes" / "chair_gt.json").is_file()  # described scenes it never saw
     assert result["pairs_source"] == str(tmp_path / "world" / "preference_train.json")
     assert set(result["before"]) == set(result["after"]) == {"CHAIRs", "CHAIRi", "Recall", "Len"}
     assert 0.0 <= result["reward_accuracy"] <= 1.0 and result["settings"]["steps"] == 2
