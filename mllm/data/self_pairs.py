@@ -137,6 +137,8 @@ def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n
     from mllm.eval import chair
     from mllm.eval.answer import run
 
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     world, out_dir = Path(world), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scenes = [json.loads(line) for line in (world / "scenes.jsonl").read_text().splitlines() if line.strip()]
@@ -157,8 +159,6 @@ def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n
     if scored["skipped"]:  # empty samples: drop them from both lists so the two stay aligned
         empty = {s["index"] for s in scored["skipped"]}
         answers = [a for i, a in enumerate(answers) if i not in empty]
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "ranked":
         pairs = rank_pairs(answers, scored["sentences"])
     else:

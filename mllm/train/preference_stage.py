@@ -1,9 +1,11 @@
 """`mllm course --stage preference`: align the course's base model on preference pairs, and measure CHAIR on
 the description bench before and after with the same greedy decoding.
 
-    pairs "self" (default)          the base model's own sampled descriptions of training images, each hallucinating
-                                    one paired with itself minus its hallucinating sentences (`mllm.data.self_pairs`,
-                                    out/preference/self_pairs/); the world's pairs when they give none
+    pairs "self" (default)          the base model's own sampled descriptions of freshly generated scenes
+                                    (out/preference/fresh_scenes/; pair_scenes "train": the world's training images),
+                                    each hallucinating one paired with itself minus its hallucinating sentences
+                                    (`mllm.data.self_pairs`, out/preference/self_pairs/); the world's pairs when
+                                    the samples give none
     pairs "world"                   out/world/preference_train.json (chosen: correct detailed description;
                                     rejected: + a hallucinated object, a wrong shape or a wrong colour)
     out/base/model                  the policy's starting point and the reference model
@@ -11,7 +13,8 @@ the description bench before and after with the same greedy decoding.
 
 Budget attributes are read with defaults (`getattr`), so `course.Budget` needs no change; a Budget that adds
 them (preference_steps, preference_batch, preference_lr, preference_beta, preference_loss, preference_sft_weight,
-preference_average_logp, preference_use_lora, preference_pairs, ...) overrides these. A small world (Budget.quick()) gets a ~1 minute run.
+preference_average_logp, preference_use_lora, preference_pairs, ...) overrides these. A small world
+(Budget.quick()) gets a ~1 minute run.
 """
 
 from __future__ import annotations
