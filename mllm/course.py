@@ -75,9 +75,8 @@ def describe_and_score(model_dir: Path, world: Path, out_dir: Path, decoding: st
         print(f"{model_dir}: every description is empty; CHAIR scores them as naming nothing")
         result = {"overall_metrics": {"CHAIRs": 0.0, "CHAIRi": 0.0, "Recall": 0.0, "Len": 0.0},
                   "counts": {"captions": 0, "skipped": len(records)}, "sentences": []}
-        write_json_atomic(out_dir / f"chair_{decoding}.json", result)
-        return result["overall_metrics"]
-    result = chair.score([{"image_id": r["image_id"], "caption": r["answer"]} for r in records], gt, vocab)
+    else:
+        result = chair.score([{"image_id": r["image_id"], "caption": r["answer"]} for r in records], gt, vocab)
     write_json_atomic(out_dir / f"chair_{decoding}.json", result)
     return result["overall_metrics"]
 

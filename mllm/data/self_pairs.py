@@ -47,19 +47,26 @@ def sample_questions(scenes: list[dict], n_images: int, samples_per_image: int, 
     return records
 
 
+def _aligned(answers: list[dict], sentences: list[dict]):
+    """(answer, its CHAIR entry) pairs; refuses lists of different lengths or out of order."""
+    if len(answers) != len(sentences):
+        raise ValueError(f"{len(answers)} answers but {len(sentences)} scored captions")
+    for answer, sentence in zip(answers, sentences):
+        if sentence["image_id"] != answer["metainfos"]["image_id"]:
+            raise ValueError(f"answers and scores are out of order: {answer['metainfos']['image_id']!r} vs "
+                             f"{sentence['image_id']!r}")
+        yield answer, sentence
+
+
 def rank_pairs(answers: list[dict], sentences: list[dict]) -> list[dict]:
     """Pairs from scored samples: `answers` are `mllm answer` rows (question, answer, metainfos with image_id
     and image_path), `sentences` the matching per-caption entries of `chair.score` (same order).
 
     Per image: chosen = fewest hallucinated mentions, then highest recall; rejected = most hallucinated, then
     lowest recall; only images where chosen hallucinates strictly less give a pair."""
-    if len(answers) != len(sentences):
-        raise ValueError(f"{len(answers)} answers but {len(sentences)} scored captions")
     by_image: dict[str, list[tuple[int, float, dict]]] = {}
-    for answer, sentence in zip(answers, sentences):
+    for answer, sentence in _aligned(answers, sentences):
         image_id = answer["metainfos"]["image_id"]
-        if sentence["image_id"] != image_id:
-            raise ValueError(f"answers and scores are out of order: {image_id!r} vs {sentence['image_id']!r}")
         hallucinated = len(sentence["mscoco_hallucinated_words"])
         by_image.setdefault(image_id, []).append((hallucinated, sentence["metrics"]["Recall"], answer))
     pairs = []
@@ -106,7 +113,7 @@ def corrected_pairs(answers: list[dict], sentences: list[dict], vocab, gt: dict)
     from mllm.eval.chair import resolve_image_id
 
     pairs = []
-    for answer, sentence in zip(answers, sentences):
+    for answer, sentence in _aligned(answers, sentences):
         if not sentence["mscoco_hallucinated_words"]:
             continue
         truth = set(gt[resolve_image_id(sentence["image_id"], gt)])
