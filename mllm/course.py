@@ -49,7 +49,7 @@ class Budget:
     sft_batch: int = 16
     sft_lr: float = 1e-4
     eval_limit: int | None = None  # questions per evaluation (None: all)
-    preference_pairs: str = "self"  # "self": the base's own corrected descriptions; "world": preference_train.json
+    preference_pairs: str = "self"  # "self": pairs from the base's own descriptions; "world": preference_train.json
 
     @classmethod
     def quick(cls) -> "Budget":

@@ -7,13 +7,16 @@ CHAIR where it was. Here, as in RLHF-V / RLAIF-V, the model itself describes eac
 times by sampling; CHAIR against the image's ground-truth categories counts each description's hallucinated
 mentions; the least hallucinating description (ties: the higher recall) becomes `chosen`, the most
 hallucinating (ties: the lower recall) `rejected`. An image whose descriptions all hallucinate equally gives
-no pair ("ranked"). Or, in the spirit of RLHF-V's corrected answers ("corrected", the default), each
-hallucinating sample is paired with itself minus the sentences that name an object the image lacks.
+no pair ("ranked"). Or, in the spirit of RLHF-V's corrected answers ("corrected"), each hallucinating sample
+is paired with itself minus the sentences that name an object the image lacks; "balanced" (the default) adds,
+for each, the corrected description against itself minus one true sentence, so that length alone no longer
+tells chosen from rejected.
 
     sample_questions(scenes, n_images, samples_per_image, seed)  -> question records (`mllm answer` format)
     rank_pairs(answers, sentences)                               -> pair records (the preference file format)
     correct_description(caption, hallucinated)                   -> the caption without its hallucinating sentences
-    corrected_pairs(answers, sentences, vocab, gt)               -> pair records
+    drop_true_sentences(caption, names_object, rng, k)           -> up to k copies, each minus one true sentence
+    corrected_pairs(answers, sentences, vocab, gt, true_drops)   -> pair records
     build_pairs(model_dir, world, out_dir, ...)                  -> pairs.json (sampling resumes like `mllm answer`)
 
 `mllm preference pairs --model DIR --world DIR --out DIR` runs `build_pairs`.
@@ -86,32 +89,59 @@ def rank_pairs(answers: list[dict], sentences: list[dict]) -> list[dict]:
 _COUNT = re.compile(r"\b(shows) (\w+) (objects?)\b")
 
 
+def _sentences(caption: str) -> list[str]:
+    return [s for s in re.split(r"(?<=\.)\s+", caption.strip()) if s]
+
+
+def _without(sentences: list[str], dropped: set[int]) -> str:
+    """The sentences but those at the `dropped` indices, a "shows N objects" count lowered by their number."""
+    def recount(match: re.Match) -> str:
+        if match.group(2) not in NUMBER_WORDS:
+            return match.group(0)
+        n = max(NUMBER_WORDS.index(match.group(2)) - len(dropped), 1)
+        return f"{match.group(1)} {NUMBER_WORDS[n]} {'object' if n == 1 else 'objects'}"
+
+    return " ".join(_COUNT.sub(recount, s) for i, s in enumerate(sentences) if i not in dropped)
+
+
 def correct_description(caption: str, hallucinated: Callable[[str], bool]) -> str | None:
     """The caption without its hallucinating sentences (RLHF-V's fine-grained correction, done by rule).
 
     Sentences are split at ". "; a sentence is dropped when `hallucinated(sentence)` is true; a "shows N
     objects" count is lowered by the number of dropped sentences. Returns None when nothing is dropped or
     nothing but the count sentence would remain."""
-    sentences = [s for s in re.split(r"(?<=\.)\s+", caption.strip()) if s]
-    kept = [s for s in sentences if not hallucinated(s)]
-    dropped = len(sentences) - len(kept)
-    if dropped == 0 or not [s for s in kept if not _COUNT.search(s)]:
+    sentences = _sentences(caption)
+    dropped = {i for i, s in enumerate(sentences) if hallucinated(s)}
+    if not dropped or all(_COUNT.search(s) for i, s in enumerate(sentences) if i not in dropped):
         return None
-
-    def recount(match: re.Match) -> str:
-        if match.group(2) not in NUMBER_WORDS:
-            return match.group(0)
-        n = max(NUMBER_WORDS.index(match.group(2)) - dropped, 1)
-        return f"{match.group(1)} {NUMBER_WORDS[n]} {'object' if n == 1 else 'objects'}"
-
-    return " ".join(_COUNT.sub(recount, s) for s in kept)
+    return _without(sentences, dropped)
 
 
-def corrected_pairs(answers: list[dict], sentences: list[dict], vocab, gt: dict) -> list[dict]:
+def drop_true_sentences(caption: str, names_object: Callable[[str], bool], rng: random.Random,
+                        k: int = 1) -> list[str]:
+    """Up to k copies of the caption, each minus a different sentence that names an object (picked at random),
+    count lowered; none when fewer than two such sentences are there to pick from (the shortened caption must
+    still describe something)."""
+    sentences = _sentences(caption)
+    candidates = [i for i, s in enumerate(sentences) if names_object(s) and not _COUNT.search(s)]
+    if len(candidates) < 2:
+        return []
+    return [_without(sentences, {i}) for i in rng.sample(candidates, min(k, len(candidates)))]
+
+
+def corrected_pairs(answers: list[dict], sentences: list[dict], vocab, gt: dict, true_drops: int = 0,
+                    seed: int = 0) -> list[dict]:
     """One pair per hallucinating sample: chosen = the sample with its hallucinating sentences removed
-    (`correct_description`), rejected = the sample as the model wrote it."""
+    (`correct_description`), rejected = the sample as the model wrote it.
+
+    `true_drops` (k) adds, per such sample, up to k pairs that prefer the corrected description to the same
+    minus one of its true sentences (`drop_true_sentences`, a different one each). Corrected pairs alone always
+    prefer the shorter answer, and a policy trained on them learns to stop early (Recall falls with CHAIR); with
+    one of each the shorter answer wins half the time, and what separates chosen from rejected is whether the
+    sentence names an object the image has."""
     from mllm.eval.chair import resolve_image_id
 
+    rng = random.Random(seed)
     pairs = []
     for answer, sentence in _aligned(answers, sentences):
         if not sentence["mscoco_hallucinated_words"]:
@@ -120,22 +150,26 @@ def corrected_pairs(answers: list[dict], sentences: list[dict], vocab, gt: dict)
         chosen = correct_description(answer["answer"], lambda s: bool(vocab.objects(s) - truth))
         if chosen is None:
             continue
-        pairs.append({"idx": len(pairs), "question": answer["question"], "chosen": chosen,
-                      "rejected": answer["answer"], "image_path": answer["metainfos"]["image_path"],
+        common = {"question": answer["question"], "image_path": answer["metainfos"]["image_path"]}
+        pairs.append({"idx": len(pairs), **common, "chosen": chosen, "rejected": answer["answer"],
                       "metainfos": {"image_id": sentence["image_id"], "chosen_hallucinated": 0,
                                     "rejected_hallucinated": len(sentence["mscoco_hallucinated_words"]),
                                     "source": "corrected"}})
+        for shortened in drop_true_sentences(chosen, lambda s: bool(vocab.objects(s)), rng, true_drops):
+            pairs.append({"idx": len(pairs), **common, "chosen": chosen, "rejected": shortened,
+                          "metainfos": {"image_id": sentence["image_id"], "chosen_hallucinated": 0,
+                                        "rejected_hallucinated": 0, "source": "dropped_true"}})
     return pairs
 
 
-MODES = ("corrected", "ranked")
+MODES = ("corrected", "balanced", "ranked")
 
 
 def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n_images: int = 600,
                 samples_per_image: int = 4, seed: int = 0, batch_size: int = 32, max_new_tokens: int = 160,
-                mode: str = "corrected", quiet: bool = True) -> dict:
+                mode: str = "balanced", true_drops: int = 1, quiet: bool = True) -> dict:
     """Sample descriptions of the world's training images with `model_dir`, score them, and pair them:
-    mode "corrected" (`corrected_pairs`) or "ranked" (`rank_pairs`).
+    mode "corrected" or "balanced" (`corrected_pairs`, the latter with `true_drops`) or "ranked" (`rank_pairs`).
 
     Writes out_dir/{questions.jsonl, samples.jsonl, pairs.json, pairs_summary.json}; an interrupted run resumes
     its sampling (samples.jsonl is appended by `mllm answer`). Returns the summary."""
@@ -169,15 +203,17 @@ def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n
     if mode == "ranked":
         pairs = rank_pairs(answers, scored["sentences"])
     else:
-        pairs = corrected_pairs(answers, scored["sentences"], vocab, gt)
+        pairs = corrected_pairs(answers, scored["sentences"], vocab, gt,
+                                true_drops=0 if mode == "corrected" else true_drops, seed=seed)
+    if mode != "ranked":
         random.Random(seed).shuffle(pairs)  # samples of one image are adjacent; a batch should mix images
         for index, pair in enumerate(pairs):
             pair["idx"] = index
     write_json_atomic(out_dir / "pairs.json", pairs)
     summary = {"mode": mode, "images": len({a["metainfos"]["image_id"] for a in answers}), "samples": len(answers),
                "pairs": len(pairs), "samples_metrics": scored["overall_metrics"],
-               "chosen_hallucinated_mean": _mean(p["metainfos"]["chosen_hallucinated"] for p in pairs),
-               "rejected_hallucinated_mean": _mean(p["metainfos"]["rejected_hallucinated"] for p in pairs),
+               "chosen_hallucinated_mean": _mean(p["metainfos"].get("chosen_hallucinated", 0) for p in pairs),
+               "rejected_hallucinated_mean": _mean(p["metainfos"].get("rejected_hallucinated", 0) for p in pairs),
                "model": str(model_dir), "pairs_file": str(out_dir / "pairs.json")}
     write_json_atomic(out_dir / "pairs_summary.json", summary)
     return summary
@@ -197,9 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=4, help="sampled descriptions per image")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=160)
-    parser.add_argument("--mode", choices=MODES, default="corrected",
+    parser.add_argument("--mode", choices=MODES, default="balanced",
                         help="corrected: each hallucinating sample vs itself without its hallucinating sentences; "
-                             "ranked: an image's least vs most hallucinating sample")
+                             "balanced: those plus, per pair, the corrected description vs the same minus one true "
+                             "sentence; ranked: an image's least vs most hallucinating sample")
+    parser.add_argument("--true-drops", type=int, default=1,
+                        help="balanced: pairs per corrected description, each against it minus a different "
+                             "true sentence")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -207,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     summary = build_pairs(args.model, args.world, args.out, args.images, args.samples, args.seed, args.batch_size,
-                          args.max_new_tokens, args.mode, quiet=False)
+                          args.max_new_tokens, args.mode, args.true_drops, quiet=False)
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -42,6 +42,29 @@ def test_corrected_pairs_judge_sentences_by_the_ground_truth(tmp_path):
     assert pairs[0]["chosen"].startswith("The image shows two objects") and pairs[0]["image_path"] == "images/a.png"
     assert pairs[0]["metainfos"]["rejected_hallucinated"] == 1
 
+    balanced = corrected_pairs(rows, scored["sentences"], vocab, gt, true_drops=1)
+    assert balanced[0] == pairs[0]
+    # the corrected caption keeps two true sentences (star, circle); the added pair drops one of them
+    assert balanced[1]["chosen"] == pairs[0]["chosen"] and balanced[1]["metainfos"]["source"] == "dropped_true"
+    assert balanced[1]["rejected"] in (
+        "The image shows one object on a light background. A small red star is in the top left.",
+        "The image shows one object on a light background. A small green circle is at the bottom.")
+    assert len(balanced) == 2 and [p["idx"] for p in balanced] == [0, 1]
+
+
+def test_dropping_true_sentences_picks_different_ones_and_needs_two():
+    import random
+
+    from mllm.data.self_pairs import drop_true_sentences
+
+    names = lambda s: any(w in s for w in ("star", "heart", "circle"))  # noqa: E731
+    three = drop_true_sentences(CAPTION, names, random.Random(0), k=5)
+    assert len(three) == 3 and len(set(three)) == 3  # at most one per object sentence, each a different one
+    assert all(s.startswith("The image shows two objects") and s.count(". ") == 2 for s in three)
+    seen = {drop_true_sentences(CAPTION, names, random.Random(seed))[0] for seed in range(20)}
+    assert seen == set(three)
+    two = "The image shows one object on a light background. A small red star is in the top left."
+    assert drop_true_sentences(two, names, random.Random(0), k=2) == []
 
 def _row(image_id, text, i):
     return {"idx": i, "question": "Describe.", "answer": text,
@@ -85,7 +108,7 @@ def test_build_pairs_on_a_tiny_world_writes_and_resumes(tiny_checkpoint, tmp_pat
     generate(world, n_train=4, n_test=1, seed=0, progress=False)
     out = tmp_path / "pairs"
     summary = build_pairs(tiny_checkpoint, world, out, n_images=3, samples_per_image=2, max_new_tokens=6)
-    assert summary["images"] == 3 and summary["samples"] == 6 and summary["mode"] == "corrected"
+    assert summary["images"] == 3 and summary["samples"] == 6 and summary["mode"] == "balanced"
     pairs = json.loads((out / "pairs.json").read_text())
     assert len(pairs) == summary["pairs"] and [p["idx"] for p in pairs] == list(range(len(pairs)))
     samples = (out / "samples.jsonl").read_bytes()

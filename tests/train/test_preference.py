@@ -162,7 +162,30 @@ def test_course_stage_on_a_tiny_world(tiny_checkpoint, tmp_path):
     assert result["pairs_source"] == str(tmp_path / "world" / "preference_train.json")
     assert set(result["before"]) == set(result["after"]) == {"CHAIRs", "CHAIRi", "Recall", "Len"}
     assert 0.0 <= result["reward_accuracy"] <= 1.0 and result["settings"]["steps"] == 2
+    assert 0.0 <= result["reward_accuracy_all_pairs"] <= 1.0
+    assert (tmp_path / "preference" / "pairs.after.logp.jsonl").is_file()  # the trained policy's pass over the pairs
     assert (tmp_path / "preference" / "model" / "reward_curves.png").is_file()
     assert (tmp_path / "preference" / "pairs.base.logp.jsonl").is_file()
     assert result["table_rows"][0].startswith("| preference | CHAIRs / CHAIRi | ")
     MLLMModel.from_pretrained(result["model_dir"])
+
+
+def test_reward_accuracy_over_all_pairs_compares_policy_and_reference_rewards(tmp_path, monkeypatch):
+    from mllm.train import logp, preference_stage
+
+    def cache(name, rows):
+        path = tmp_path / f"pairs.{name}.logp.jsonl"
+        lines = [{"format": "test"}] + [{"idx": i, "chosen_logp": c, "rejected_logp": r, "chosen_avg_logp": ca,
+                                         "rejected_avg_logp": ra} for i, (c, r, ca, ra) in enumerate(rows)]
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        return path
+
+    cache("base", [(-10.0, -10.0, -1.0, -1.0)] * 3)
+    # rewards (policy - reference), sums: pair 0 +1 vs -1 (right), pair 1 -2 vs -1 (wrong), pair 2 0 vs 0 (a tie
+    # is not a win); token means: all three right
+    after = cache("after", [(-9.0, -11.0, -0.5, -2.0), (-12.0, -11.0, -0.5, -2.0), (-10.0, -10.0, -0.5, -2.0)])
+    monkeypatch.setattr(logp, "compute_reference_logps", lambda *args, **kwargs: after)
+    settings = {"average_logp": False, "loss": "sigmoid"}
+    pairs = tmp_path / "pairs.json"
+    assert preference_stage.pairs_reward_accuracy(tmp_path, pairs, tmp_path, settings) == pytest.approx(1 / 3)
+    assert preference_stage.pairs_reward_accuracy(tmp_path, pairs, tmp_path, settings | {"loss": "ipo"}) == 1.0
