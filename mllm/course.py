@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +193,7 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
     """
     from mllm.model.init_cli import make_random_checkpoint
     from mllm.train.sft import DataArguments, ModelArguments, SFTTrainingArguments, train
+    from mllm.train.trainer import TrainingClock
     from mllm.train.vision_pretrain import plot_log, pretrain
 
     world = world_dir(out, budget, seed)
@@ -214,14 +214,13 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
         write_json_atomic(log_path, log)
         del model
     pretrain_minutes = log[-1]["minutes"]
-    started = time.time()
     mixed = stage / "base_train.json"
     mixed.write_text(json.dumps(json.loads((world / "sft_train.json").read_text())
                                 + json.loads((world / "yesno_train.json").read_text())
                                 + rec_conversations(world / "rec_train.jsonl", per_image=1)))
     phases = [("phase1", stage / "phase0", budget.base_frozen_steps, budget.base_lr, False),
               ("phase2", stage / "phase1", budget.base_steps - budget.base_frozen_steps, budget.base_lr / 10, True)]
-    last = stage / "phase0"
+    last, llm_minutes = stage / "phase0", 0.0
     for name, start_from, steps, lr, tune_vision in phases:
         if steps <= 0:
             continue
@@ -234,8 +233,9 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
                                    adam_beta2=0.98, logging_steps=25, save_strategy="steps", save_steps=100,
                                    save_total_limit=1, report_to="tensorboard", seed=seed,
                                    dataloader_num_workers=0, yesno_eval_samples=0,
-                                   resume_from_checkpoint="auto"))  # a stopped run goes on from its last save
-    minutes = (time.time() - started) / 60
+                                   resume_from_checkpoint="auto"),  # a stopped run goes on from its last save
+              callbacks=[TrainingClock(stage / name)])  # minutes across stops, written at the end of training
+        llm_minutes += json.loads((stage / name / TrainingClock.FILE).read_text())["minutes"]
     model_dir = stage / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
@@ -243,7 +243,7 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
     chair_metrics = describe_and_score(model_dir, world, stage, limit=budget.eval_limit)
     yesno_metrics = answer_yesno(model_dir, world, stage, limit=budget.eval_limit)
     grounding_metrics = ground_and_score(model_dir, world, stage, limit=budget.eval_limit)
-    return {"stage": "base", "model_dir": str(model_dir), "train_minutes": round(pretrain_minutes + minutes, 1),
+    return {"stage": "base", "model_dir": str(model_dir), "train_minutes": round(pretrain_minutes + llm_minutes, 1),
             "vision_pretrain": log[-1],
             "chair": chair_metrics, "yesno": yesno_metrics, "grounding": grounding_metrics}
 

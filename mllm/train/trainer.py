@@ -18,14 +18,17 @@ Labels are pre-shifted; `compute_loss` never shifts (see `mllm.data.conversation
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
+from mllm.jsonio import write_json_atomic
 from mllm.train.losses import sft_loss
 
 logger = logging.getLogger(__name__)
@@ -102,6 +105,36 @@ class ConfigIntoCheckpointCallback(TrainerCallback):
             self.config.save(folder)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(folder))
+
+
+class TrainingClock(TrainerCallback):
+    """Minutes a run has trained, across stops and resumes: each `checkpoint-N` records the minutes it took to
+    reach (training_minutes.json), a run that resumes from a checkpoint starts its clock there, and the end of
+    training writes the total into output_dir. Work redone after a stop (steps past the last checkpoint) counts
+    once. Create it right before `train()`: the clock starts then."""
+
+    FILE = "training_minutes.json"
+
+    def __init__(self, output_dir: str | os.PathLike):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+        saved = Path(last) / self.FILE if last else None
+        self.prior = json.loads(saved.read_text())["minutes"] if saved is not None and saved.is_file() else 0.0
+        self.started = time.time()
+
+    def minutes(self) -> float:
+        return self.prior + (time.time() - self.started) / 60
+
+    def _write(self, folder: Path, state) -> None:
+        if state.is_world_process_zero and folder.is_dir():
+            write_json_atomic(folder / self.FILE, {"minutes": self.minutes(), "global_step": state.global_step})
+
+    def on_save(self, args, state, control, **kwargs):
+        self._write(Path(args.output_dir) / f"checkpoint-{state.global_step}", state)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._write(Path(args.output_dir), state)
 
 
 class YesNoAccuracyCallback(TrainerCallback):

@@ -20,8 +20,19 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
     weights = load_file(base / "model" / "model.safetensors")
     log = (base / "phase0" / "vision_pretrain_log.json").read_text()
 
+    clocks = {name: json.loads((base / name / "training_minutes.json").read_text()) for name in ("phase1", "phase2")}
+    assert [clocks[name]["global_step"] for name in ("phase1", "phase2")] == [3, 2]
+    assert json.loads((base / "phase1" / "checkpoint-3" / "training_minutes.json").read_text())["global_step"] == 3
+    vision = first["vision_pretrain"]["minutes"]
+    assert first["train_minutes"] == round(vision + clocks["phase1"]["minutes"] + clocks["phase2"]["minutes"], 1)
+
     second = stage_base(tmp_path, budget, seed=0)
     assert (base / "phase0" / "vision_pretrain_log.json").read_text() == log
+    # the resumed phases trained no step, and their clocks went on from what the checkpoints recorded
+    for name in ("phase1", "phase2"):
+        again = json.loads((base / name / "training_minutes.json").read_text())["minutes"]
+        assert clocks[name]["minutes"] <= again < clocks[name]["minutes"] + 1.0
+    assert second["train_minutes"] >= first["train_minutes"]
     again = load_file(base / "model" / "model.safetensors")
     assert all(bool((weights[k] == again[k]).all()) for k in weights)
     assert second["chair"] == first["chair"]
