@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/course"))
     parser.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run of every stage")
     parser.add_argument("--preference-pairs", choices=["self", "world"], default="self",
-                        help="preference stage: pairs from the base model's own descriptions (corrected against "
+                        help="preference stage: pairs from the base model's own descriptions (judged against "
                              "the scenes) or the world's synthetic corrupted descriptions")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

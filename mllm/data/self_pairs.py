@@ -205,15 +205,14 @@ def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n
     else:
         pairs = corrected_pairs(answers, scored["sentences"], vocab, gt,
                                 true_drops=0 if mode == "corrected" else true_drops, seed=seed)
-    if mode != "ranked":
         random.Random(seed).shuffle(pairs)  # samples of one image are adjacent; a batch should mix images
         for index, pair in enumerate(pairs):
             pair["idx"] = index
     write_json_atomic(out_dir / "pairs.json", pairs)
     summary = {"mode": mode, "images": len({a["metainfos"]["image_id"] for a in answers}), "samples": len(answers),
                "pairs": len(pairs), "samples_metrics": scored["overall_metrics"],
-               "chosen_hallucinated_mean": _mean(p["metainfos"].get("chosen_hallucinated", 0) for p in pairs),
-               "rejected_hallucinated_mean": _mean(p["metainfos"].get("rejected_hallucinated", 0) for p in pairs),
+               "chosen_hallucinated_mean": _mean(p["metainfos"]["chosen_hallucinated"] for p in pairs),
+               "rejected_hallucinated_mean": _mean(p["metainfos"]["rejected_hallucinated"] for p in pairs),
                "model": str(model_dir), "pairs_file": str(out_dir / "pairs.json")}
     write_json_atomic(out_dir / "pairs_summary.json", summary)
     return summary

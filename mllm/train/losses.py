@@ -88,6 +88,11 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
 PREFERENCE_LOSSES = ("sigmoid", "nca_pair", "ipo")
 
 
+def uses_average_logp(loss_type: str, use_average_logp: bool) -> bool:
+    """Whether a preference loss compares token-mean log-probs (IPO always, by its definition) or sums."""
+    return use_average_logp or loss_type == "ipo"
+
+
 def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                     ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: str = "nca_pair"
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

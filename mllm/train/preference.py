@@ -40,15 +40,16 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from mllm.data.preference_dataset import REFERENCE_KEYS, PreferenceCollator, PreferenceDataset
 from mllm.model.modeling_mllm import MLLMModel
 from mllm.model.tokenization import load_tokenizer
 from mllm.train.logp import cache_path, load_reference_logps
-from mllm.train.losses import PREFERENCE_LOSSES, masked_token_mean_nll, preference_loss, token_logps
+from mllm.train.losses import (PREFERENCE_LOSSES, masked_token_mean_nll, preference_loss, token_logps,
+                               uses_average_logp)
 from mllm.train.sft import DTYPES, ModelArguments, enable_activation_checkpointing, prepare_model, save_final
-from mllm.train.trainer import ConfigIntoCheckpointCallback, TensorBoardWithoutModelConfig, trainable_parameter_table
+from mllm.train.trainer import (ConfigIntoCheckpointCallback, TensorBoardWithoutModelConfig, last_checkpoint,
+                                trainable_parameter_table)
 
 logger = logging.getLogger(__name__)
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -111,7 +112,7 @@ class PreferenceTrainer(Trainer):
         pairs = sums.shape[0] // 2  # rows [0, B) chosen, [B, 2B) rejected
         if model.training and not self._reference_checked:
             self._check_reference(sums.detach(), ref, idx)
-        average = args.use_average_logp or args.loss_type == "ipo"
+        average = uses_average_logp(args.loss_type, args.use_average_logp)
         policy = avgs if average else sums
         ref_chosen = ref["ref_chosen_avg_logps" if average else "ref_chosen_logps"]
         ref_rejected = ref["ref_rejected_avg_logps" if average else "ref_rejected_logps"]
@@ -232,7 +233,7 @@ def train(model_args: ModelArguments, data_args: PreferenceDataArguments, traini
         print(f"{data_args.data_path}: {len(dataset)} pairs; reference log-probs from {reference_path}")
     resume = training_args.resume_from_checkpoint
     if resume == "auto":
-        resume = get_last_checkpoint(training_args.output_dir)
+        resume = last_checkpoint(training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
     saved = save_final(trainer, trainer.model, config, tokenizer, Path(training_args.output_dir))

@@ -108,12 +108,13 @@ def pairs_reward_accuracy(model_dir: Path, pairs_file: Path, images: Path, setti
     """The fraction of all training pairs the trained policy ranks right (r_chosen > r_rejected, the rewards the
     loss used), from one more `mllm logp` pass: steadier than the last logging window's mean over a few batches."""
     from mllm.train.logp import cache_path, compute_reference_logps, read_cache
+    from mllm.train.losses import uses_average_logp
 
     after = compute_reference_logps(model_dir, pairs_file, images, ref_name="after", batch_size=16,
                                     model_max_length=512, on_stale="recompute", progress=False)
     _, policy = read_cache(Path(after))
     _, reference = read_cache(cache_path(pairs_file, "base"))
-    kind = "avg_logp" if settings["average_logp"] or settings["loss"] == "ipo" else "logp"
+    kind = "avg_logp" if uses_average_logp(settings["loss"], settings["average_logp"]) else "logp"
     wins = [policy[key][f"chosen_{kind}"] - reference[key][f"chosen_{kind}"]
             > policy[key][f"rejected_{kind}"] - reference[key][f"rejected_{kind}"] for key in reference]
     return sum(wins) / len(wins)

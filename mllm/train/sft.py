@@ -33,14 +33,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from mllm.data.collate import SupervisedCollator
 from mllm.data.sft_dataset import SupervisedDataset
@@ -49,7 +47,8 @@ from mllm.model.modeling_mllm import MLLMModel
 from mllm.model.processing import MLLMProcessor
 from mllm.model.tokenization import load_tokenizer
 from mllm.train.trainer import (ConfigIntoCheckpointCallback, LossCurveCallback, SFTTrainer,
-                                YesNoAccuracyCallback, plot_loss_curve, trainable_parameter_table, zero_stage)
+                                YesNoAccuracyCallback, last_checkpoint, plot_loss_curve, trainable_parameter_table,
+                                zero_stage)
 
 logger = logging.getLogger(__name__)
 REFERENCE_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
@@ -196,8 +195,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
 
     resume = training_args.resume_from_checkpoint
     if resume == "auto":
-        out = training_args.output_dir
-        resume = get_last_checkpoint(out) if os.path.isdir(out) else None
+        resume = last_checkpoint(training_args.output_dir)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
     eval_metrics = {}

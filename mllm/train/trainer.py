@@ -107,6 +107,14 @@ class ConfigIntoCheckpointCallback(TrainerCallback):
             self.tokenizer.save_pretrained(str(folder))
 
 
+def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` folder of a run's output_dir, or None (also when the folder does not exist yet:
+    a first run with `resume_from_checkpoint="auto"` starts fresh)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+
+
 class TrainingClock(TrainerCallback):
     """Minutes a run has trained, across stops and resumes: each `checkpoint-N` records the minutes it took to
     reach (training_minutes.json), a run that resumes from a checkpoint starts its clock there, and the end of
@@ -116,9 +124,7 @@ class TrainingClock(TrainerCallback):
     FILE = "training_minutes.json"
 
     def __init__(self, output_dir: str | os.PathLike):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+        last = last_checkpoint(output_dir)
         saved = Path(last) / self.FILE if last else None
         self.prior = json.loads(saved.read_text())["minutes"] if saved is not None and saved.is_file() else 0.0
         self.started = time.time()

@@ -220,3 +220,13 @@ def test_resume_matches_an_uninterrupted_run(tiny_checkpoint, data, tmp_path, us
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=0, msg=name)
     assert losses(resumed["log_history"])[-2:] == pytest.approx(losses(straight["log_history"])[-2:], abs=1e-6)
+
+
+def test_last_checkpoint_is_none_for_a_missing_folder_and_the_newest_otherwise(tmp_path):
+    from mllm.train.trainer import last_checkpoint
+
+    assert last_checkpoint(tmp_path / "not-yet") is None  # resume_from_checkpoint="auto" on a first run
+    assert last_checkpoint(tmp_path) is None
+    for step in (2, 10, 9):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
