@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -92,11 +93,18 @@ td{{padding:.2em 1em}}</style></head><body><h1>mllm demo</h1>
 <h2>Held-out scores</h2><table>{table}</table><h2>Cases</h2>{''.join(rows)}</body></html>"""
 
 
-def run(model_dir: Path, out: Path, seed: int, n_eval: int) -> Path:
+def run(model_dir: Path | None, out: Path, seed: int, n_eval: int) -> Path:
+    """The demo into `out` (claimed: only what the demo wrote there before is replaced); returns the report.
+    Without a model folder, the shipped model, or a random one (said loudly) when the package lacks it."""
     from mllm.course import describe_and_score, answer_yesno, ground_and_score
     from mllm.data.synth import generate
 
+    from mllm.outputs import claim_output_dir, finish_output_dir
+
     started = time.time()
+    claim_output_dir(out, "mllm demo")  # never removes what the demo did not write
+    if model_dir is None:
+        model_dir = shipped_or_random(out)
     world = out / "world"
     generate(world, n_train=0, n_test=n_eval, seed=seed, caption_noise=0.0, progress=False)
     print(f"generated {n_eval} fresh scenes (seed {seed}) in {world}")
@@ -120,10 +128,26 @@ def run(model_dir: Path, out: Path, seed: int, n_eval: int) -> Path:
     report = out / "report.html"
     report.write_text(report_html(cases, scores, model_dir, time.time() - started))
     (out / "scores.json").write_text(json.dumps({"chair": chair, "yesno": yesno, "grounding": grounding}, indent=2))
+    finish_output_dir(out)
     print("\nheld-out scores:")
     for k, v in scores.items():
         print(f"  {k:<36} {v}")
     return report
+
+
+def shipped_or_random(out: Path) -> Path:
+    from mllm.model.init_cli import make_random_checkpoint
+    from mllm.model.loading import default_model_dir
+
+    try:
+        return default_model_dir()
+    except FileNotFoundError:
+        model_dir = out / "random-tiny"
+        print("NOTE: the shipped tiny model is missing from this installation (`mllm course --stage base`"
+              f" trains one); the demo runs a RANDOMLY INITIALISED tiny checkpoint written to {model_dir}:"
+              " expect chance-level scores and meaningless text.")
+        make_random_checkpoint(model_dir, "tiny", seed=0)
+        return model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,28 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=2026, help="seed of the fresh scenes (training used 0)")
     parser.add_argument("--n-eval", type=int, default=60, help="held-out scenes for the scores")
     args = parser.parse_args(argv)
-    import shutil
-
     import torch
 
-    from mllm.model.loading import default_model_dir
+    from mllm.outputs import OutputDirError
 
     torch.manual_seed(0)
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    args.out.mkdir(parents=True)
-    model_dir = args.model
-    if model_dir is None:
-        try:
-            model_dir = default_model_dir()
-        except FileNotFoundError:
-            from mllm.model.init_cli import make_random_checkpoint
-
-            model_dir = args.out / "random-tiny"
-            print("NOTE: the shipped tiny model is missing from this installation (`mllm course --stage base`"
-                  f" trains one); the demo runs a RANDOMLY INITIALISED tiny checkpoint written to {model_dir}:"
-                  " expect chance-level scores and meaningless text.")
-            make_random_checkpoint(model_dir, "tiny", seed=0)
-    report = run(model_dir, args.out, args.seed, args.n_eval)
+    try:
+        report = run(args.model, args.out, args.seed, args.n_eval)
+    except OutputDirError as err:
+        print(f"mllm demo: {err}", file=sys.stderr)
+        return 2
     print(f"\nreport: {report.resolve()}")
     return 0

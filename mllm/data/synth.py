@@ -31,6 +31,8 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -167,11 +169,49 @@ def _write_jsonl(path: Path, records: list) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
 
 
+class WorldDirError(ValueError):
+    """The output folder holds something other than a world of the same parameters; nothing was changed."""
+
+
+def check_world_dir(out_dir: Path, params: dict, overwrite: bool) -> None:
+    """Refuse (or, for another world with overwrite, clear) an output folder; see `generate`."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise WorldDirError(f"{out_dir} is a file, not a folder")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or "files" not in meta:
+        raise WorldDirError(f"{out_dir} is not empty and holds no synthetic world (no meta.json); choose a new or "
+                            "empty folder (nothing there was changed)")
+    changed = sorted(k for k, v in params.items() if meta.get(k) != v)
+    if not changed:
+        return  # the same world: every file is rewritten with the same bytes
+    if not overwrite:
+        raise WorldDirError(f"{out_dir} holds a world of other parameters ({', '.join(changed)} differ); choose "
+                            "another folder, or pass --overwrite to replace that world")
+    for name in list(meta["files"].values()) + ["images"]:
+        path = out_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def generate(out_dir: str | os.PathLike, n_train: int, n_test: int, seed: int, caption_noise: float = 0.0,
              large_fraction: float = 0.15, max_objects: int = 6, workers: int | None = None,
-             progress: bool = True) -> dict[str, Path]:
-    """Write the whole dataset under out_dir; return {file key: path}. Same arguments, same bytes."""
+             progress: bool = True, overwrite: bool = False) -> dict[str, Path]:
+    """Write the whole dataset under out_dir; return {file key: path}. Same arguments, same bytes.
+
+    out_dir must be missing, empty, or a world of the same parameters (rewritten byte for byte); a world of
+    other parameters is refused unless `overwrite`, and then its own files are removed first (so no old image
+    stays beside the new ones); a non-empty folder that is not a world is always refused (WorldDirError)."""
     out_dir = Path(out_dir)
+    check_world_dir(out_dir, {"generator_version": GENERATOR_VERSION, "seed": seed, "n_train": n_train,
+                              "n_test": n_test, "large_fraction": large_fraction, "max_objects": max_objects,
+                              "caption_noise": caption_noise}, overwrite)
     counts = {"train": n_train, "test": n_test}
     noised_ids = noised_description_ids(n_train, seed, caption_noise)
     for split in SPLITS:
@@ -221,7 +261,7 @@ def generate(out_dir: str | os.PathLike, n_train: int, n_test: int, seed: int, c
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mllm synth", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="output folder (created; existing files are overwritten)")
+    parser.add_argument("--out", required=True, help="output folder: new, empty, or a world of the same parameters")
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-test", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
@@ -232,10 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-objects", type=int, default=6)
     parser.add_argument("--workers", type=int, default=None, help="processes (default 1; output bytes do not depend on it)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--overwrite", action="store_true", help="replace a world of other parameters in --out")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    written = generate(args.out, args.n_train, args.n_test, args.seed, args.caption_noise, args.large_fraction,
-                       args.max_objects, args.workers, progress=not args.quiet)
+    try:
+        written = generate(args.out, args.n_train, args.n_test, args.seed, args.caption_noise, args.large_fraction,
+                           args.max_objects, args.workers, progress=not args.quiet, overwrite=args.overwrite)
+    except WorldDirError as err:
+        print(f"mllm synth: {err}", file=sys.stderr)
+        return 2
     counts = json.loads(written["meta"].read_text())["counts"]
     print(f"mllm synth: {args.n_train} train + {args.n_test} test images in {written['images_train'].parent} "
           f"({time.perf_counter() - start:.1f} s)")

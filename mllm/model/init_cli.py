@@ -7,6 +7,7 @@ the synthetic scene world's vocabulary), and the LLM's vocabulary is sized to it
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -22,10 +23,22 @@ def default_corpus() -> list[str]:
         return tokenizer_corpus(Path(folder))
 
 
+class CheckpointExistsError(ValueError):
+    """The output folder is not empty: random weights never silently replace a (possibly trained) checkpoint."""
+
+
 def make_random_checkpoint(out: str | Path, preset: str = "tiny", texts: list[str] | None = None,
-                           vocab_size: int = 1024, seed: int = 0, **config_overrides):
-    """Build a tokenizer and a random model of `preset` whose vocabulary matches it; save both to `out`."""
+                           vocab_size: int = 1024, seed: int = 0, overwrite: bool = False, **config_overrides):
+    """Build a tokenizer and a random model of `preset` whose vocabulary matches it; save both to `out`.
+
+    A non-empty `out` is refused (CheckpointExistsError) unless `overwrite`."""
     import torch
+
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        what = "a checkpoint" if (out / "config.json").exists() else "files"
+        raise CheckpointExistsError(f"{out} already holds {what}; random weights would replace them. Choose a "
+                                    "new folder, or pass --overwrite")
 
     from mllm.model.configuration import MLLMConfig
     from mllm.model.modeling_mllm import MLLMModel
@@ -48,8 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--vocab-size", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="write over a non-empty --out (e.g. a checkpoint)")
     args = parser.parse_args(argv)
-    model, tokenizer = make_random_checkpoint(args.out, args.preset, vocab_size=args.vocab_size, seed=args.seed)
+    try:
+        model, tokenizer = make_random_checkpoint(args.out, args.preset, vocab_size=args.vocab_size, seed=args.seed,
+                                                  overwrite=args.overwrite)
+    except CheckpointExistsError as err:
+        print(f"mllm init: {err}", file=sys.stderr)
+        return 2
     count = sum(p.numel() for p in model.parameters())
     print(f"wrote a random {args.preset} checkpoint ({count:,} parameters, vocabulary {len(tokenizer)}) to {args.out}")
     return 0

@@ -19,6 +19,8 @@ computed with `token_logps` under the pre-shifted label convention (the same cod
   changed (`on_stale="error"`, the CLI default) or deleted and recomputed (`on_stale="recompute"`).
 - Resumable: every batch is appended, flushed and fsynced; a rerun keeps the lines already written, cuts a torn
   last line (a killed run), and computes only the missing pairs.
+- Never destructive: a file that is not a cache (the data file itself, any other JSON) or a cache damaged before
+  its last line is refused with file:line (`NotACacheError`), and reading a cache never changes it.
 - One process (rank 0 work before `torchrun`); images are referenced by path, so replacing image files in place
   is not detected (the step-0 check is).
 """
@@ -108,33 +110,41 @@ def header_mismatches(found: dict, expected: dict) -> list[str]:
     return problems
 
 
-def read_cache(path: Path) -> tuple[dict | None, dict[str, dict]]:
-    """(header or None, pair key -> entry). Cuts a torn or corrupt tail (from a killed run) off the file."""
+class NotACacheError(ValueError):
+    """The file is not a log-probs cache (or is damaged before its last line): it is never written to."""
+
+
+def read_cache(path: Path) -> tuple[dict | None, dict[str, dict], int]:
+    """(header or None, pair key -> entry, byte length of the complete lines) of a cache file; nothing is
+    changed. Only a torn last line (no newline: a killed run) is tolerated; anything else that is not a cache
+    line raises NotACacheError naming file:line."""
     from mllm.data.preference_dataset import pair_key
 
     if not path.is_file():
-        return None, {}
+        if path.exists():
+            raise NotACacheError(f"{path} is not a file")
+        return None, {}, 0
     data = path.read_bytes()
-    header, entries, good_end, start = None, {}, 0, 0
+    header, entries, start, number = None, {}, 0, 0
     while start < len(data):
+        number += 1
         end = data.find(b"\n", start)
         if end < 0:
             break  # the last write did not finish
         try:
             row = json.loads(data[start:end])
             if header is None:
-                if row.get("format") is None:
+                if not isinstance(row, dict) or row.get("format") != FORMAT:
                     raise ValueError("no header")
                 header = row
             else:
                 entries[pair_key(row["idx"])] = row
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
-            break
-        good_end = start = end + 1
-    if good_end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-    return header, entries
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            what = "not a log-probs cache (no mllm-logp header)" if header is None else "not a cache line"
+            raise NotACacheError(f"{path}:{number}: {what}; refusing to write to it. Choose another --out "
+                                 "(or delete the file yourself)") from None
+        start = end + 1
+    return header, entries, start
 
 
 def load_reference_logps(path: str | os.PathLike, model_dir=None, data_path=None, settings: dict | None = None,
@@ -142,7 +152,7 @@ def load_reference_logps(path: str | os.PathLike, model_dir=None, data_path=None
     """(header, pair key -> entry) of a finished cache; with model_dir / data_path / settings, refuses (with
     `StaleCacheError`) a cache computed for anything else."""
     path = Path(path)
-    header, entries = read_cache(path)
+    header, entries, _ = read_cache(path)
     if header is None:
         raise FileNotFoundError(f"{path}: no reference log-probs; compute them first with `mllm logp`")
     if model_dir is not None and data_path is not None:
@@ -186,6 +196,9 @@ def compute_reference_logps(model_dir: str | os.PathLike, data_path: str | os.Pa
     if on_stale not in ("error", "recompute"):
         raise ValueError(f"on_stale must be 'error' or 'recompute', got {on_stale!r}")
     out = Path(out) if out is not None else cache_path(data_path, ref_name)
+    if out.exists() and Path(data_path).exists() and os.path.samefile(out, data_path):
+        raise NotACacheError(f"--out {out} is the preference data file itself; choose another cache file")
+    read_cache(out)  # refuses a file that is not a cache before any work
     model = MLLMModel.from_pretrained(model_dir, dtype=DTYPES[dtype], device=device).eval()
     tokenizer = load_tokenizer(model_dir)
     dataset = PreferenceDataset.from_config(data_path, tokenizer, model.config, image_folder, max_slice_nums,
@@ -194,7 +207,10 @@ def compute_reference_logps(model_dir: str | os.PathLike, data_path: str | os.Pa
                 "model_max_length": model_max_length}
     expected = expected_header(model_dir, data_path, settings, pairs=len(dataset))
 
-    header, done = read_cache(out)
+    header, done, good_end = read_cache(out)
+    if header is not None and good_end < out.stat().st_size:
+        with open(out, "r+b") as f:
+            f.truncate(good_end)  # a torn last line from a killed run
     if header is not None:
         problems = header_mismatches(header, expected)
         if problems and on_stale == "error":
@@ -246,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         path = compute_reference_logps(args.model, args.data_path, args.image_folder, args.ref_name, args.batch_size,
                                        args.out, args.max_slice_nums, args.model_max_length, args.dtype, args.device,
                                        args.on_stale)
-    except StaleCacheError as err:
+    except (StaleCacheError, NotACacheError) as err:
         print(f"mllm logp: {err}", file=sys.stderr)
         return 1
     print(f"reference log-probs: {path}")

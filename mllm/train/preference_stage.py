@@ -112,8 +112,8 @@ def pairs_reward_accuracy(model_dir: Path, pairs_file: Path, images: Path, setti
 
     after = compute_reference_logps(model_dir, pairs_file, images, ref_name="after", batch_size=16,
                                     model_max_length=512, on_stale="recompute", progress=False)
-    _, policy = read_cache(Path(after))
-    _, reference = read_cache(cache_path(pairs_file, "base"))
+    policy = read_cache(Path(after))[1]
+    reference = read_cache(cache_path(pairs_file, "base"))[1]
     kind = "avg_logp" if uses_average_logp(settings["loss"], settings["average_logp"]) else "logp"
     wins = [policy[key][f"chosen_{kind}"] - reference[key][f"chosen_{kind}"]
             > policy[key][f"rejected_{kind}"] - reference[key][f"rejected_{kind}"] for key in reference]

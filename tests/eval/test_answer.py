@@ -44,10 +44,11 @@ def test_answer_fields_and_malformed_line(tmp_path, tiny_checkpoint, capsys):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["idx"] for r in rows) == [0, 1, 3, 4]  # idx = line number - 1
     row = rows[0]
-    assert set(row) == {"idx", "question", "answer", "model", "metainfos", "image_id"}
+    assert set(row) == {"idx", "question", "answer", "model", "metainfos", "image_id", "qid", "run"}
+    assert row["run"]["decoding"] == "greedy" and row["run"]["max_new_tokens"] == 4
     assert row["metainfos"] == {"image_id": "img_0", "extra": 0}
     # A rerun has nothing left to do.
-    assert run(str(tiny_checkpoint), questions, out, quiet=True)["answered"] == 0
+    assert run(str(tiny_checkpoint), questions, out, max_new_tokens=4, quiet=True)["answered"] == 0
 
 
 def test_torn_last_line_is_cut_and_answered_again(tmp_path, tiny_checkpoint):
@@ -56,7 +57,7 @@ def test_torn_last_line_is_cut_and_answered_again(tmp_path, tiny_checkpoint):
     run(str(tiny_checkpoint), questions, out, batch_size=1, max_new_tokens=3, limit=2, quiet=True)
     with open(out, "a") as f:
         f.write('{"idx": 2, "question": "Desc')  # a write cut short by a crash
-    assert read_done(out) == {0, 1}
+    assert len(read_done(out)) == 2
     assert not out.read_text().endswith("Desc")
     run(str(tiny_checkpoint), questions, out, batch_size=1, max_new_tokens=3, quiet=True)
     assert sorted(json.loads(x)["idx"] for x in out.read_text().splitlines()) == [0, 1, 2]
