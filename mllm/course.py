@@ -65,7 +65,7 @@ def describe_and_score(model_dir: Path, world: Path, out_dir: Path, decoding: st
 
     answers = out_dir / f"bench_answers_{decoding}.jsonl"
     run(str(model_dir), world / "bench.jsonl", answers, decoding=decoding, batch_size=16,
-        max_new_tokens=max_new_tokens, limit=limit, quiet=True)
+        max_new_tokens=max_new_tokens, limit=limit, quiet=True, on_other_run="recompute")
     vocab, gt = chair.load_chair_gt(world / "chair_gt.json")
     records = [json.loads(line) for line in answers.read_text().splitlines()]
     if not any(r["answer"].strip() for r in records):
@@ -99,7 +99,7 @@ def answer_yesno(model_dir: Path, world: Path, out_dir: Path, limit: int | None 
     questions = yesno_questions(world / "yesno_test.json", out_dir / "yesno_questions.jsonl")
     answers = out_dir / "yesno_answers.jsonl"
     run(str(model_dir), questions, answers, batch_size=32, max_new_tokens=4, limit=limit, quiet=True,
-        image_root=world)
+        image_root=world, on_other_run="recompute")
     records = []
     for line in answers.read_text().splitlines():
         row = json.loads(line)
@@ -125,7 +125,7 @@ def ground_and_score(model_dir: Path, world: Path, out_dir: Path, limit: int | N
                                 "split": "synthetic", "image_id": rec["image_id"]}) + "\n")
     answers = out_dir / "rec_answers.jsonl"
     run(str(model_dir), questions, answers, batch_size=32, max_new_tokens=24, limit=limit, quiet=True,
-        image_root=world)
+        image_root=world, on_other_run="recompute")
     result = grounding.score_files(answers, square_pad=False)
     write_json_atomic(out_dir / "grounding.json", result)
     return result["overall"]

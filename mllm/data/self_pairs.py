@@ -191,7 +191,7 @@ def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n
         (out_dir / "samples.jsonl").unlink(missing_ok=True)  # samples of other questions must not be reused
     torch.manual_seed(seed)
     run(str(model_dir), question_file, out_dir / "samples.jsonl", decoding="sample", batch_size=batch_size,
-        max_new_tokens=max_new_tokens, image_root=world, quiet=quiet)
+        max_new_tokens=max_new_tokens, image_root=world, quiet=quiet, on_other_run="recompute")
     answers = sorted((json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()),
                      key=lambda row: row["idx"])
     vocab, gt = chair.load_chair_gt(world / "chair_gt.json")

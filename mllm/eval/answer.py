@@ -39,6 +39,10 @@ class AnswersFileError(ValueError):
     """The output file cannot be appended to: it belongs to another run, is not an answers file, or is busy."""
 
 
+class OtherRunError(AnswersFileError):
+    """The output file holds answers of another run (another model, weights or decoding setting)."""
+
+
 def question_key(record: dict) -> str:
     """A question's stable identity: its `id` / `question_id`, else a hash of the whole record."""
     for field in ("id", "question_id"):
@@ -112,7 +116,7 @@ def read_answers(path: Path, fingerprint: dict | None = None) -> tuple[set[str],
         if fingerprint is not None and row["run"] != fingerprint:
             changed = sorted(k for k in fingerprint if row["run"].get(k) != fingerprint[k]) \
                 if isinstance(row["run"], dict) else ["run"]
-            raise AnswersFileError(
+            raise OtherRunError(
                 f"{path}:{number}: answers of another run (different {', '.join(changed)}); refusing to mix two "
                 "runs' answers. Choose another --out, or pass --overwrite to start the file afresh")
         done.add(row["qid"])
@@ -189,8 +193,11 @@ def lock_output(out: Path, overwrite: bool):
 def run(model_dir: str, questions: Path, out: Path, decoding: str = "greedy", batch_size: int = 8,
         max_new_tokens: int = 512, min_new_tokens: int = 0, image_root: Path | None = None,
         system_prompt: str | None = None, limit: int | None = None, quiet: bool = False, seed: int = 0,
-        overwrite: bool = False) -> dict:
-    """Answer the pending questions of `questions` into `out` (see the module docstring for the rules)."""
+        overwrite: bool = False, on_other_run: str = "error") -> dict:
+    """Answer the pending questions of `questions` into `out` (see the module docstring for the rules).
+
+    on_other_run: "error" (the CLI) refuses a file of another run; "recompute" (a pipeline answering into
+    its own folder, e.g. the course after retraining a model) starts such a file afresh."""
     from mllm.model.generation import GenerationSettings, build_chat_prompt, generate
     from mllm.model.loading import load_pretrained
 
@@ -206,7 +213,14 @@ def run(model_dir: str, questions: Path, out: Path, decoding: str = "greedy", ba
     stats = {"questions": len(items), "already_answered": 0, "answered": 0, "skipped_lines": len(problems),
              "skipped_records": 0, "skipped": []}
     with lock_output(out, overwrite) as sink:
-        done, good_end = read_answers(out, fingerprint)  # raises before anything is changed
+        try:
+            done, good_end = read_answers(out, fingerprint)  # raises before anything is changed
+        except OtherRunError as err:
+            if on_other_run != "recompute":
+                raise
+            print(f"{err.args[0].split(';')[0]}: answering afresh", file=sys.stderr)
+            sink.truncate(0)
+            done, good_end = set(), 0
         if good_end < out.stat().st_size:
             sink.truncate(good_end)  # only ever a torn last line
         pending = [it for it in items if it["qid"] not in done]

@@ -300,7 +300,8 @@ def evaluate_model(model_dir: str | Path, rec_files: list[Path], out_dir: Path, 
             print(f"grounding: warning: {rec_file} has {stats['lines_in_file']} lines, the published split "
                   f"{split} has {EXPECTED_SIZES[split]} (eval_facts §3.2)", file=sys.stderr)
         stats |= answer(str(model_dir), questions, answers, decoding="greedy", batch_size=batch_size,
-                        max_new_tokens=max_new_tokens, system_prompt=system_prompt, quiet=quiet)
+                        max_new_tokens=max_new_tokens, system_prompt=system_prompt, quiet=quiet,
+                        on_other_run="recompute")
         p, r, s = read_answers(answers)
         predictions += p
         references += r

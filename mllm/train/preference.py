@@ -32,6 +32,7 @@ Design choices:
 from __future__ import annotations
 
 import json
+import sys
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -48,8 +49,8 @@ from mllm.train.logp import cache_path, load_reference_logps
 from mllm.train.losses import (PREFERENCE_LOSSES, masked_token_mean_nll, preference_loss, token_logps,
                                uses_average_logp)
 from mllm.train.sft import DTYPES, ModelArguments, enable_activation_checkpointing, prepare_model, save_final
-from mllm.train.trainer import (ConfigIntoCheckpointCallback, TensorBoardWithoutModelConfig, last_checkpoint,
-                                trainable_parameter_table)
+from mllm.train.trainer import (ConfigIntoCheckpointCallback, RunMismatchError, TensorBoardWithoutModelConfig,
+                                resume_point, run_identity, trainable_parameter_table)
 
 logger = logging.getLogger(__name__)
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -82,6 +83,8 @@ class PreferenceTrainingArguments(TrainingArguments):
     use_average_logp: bool = field(default=False, metadata={
         "help": "token-mean log-probs instead of sums (the exercise's script sets it; ipo always uses means)"})
     sft_weight: float = field(default=0.0, metadata={"help": "weight of a token-mean NLL term on the chosen answers"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start afresh in an output_dir that holds another run (its checkpoints are removed)"})
     reference_check_tolerance: float = field(default=1e-3, metadata={
         "help": "step 0: max |policy - reference| log-prob sum before stopping (negative: no check)"})
 
@@ -231,9 +234,9 @@ def train(model_args: ModelArguments, data_args: PreferenceDataArguments, traini
     if trainer.is_world_process_zero():
         print(f"trainable parameters of {model_args.model_name_or_path}:\n{trainable_parameter_table(model)}")
         print(f"{data_args.data_path}: {len(dataset)} pairs; reference log-probs from {reference_path}")
-    resume = training_args.resume_from_checkpoint
-    if resume == "auto":
-        resume = last_checkpoint(training_args.output_dir)
+    resume, completion = resume_point(training_args, run_identity(
+        model_args, data_args, training_args, data_paths=(data_args.data_path,)))
+    trainer.add_callback(completion)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
     saved = save_final(trainer, trainer.model, config, tokenizer, Path(training_args.output_dir))
@@ -254,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     model_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = train(model_args, data_args, training_args)
+    try:
+        result = train(model_args, data_args, training_args)
+    except RunMismatchError as err:
+        print(f"mllm train preference: {err}", file=sys.stderr)
+        return 2
     if training_args.process_index == 0:
         summary = {k: result[k] for k in ("model_dir", "adapter_dir", "reference_path", "reward_curves",
                                           "train_metrics", "final_metrics")}

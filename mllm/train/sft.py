@@ -47,8 +47,8 @@ from mllm.model.modeling_mllm import MLLMModel
 from mllm.model.processing import MLLMProcessor
 from mllm.model.tokenization import load_tokenizer
 from mllm.train.trainer import (ConfigIntoCheckpointCallback, LossCurveCallback, SFTTrainer,
-                                YesNoAccuracyCallback, last_checkpoint, plot_loss_curve, trainable_parameter_table,
-                                zero_stage)
+                                RunMismatchError, YesNoAccuracyCallback, plot_loss_curve, resume_point, run_identity,
+                                trainable_parameter_table, zero_stage)
 
 logger = logging.getLogger(__name__)
 REFERENCE_LORA_TARGETS = r"llm\..*layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj)"
@@ -93,6 +93,8 @@ class SFTTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False)  # our inputs are lists, not dataset columns
     label_names: list[str] | None = field(default_factory=lambda: ["labels"])  # so evaluation computes a loss
     prediction_loss_only: bool = field(default=True)  # never gather [B, L, vocab] logits at evaluation
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "start afresh in an output_dir that holds another run (its checkpoints are removed)"})
     yesno_eval_samples: int = field(default=64, metadata={
         "help": "yes/no questions of the eval set answered by greedy generation at each evaluation (0: off)"})
     yesno_max_new_tokens: int = field(default=8)
@@ -193,9 +195,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
             if ds is not None:
                 print(ds.summary())
 
-    resume = training_args.resume_from_checkpoint
-    if resume == "auto":
-        resume = last_checkpoint(training_args.output_dir)
+    resume, completion = resume_point(training_args, run_identity(
+        model_args, data_args, training_args, data_paths=(data_args.data_path, data_args.eval_data_path)))
+    trainer.add_callback(completion)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()
     eval_metrics = {}
@@ -238,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     model_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = train(model_args, data_args, training_args)
+    try:
+        result = train(model_args, data_args, training_args)
+    except RunMismatchError as err:
+        print(f"mllm train sft: {err}", file=sys.stderr)
+        return 2
     if training_args.process_index == 0:
         summary = {"model_dir": result["model_dir"], "adapter_dir": result["adapter_dir"],
                    "train_metrics": result["train_metrics"], "eval_metrics": result["eval_metrics"]}

@@ -107,12 +107,149 @@ class ConfigIntoCheckpointCallback(TrainerCallback):
             self.tokenizer.save_pretrained(str(folder))
 
 
-def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest `checkpoint-N` folder of a run's output_dir, or None (also when the folder does not exist yet:
-    a first run with `resume_from_checkpoint="auto"` starts fresh)."""
-    from transformers.trainer_utils import get_last_checkpoint
+# ---- runs and checkpoints: resume the right work, never another run's --------------------------------------------
+RUN_FILE = "run.json"  # in output_dir: what this run is (model, data, every setting that changes the result)
+COMPLETE_FILE = "checkpoint_complete.json"  # in checkpoint-N: written after the Trainer finished saving it
+# TrainingArguments that change what a run computes (the rest: where and how often it logs and saves).
+RESULT_ARGUMENTS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+                    "num_train_epochs", "max_steps", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps",
+                    "seed", "data_seed", "per_device_train_batch_size", "gradient_accumulation_steps", "bf16",
+                    "fp16", "optim", "label_smoothing_factor", "gradient_checkpointing", "deepspeed")
 
-    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+
+class RunMismatchError(ValueError):
+    """output_dir holds another run; resuming it would train (or finish) the wrong thing."""
+
+
+def _file_identity(path: str | os.PathLike) -> dict:
+    """Name, size and a hash of the first and last MiB: cheap on large files, changes with any edit at either end."""
+    import hashlib
+
+    path = Path(path)
+    if not path.is_file():
+        return {"path": str(path.resolve()), "missing": True}
+    size, digest = path.stat().st_size, hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(size - (1 << 20))
+            digest.update(f.read())
+    return {"path": str(path.resolve()), "size": size, "sha256_ends": digest.hexdigest()[:16]}
+
+
+def run_identity(*argument_groups, data_paths: tuple = ()) -> dict:
+    """What a training run is: its model and data arguments, the data files' contents, and every training
+    argument that changes the result (`RESULT_ARGUMENTS` plus the fields our TrainingArguments subclasses add)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    base_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    identity: dict = {}
+    for group in argument_groups:
+        for f in dataclasses.fields(group):
+            if isinstance(group, TrainingArguments) and f.name in base_fields and f.name not in RESULT_ARGUMENTS:
+                continue
+            if f.name in ("overwrite_output_dir", "yesno_eval_samples", "yesno_max_new_tokens"):
+                continue
+            value = getattr(group, f.name)
+            identity[f.name] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+    identity["data_files"] = [_file_identity(p) for p in data_paths if p]
+    return identity
+
+
+def _identity_hash(identity: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def claim_run_dir(output_dir: str | os.PathLike, identity: dict, overwrite: bool = False) -> str:
+    """Record `identity` in output_dir/run.json; refuse (RunMismatchError, naming what differs) an output_dir
+    that holds another run or unmarked checkpoints, unless `overwrite`. Returns the run's hash."""
+    import shutil
+
+    output_dir = Path(output_dir)
+    run_file = output_dir / RUN_FILE
+    if overwrite and output_dir.is_dir():  # the user asked to start afresh: drop the old run's checkpoints only
+        for old in output_dir.glob("checkpoint-*"):
+            if old.is_dir():
+                shutil.rmtree(old)
+    if not overwrite and output_dir.is_dir():
+        if run_file.is_file():
+            found = json.loads(run_file.read_text()).get("identity", {})
+            changed = sorted(k for k in set(found) | set(identity) if found.get(k) != identity.get(k))
+            if changed:
+                raise RunMismatchError(
+                    f"{output_dir} holds another run (different {', '.join(changed)}); resuming it would continue "
+                    "that run. Choose another output_dir, or pass --overwrite_output_dir to start afresh there")
+        elif any(output_dir.glob("checkpoint-*")):
+            raise RunMismatchError(f"{output_dir} holds checkpoints of a run this version cannot identify; choose "
+                                   "another output_dir, or pass --overwrite_output_dir to start afresh there")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_file, {"run": _identity_hash(identity), "identity": identity})
+    return _identity_hash(identity)
+
+
+class CompleteCheckpointCallback(TrainerCallback):
+    """Marks each checkpoint complete once the Trainer has written all of it (model, optimizer, scheduler,
+    state, RNG): a checkpoint cut short by a kill or a full disk has no mark and is never resumed from."""
+
+    def __init__(self, run_hash: str | None = None):
+        self.run_hash = run_hash
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+                     if p.is_file() and p.name != COMPLETE_FILE}
+            write_json_atomic(folder / COMPLETE_FILE, {"run": self.run_hash, "global_step": state.global_step,
+                                                      "files": files})
+
+
+def checkpoint_is_complete(folder: str | os.PathLike, run_hash: str | None = None) -> bool:
+    """Marked complete (of this run, when `run_hash` is given), and every file it listed still has its size."""
+    folder = Path(folder)
+    try:
+        mark = json.loads((folder / COMPLETE_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    if run_hash is not None and mark.get("run") not in (None, run_hash):
+        return False
+    files = mark.get("files", {})
+    return bool(files) and all((folder / name).is_file() and (folder / name).stat().st_size == size
+                               for name, size in files.items())
+
+
+def last_checkpoint(output_dir: str | os.PathLike, run_hash: str | None = None) -> str | None:
+    """The newest COMPLETE `checkpoint-N` of output_dir (of this run, given its hash), or None (also when the
+    folder does not exist yet: a first run with `resume_from_checkpoint="auto"` starts fresh)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    numbered = []
+    for folder in output_dir.glob("checkpoint-*"):
+        suffix = folder.name.removeprefix("checkpoint-")
+        if suffix.isdigit() and folder.is_dir():
+            numbered.append((int(suffix), folder))
+    for _, folder in sorted(numbered, reverse=True):
+        if checkpoint_is_complete(folder, run_hash):
+            return str(folder)
+        logger.warning("%s is incomplete (no %s, or files changed since): not resuming from it", folder,
+                       COMPLETE_FILE)
+    return None
+
+
+def resume_point(training_args, identity: dict) -> tuple[str | None, CompleteCheckpointCallback]:
+    """Claim output_dir for this run and resolve `resume_from_checkpoint` ("auto": the newest complete
+    checkpoint of this run); returns it with the callback that marks this run's checkpoints complete."""
+    overwrite = bool(getattr(training_args, "overwrite_output_dir", False))
+    run_hash = claim_run_dir(training_args.output_dir, identity, overwrite) if training_args.process_index == 0 \
+        else _identity_hash(identity)
+    resume = training_args.resume_from_checkpoint
+    if resume == "auto":
+        resume = None if overwrite else last_checkpoint(training_args.output_dir, run_hash)
+    return resume, CompleteCheckpointCallback(run_hash)
 
 
 class TrainingClock(TrainerCallback):

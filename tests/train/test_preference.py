@@ -175,7 +175,7 @@ def test_reward_accuracy_over_all_pairs_compares_policy_and_reference_rewards(tm
 
     def cache(name, rows):
         path = tmp_path / f"pairs.{name}.logp.jsonl"
-        lines = [{"format": "test"}] + [{"idx": i, "chosen_logp": c, "rejected_logp": r, "chosen_avg_logp": ca,
+        lines = [{"format": logp.FORMAT}] + [{"idx": i, "chosen_logp": c, "rejected_logp": r, "chosen_avg_logp": ca,
                                          "rejected_avg_logp": ra} for i, (c, r, ca, ra) in enumerate(rows)]
         path.write_text("".join(json.dumps(line) + "\n" for line in lines))
         return path

@@ -229,4 +229,14 @@ def test_last_checkpoint_is_none_for_a_missing_folder_and_the_newest_otherwise(t
     assert last_checkpoint(tmp_path) is None
     for step in (2, 10, 9):
         (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"x" * step)
+    assert last_checkpoint(tmp_path) is None  # none was marked complete by the Trainer's save
+    from mllm.train.trainer import COMPLETE_FILE
+
+    for step in (2, 10, 9):
+        mark = {"run": "r1", "files": {"model.safetensors": step}}
+        (tmp_path / f"checkpoint-{step}" / COMPLETE_FILE).write_text(__import__("json").dumps(mark))
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    (tmp_path / "checkpoint-10" / "model.safetensors").write_bytes(b"x")  # cut short after the mark: not complete
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-9")
+    assert last_checkpoint(tmp_path, run_hash="r2") is None  # checkpoints of another run never count
