@@ -54,6 +54,28 @@ class TruncationError(ValueError):
     """Truncating the sample to max_length would cut through an image placeholder."""
 
 
+# The exercise's roles, plus LLaVA / ShareGPT's ("from": "human" | "gpt", "value": text), read the same way.
+ROLE_NAMES = {"user": "user", "assistant": "assistant", "system": "system", "human": "user", "gpt": "assistant"}
+
+
+def normalize_conversation(conversation) -> list[dict]:
+    """[{role, content}] from the exercise's messages or LLaVA's {from, value}; ValueError saying what is wrong."""
+    if not isinstance(conversation, (list, tuple)):
+        raise ValueError(f"'conversations' must be a list of messages ({{role, content}} or LLaVA's {{from, value}}), "
+                         f"got a {type(conversation).__name__}")
+    out = []
+    for i, msg in enumerate(conversation):
+        if not isinstance(msg, dict):
+            raise ValueError(f"message {i} must be an object, got {type(msg).__name__}")
+        role, content = msg.get("role", msg.get("from")), msg.get("content", msg.get("value"))
+        if role not in ROLE_NAMES:
+            raise ValueError(f"message {i}: role {role!r} is not one of user / assistant / system (or LLaVA's "
+                             "human / gpt)")
+        out.append({"role": ROLE_NAMES[role], "content": content})
+    validate_conversation(out)
+    return out
+
+
 def validate_conversation(conversation: Sequence[dict]) -> None:
     """At least one user and one assistant message, the first non-system message from the user."""
     if not isinstance(conversation, (list, tuple)) or len(conversation) < 2:
@@ -175,8 +197,11 @@ def conversation_to_ids(conversation: Sequence[dict], tokenizer, max_length: int
         if len(bound) and int(bound[:, 1].max()) >= max_length:  # a closing </image> or </slice> would be cut
             raise TruncationError(f"{len(input_ids)} tokens exceed max_length {max_length}, and the image "
                                   f"placeholders alone end at token {int(bound[:, 1].max()) + 1}")
+        truncated_from = len(input_ids)
         input_ids, labels = input_ids[:max_length], labels[:max_length]
+    else:
+        truncated_from = None
     if not bool((labels != IGNORE_INDEX).any()):
         raise NoTargetError("No tokens available to compute loss" +
                             (f" after truncation to {max_length} tokens" if max_length is not None else ""))
-    return {"input_ids": input_ids, "labels": labels, "image_bound": bound}
+    return {"input_ids": input_ids, "labels": labels, "image_bound": bound, "truncated_from": truncated_from}

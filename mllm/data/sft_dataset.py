@@ -30,9 +30,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mllm.data.conversation import NoTargetError, TruncationError, conversation_to_ids, place_images
+from mllm.data.conversation import (NoTargetError, TruncationError, conversation_to_ids, normalize_conversation,
+                                    place_images)
 from mllm.jsonio import read_json_records
-from mllm.model.image_processing import ImageProcessor, get_sliced_grid
+from mllm.model.image_processing import MAX_IMAGE_PIXELS, ImageProcessor, get_sliced_grid
 from mllm.model.tokenization import special_token_ids
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ class SupervisedDataset(Dataset):
         self.model_max_length = model_max_length
         self.skip_bad_images = skip_bad_images
         self.token_ids = special_token_ids(tokenizer)
-        self.report: dict[str, list] = {"bad_images": [], "no_target": [], "too_long": []}
+        self.report: dict[str, list] = {"bad_images": [], "no_target": [], "too_long": [], "truncated": []}
         self.failed_at_load = 0
         records = self._read()
         self.records = [r for r in records if self._usable(r)]
@@ -100,6 +101,10 @@ class SupervisedDataset(Dataset):
         for i, r in enumerate(records):
             if "conversations" not in r:
                 raise ValueError(f"{self.data_path}: record {i} has no 'conversations'")
+            try:
+                r["conversations"] = normalize_conversation(r["conversations"])
+            except ValueError as err:
+                raise ValueError(f"{self.data_path}: record {i} (id {r.get('id', '?')!r}): {err}") from None
         return records
 
     def _where(self, record: dict) -> str:
@@ -129,19 +134,25 @@ class SupervisedDataset(Dataset):
             except FileNotFoundError:
                 self._bad_image(record, path, "file not found")
                 return False
-            except (OSError, ValueError, SyntaxError) as err:  # unidentified format, broken header
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:  # broken header
                 self._bad_image(record, path, f"cannot be read ({err})")
+                return False
+            if size[0] * size[1] > MAX_IMAGE_PIXELS or 0 in size:  # the guard load_image applies, header only
+                self._bad_image(record, path, f"{size[0]}x{size[1]} pixels is empty or above the limit of "
+                                              f"{MAX_IMAGE_PIXELS}")
                 return False
             grids[key] = get_sliced_grid(size, self.image_processor.max_slice_nums,
                                          self.image_processor.scale_resolution)
         try:
-            self._encode(record, grids)
+            sample = self._encode(record, grids)
         except NoTargetError:
             self.report["no_target"].append(record.get("id"))
             return False
         except TruncationError:
             self.report["too_long"].append(record.get("id"))
             return False
+        if sample["truncated_from"] is not None:  # kept, but the model never sees its end: said in the summary
+            self.report["truncated"].append(record.get("id"))
         return True
 
     def _encode(self, record: dict, grids: dict) -> dict:
@@ -167,6 +178,9 @@ class SupervisedDataset(Dataset):
         if r["too_long"]:
             parts.append(f"{len(r['too_long'])} whose images exceed model_max_length "
                          f"{self.model_max_length} (ids {r['too_long'][:10]})")
+        if r["truncated"]:
+            parts.append(f"{len(r['truncated'])} cut at model_max_length {self.model_max_length} "
+                         f"(ids {r['truncated'][:10]})")
         return "; ".join(parts)
 
     # ---- samples ---------------------------------------------------------------------------------------------
@@ -183,6 +197,7 @@ class SupervisedDataset(Dataset):
             except (OSError, ValueError) as err:  # FileNotFoundError is an OSError
                 raise BadImageError(f"{self._where(record)}: image {str(path)!r}: {err}") from err
         sample = self._encode(record, {k: p["grid"] for k, p in processed.items()})
+        sample.pop("truncated_from")
         views = [processed[k] for k in sample.pop("order")]
         sample["pixel_values"] = [strip for p in views for strip in p["pixel_values"]]
         sample["tgt_sizes"] = torch.cat([p["tgt_sizes"] for p in views]) if views else \

@@ -32,6 +32,11 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
         if "weight_map" not in index:
             raise CheckpointError(f"{folder / INDEX_FILE}: no 'weight_map' field")
         names = sorted(set(index["weight_map"].values()))
+        root = folder.resolve()
+        outside = [n for n in names if not isinstance(n, str) or (folder / n).resolve().parent != root]
+        if outside:  # a shard name is a plain file name beside the index, never a path elsewhere
+            raise CheckpointError(f"{folder / INDEX_FILE}: weight_map names files outside the checkpoint folder: "
+                                  f"{outside[:5]}")
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise CheckpointError(f"{folder / INDEX_FILE}: shard files missing: {missing}")
@@ -59,6 +64,14 @@ def load_state_dict(folder: str | os.PathLike, dtype: torch.dtype | None = None)
         except Exception as err:  # safetensors raises several error types for damaged files
             raise CheckpointError(f"{path}: cannot read safetensors file ({err})") from err
     return state
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise a CheckpointError naming the floating tensors that hold NaN or infinity (a diverged or damaged save)."""
+    bad = sorted(k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" ... and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise CheckpointError(f"{source}: {len(bad)} tensor(s) hold NaN or infinite values: {shown}")
 
 
 def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Tensor], source: str) -> None:

@@ -107,6 +107,26 @@ _BOOKKEEPING_KEYS = {
     "_attn_implementation_autoset", "attn_implementation", "num_labels", "id2label", "label2id",
 }
 _LLM_FIELDS = [f.name for f in dataclasses.fields(LLMConfig) if f.name in LLMConfig.__annotations__]
+# Sizes with no sensible default: a config without them would build a model of the wrong shape.
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "vision_config")
+
+
+def refuse_unimplemented(data: dict, source: str) -> None:
+    """Keys this model would read but not honour: RoPE scaling, sliding windows, non-full attention layers."""
+    problems = []
+    if data.get("rope_scaling") not in (None, {}):
+        problems.append(f"rope_scaling={data['rope_scaling']!r} (only plain RoPE is implemented)")
+    rope_type = (data.get("rope_parameters") or {}).get("rope_type", "default")
+    if rope_type != "default":
+        problems.append(f"rope_parameters.rope_type={rope_type!r} (only 'default' is implemented)")
+    if data.get("use_sliding_window"):
+        problems.append("use_sliding_window=true (sliding-window attention is not implemented)")
+    layer_types = data.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+        problems.append(f"layer_types {sorted(set(layer_types))} (only full_attention is implemented)")
+    if problems:
+        raise ValueError(f"{source}: not implemented by this model: " + "; ".join(problems))
 
 
 @dataclass
@@ -170,6 +190,10 @@ class MLLMConfig:
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "MLLMConfig":
         data = dict(data)
+        missing = [k for k in REQUIRED_KEYS if k not in data]
+        if missing:
+            raise ValueError(f"{source}: missing required key(s) {missing}")
+        refuse_unimplemented(data, source)
         rope = data.pop("rope_parameters", None) or {}
         if "rope_theta" not in data and "rope_theta" in rope:
             data["rope_theta"] = rope["rope_theta"]

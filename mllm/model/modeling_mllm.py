@@ -227,6 +227,7 @@ class MLLMModel(nn.Module):
             model = cls(config)
         expected = {k: v.shape for k, v in model.state_dict().items()}
         checkpoint.check_state_dict(expected, state, str(folder))
+        checkpoint.check_finite(state, str(folder))
         model.load_state_dict(state, strict=True, assign=True)
         model._materialize_buffers()
         return model.to(device)

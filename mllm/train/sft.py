@@ -179,6 +179,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
                                              data_args.skip_bad_images)
 
     train_ds = dataset(data_args.data_path)
+    if len(train_ds) == 0:
+        raise ValueError(f"no usable training record: {train_ds.summary()}")
     eval_ds = dataset(data_args.eval_data_path) if data_args.eval_data_path else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
