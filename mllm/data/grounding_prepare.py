@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
@@ -97,7 +98,12 @@ def check_box(box: Sequence[float], width: int, height: int,
               tolerance: float = CLIP_TOLERANCE) -> tuple[list[float] | None, str]:
     """(box to use or None, verdict): "ok", "clipped" (overshoot <= tolerance px), or a skip reason:
     "degenerate" (x1 <= x0 or y1 <= y0), "outside" (no overlap with the image), "overshoot" (> tolerance)."""
-    x0, y0, x1, y1 = (float(v) for v in box)
+    try:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        return None, "malformed"
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        return None, "malformed"  # NaN / Infinity (JSON readers accept both): no box to learn
     if x1 <= x0 or y1 <= y0:
         return None, "degenerate"
     if x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
@@ -194,12 +200,15 @@ class PrepareReport:
     read: int = 0
     written: dict[str, int] = field(default_factory=dict)  # per task, plus "mix"
     clipped: int = 0
+    size_mismatch: int = 0  # width/height in the line differ from the image's: the image's own size is used
     skipped: dict[str, int] = field(default_factory=lambda: {k: 0 for k in PROBLEMS})
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     def note(self, kind: str, where: str, detail: str = "") -> None:
         if kind == "clipped":
             self.clipped += 1
+        elif kind == "size_mismatch":
+            self.size_mismatch += 1
         else:
             self.skipped[kind] += 1
         kept = self.examples.setdefault(kind, [])
@@ -211,13 +220,16 @@ class PrepareReport:
 
     def as_dict(self) -> dict:
         return {"read": self.read, "written": dict(self.written), "total_written": sum(self.written.values()),
-                "clipped": self.clipped, "skipped": dict(self.skipped), "examples": self.examples}
+                "clipped": self.clipped, "size_mismatch": self.size_mismatch, "skipped": dict(self.skipped),
+                "examples": self.examples}
 
     def summary(self) -> str:
         written = ", ".join(f"{k} {v}" for k, v in self.written.items()) or "nothing"
         skipped = ", ".join(f"{k} {v}" for k, v in self.skipped.items() if v) or "none"
         return (f"grounding prepare: {self.read} annotation lines read; written: {written}; "
-                f"clipped boxes (<= {CLIP_TOLERANCE:g} px): {self.clipped}; skipped: {skipped}")
+                f"clipped boxes (<= {CLIP_TOLERANCE:g} px): {self.clipped}; "
+                + (f"lines whose width/height differ from the image (its real size used): {self.size_mismatch}; "
+                   if self.size_mismatch else "") + f"skipped: {skipped}")
 
 
 # ---- builder -------------------------------------------------------------------------------------------------------
@@ -300,7 +312,13 @@ class GroundingBuilder:
         if size is None:
             self.report.note("missing_image", where, str(self.image_root / path))
             return
-        width, height = int(rec.get("width") or size[0]), int(rec.get("height") or size[1])
+        width, height = size  # the image's real size: the one boxes are measured in when the model sees it
+        stated = (rec.get("width"), rec.get("height"))
+        if stated != (None, None) and stated != (width, height):
+            self.report.note("size_mismatch", where, f"line says {stated[0]}x{stated[1]}, the image is "
+                                                      f"{width}x{height}; using the image's size")
+            print(f"warning: {where}: width/height {stated[0]}x{stated[1]} differ from the image's real size "
+                  f"{width}x{height}; the real size is used", file=sys.stderr)
         box, verdict = check_box(rec["bbox"], width, height)
         if box is None:
             self.report.note(verdict, where, f"bbox {rec['bbox']} in a {width}x{height} image")

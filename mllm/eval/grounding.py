@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -109,6 +110,22 @@ def format_table(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------- I/O
 
 
+def reference_problem(meta: dict) -> str | None:
+    """Why a ground-truth record cannot be scored (non-finite or inverted box, empty image size), or None."""
+    try:
+        box = [float(v) for v in meta["bbox"]]
+        width, height = float(meta["width"]), float(meta["height"])
+    except (TypeError, ValueError):
+        return f"bbox / width / height not numbers: {meta.get('bbox')!r}, {meta.get('width')!r}x{meta.get('height')!r}"
+    if len(box) != 4 or not all(math.isfinite(v) for v in box + [width, height]):
+        return f"ground-truth box {meta['bbox']!r} or size {meta['width']!r}x{meta['height']!r} is not finite"
+    if width <= 0 or height <= 0:
+        return f"image size {meta['width']}x{meta['height']} is empty"
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return f"ground-truth box {meta['bbox']!r} is empty or inverted"
+    return None
+
+
 def read_answers(path: str | Path) -> tuple[list[str], list[dict], list[dict]]:
     """(predictions, references, skipped lines) from an answers jsonl whose lines carry `answer` and
     `metainfos` {bbox, width, height, split} (the fields may also sit at the top level); `square_pad`,
@@ -126,6 +143,10 @@ def read_answers(path: str | Path) -> tuple[list[str], list[dict], list[dict]]:
         missing = [k for k in ("bbox", "width", "height") if meta.get(k) is None]
         if missing:
             skipped.append({"line": line_no, "reason": f"missing {', '.join(missing)}"})
+            continue
+        unusable = reference_problem(meta)
+        if unusable:  # a reference nobody could hit is not a miss of the model's: skip and count it
+            skipped.append({"line": line_no, "reason": unusable})
             continue
         predictions.append(record.get("answer") or "")
         reference = {"bbox": meta["bbox"], "width": meta["width"], "height": meta["height"],

@@ -59,3 +59,39 @@ def test_skip_bad_images_skips_a_decompression_bomb(tmp_path, tiny_checkpoint, c
                                     {"role": "assistant", "content": "Yes"}], id_=2)])
     assert mllm(*sft_args(tiny_checkpoint, data, tmp_path / "out", "--max_steps", "1", "--skip_bad_images")) == 0
     assert "1 of 2 records used; 1 with bad images [(1, " in capsys.readouterr().out
+
+
+def test_rec_lines_with_a_wrong_size_or_a_nan_box_are_named(tmp_path, capsys):
+    Image.new("RGB", (200, 100), "white").save(tmp_path / "a.png")
+    lines = [{"img_path": "a.png", "expression": "the red star", "bbox": [10, 10, 50, 60], "width": 400,
+              "height": 200},  # the image was resized after annotation: its real size is what the model sees
+             {"img_path": "a.png", "expression": "the blue moon", "bbox": [float("nan"), 0, 5, 5], "width": 200,
+              "height": 100},
+             {"img_path": "a.png", "expression": "the arrow", "bbox": [0, 0, float("inf"), 5]},
+             {"img_path": "a.png", "expression": "the ring", "bbox": [20, 20, 40, 40], "width": 200, "height": 100}]
+    rec = tmp_path / "rec.jsonl"
+    rec.write_text("".join(json.dumps(line) + "\n" for line in lines))  # json writes NaN / Infinity
+    out = tmp_path / "grounding.json"
+    assert mllm("grounding", "prepare", "--rec", rec, "--image-root", tmp_path, "--out", out) == 0
+    err = capsys.readouterr().err
+    assert f"{rec}:1: width/height 400x200 differ from the image's real size 200x100" in err
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["size_mismatch"] == 1 and report["skipped"]["malformed"] == 2
+    assert any(f"{rec}:2" in e for e in report["examples"]["malformed"])
+    answers = [r["conversations"][1]["content"] for r in json.loads(out.read_text())]
+    assert sorted(answers) == ["[100,200,200,400]", "[50,100,250,600]"]  # measured in the real 200x100 frame
+
+
+def test_grounding_eval_skips_and_counts_unscorable_references(tmp_path, capsys):
+    rows = [{"answer": "[0,0,500,500]", "metainfos": {"bbox": [0, 0, 50, 50], "width": 100, "height": 100}},
+            {"answer": "[0,0,500,500]", "metainfos": {"bbox": [float("nan"), 0, 50, 50], "width": 100, "height": 100}},
+            {"answer": "[0,0,500,500]", "metainfos": {"bbox": [0, 0, 50, 50], "width": 0, "height": 100}}]
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "result.json"
+    assert mllm("eval", "grounding", "--answers", answers, "--out", out, "--no-square-pad") == 0
+    result = json.loads(out.read_text())
+    assert result["overall"]["n"] == 1 and result["overall"]["accuracy"] == 1.0  # not 1 of 3
+    assert len(result["skipped"]) == 2
+    err = capsys.readouterr().err
+    assert "skipped line 2: ground-truth box" in err and "skipped line 3: image size 0x100 is empty" in err
