@@ -1,7 +1,8 @@
 """`mllm <verb> ...`: the one table of verbs.
 
-Each verb names the module whose `main(argv)` implements it; modules are imported only when their verb runs,
-so `mllm --help` stays fast and a verb's heavy imports never slow down another.
+Each verb names the `mllm.cli` module whose `main(argv)` parses its arguments and calls the library; modules
+are imported only when their verb runs, so `mllm --help` stays fast and a verb's heavy imports never slow down
+another.
 """
 
 from __future__ import annotations
@@ -11,23 +12,23 @@ import sys
 
 # verb -> (module, one-line help). A verb with sub-verbs maps "verb sub" keys.
 VERBS: dict[str, tuple[str, str]] = {
-    "demo": ("mllm.demo", "describe, question and ground fresh synthetic scenes with the shipped model; write a report"),
-    "chat": ("mllm.eval.chat_cli", "chat about an image (streams; interactive without a question)"),
-    "answer": ("mllm.eval.answer", "answer a question file (Object HalBench jsonl) into an answers jsonl; resumable"),
-    "ground": ("mllm.eval.ground_cli", "find a referring expression in an image; print and draw the box"),
-    "synth": ("mllm.data.synth", "generate the synthetic scene world and every task file"),
-    "eval chair": ("mllm.eval.chair", "CHAIR hallucination metrics of an answers file"),
-    "eval yesno": ("mllm.eval.yesno", "yes/no accuracy (MME acc / acc+) of an answers file"),
-    "eval grounding": ("mllm.eval.grounding", "Acc@IoU>=0.5 per split of predicted boxes (or of a model on REC files)"),
-    "train sft": ("mllm.train.sft", "supervised fine-tuning"),
-    "train grounding": ("mllm.train.grounding", "visual-grounding fine-tuning"),
-    "train preference": ("mllm.train.preference", "preference alignment (DPO family)"),
-    "grounding prepare": ("mllm.data.grounding_prepare", "Shikra-format annotations -> grounding SFT conversations"),
-    "preference pairs": ("mllm.data.self_pairs", "preference pairs from a model's own sampled descriptions, judged by "
-                                                 "the synthetic world's ground truth"),
-    "logp": ("mllm.train.logp", "cache reference log-probs of a preference file"),
-    "course": ("mllm.course", "run the exercise's arc on the tiny model, stage by stage"),
-    "init": ("mllm.model.init_cli", "write a randomly initialised checkpoint of a preset"),
+    "demo": ("mllm.cli.demo", "describe, question and ground fresh synthetic scenes with the shipped model; write a report"),
+    "chat": ("mllm.cli.chat", "chat about an image (streams; interactive without a question)"),
+    "answer": ("mllm.cli.answer", "answer a question file (Object HalBench jsonl) into an answers jsonl; resumable"),
+    "ground": ("mllm.cli.ground", "find a referring expression in an image; print and draw the box"),
+    "synth": ("mllm.cli.synth", "generate the synthetic scene world and every task file"),
+    "eval chair": ("mllm.cli.eval_chair", "CHAIR hallucination metrics of an answers file"),
+    "eval yesno": ("mllm.cli.eval_yesno", "yes/no accuracy (MME acc / acc+) of an answers file"),
+    "eval grounding": ("mllm.cli.eval_grounding", "Acc@IoU>=0.5 per split of predicted boxes (or of a model on REC files)"),
+    "train sft": ("mllm.cli.train_sft", "supervised fine-tuning"),
+    "train grounding": ("mllm.cli.train_grounding", "visual-grounding fine-tuning"),
+    "train preference": ("mllm.cli.train_preference", "preference alignment (DPO family)"),
+    "grounding prepare": ("mllm.cli.grounding_prepare", "Shikra-format annotations -> grounding SFT conversations"),
+    "preference pairs": ("mllm.cli.preference_pairs", "preference pairs from a model's own sampled descriptions, "
+                                                      "judged by the synthetic world's ground truth"),
+    "logp": ("mllm.cli.logp", "cache reference log-probs of a preference file"),
+    "course": ("mllm.cli.course", "run the exercise's arc on the tiny model, stage by stage"),
+    "init": ("mllm.cli.init", "write a randomly initialised checkpoint of a preset"),
 }
 
 

@@ -7,7 +7,6 @@ grounding Acc@IoU>=0.5), and writes an HTML report with the images, drawn boxes 
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
@@ -37,7 +36,7 @@ def png_data_uri(image, scale: int = 2) -> str:
 
 def showcase(model_dir: Path, world: Path, n: int) -> list[dict]:
     """Describe, question and ground the first `n` held-out scenes."""
-    from mllm.course import GROUNDING_PROMPT
+    from mllm.data.grounding_prepare import GROUNDING_PROMPT
     from mllm.data.boxes import grid_to_pixel, iou, parse_box
     from mllm.model.image_processing import load_image
     from mllm.model.loading import load_pretrained
@@ -93,8 +92,8 @@ td{{padding:.2em 1em}}</style></head><body><h1>mllm demo</h1>
 
 
 def run(model_dir: Path, out: Path, seed: int, n_eval: int) -> Path:
-    from mllm.course import describe_and_score, answer_yesno, ground_and_score
-    from mllm.data.synth import generate
+    from mllm.course.shared import answer_yesno, describe_and_score, ground_and_score
+    from mllm.world.synth import generate
 
     started = time.time()
     world = out / "world"
@@ -126,13 +125,9 @@ def run(model_dir: Path, out: Path, seed: int, n_eval: int) -> Path:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mllm demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the shipped tiny model)")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--seed", type=int, default=2026, help="seed of the fresh scenes (training used 0)")
-    parser.add_argument("--n-eval", type=int, default=60, help="held-out scenes for the scores")
-    args = parser.parse_args(argv)
+def run_demo(model_dir: Path | None, out: Path, seed: int, n_eval: int) -> Path:
+    """The whole demo into a fresh `out`: the shipped model (or `model_dir`) on `n_eval` new scenes of `seed`;
+    without a shipped model, a randomly initialised tiny checkpoint (said so loudly). Returns the report's path."""
     import shutil
 
     import torch
@@ -140,21 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     from mllm.model.loading import default_model_dir
 
     torch.manual_seed(0)
-    if args.out.exists():
-        shutil.rmtree(args.out)
-    args.out.mkdir(parents=True)
-    model_dir = args.model
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
     if model_dir is None:
         try:
             model_dir = default_model_dir()
         except FileNotFoundError:
-            from mllm.model.init_cli import make_random_checkpoint
+            from mllm.model.random_checkpoint import make_random_checkpoint
+            from mllm.world.corpus import default_corpus
 
-            model_dir = args.out / "random-tiny"
+            model_dir = out / "random-tiny"
             print("NOTE: the shipped tiny model is missing from this installation (`mllm course --stage base`"
                   f" trains one); the demo runs a RANDOMLY INITIALISED tiny checkpoint written to {model_dir}:"
                   " expect chance-level scores and meaningless text.")
-            make_random_checkpoint(model_dir, "tiny", seed=0)
-    report = run(model_dir, args.out, args.seed, args.n_eval)
-    print(f"\nreport: {report.resolve()}")
-    return 0
+            make_random_checkpoint(model_dir, "tiny", texts=default_corpus(), seed=0)
+    return run(model_dir, out, seed, n_eval)
