@@ -14,7 +14,7 @@ CORPUS = [
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """Folder with a random small model (tiny preset shapes, 2 LLM layers) and its own tokenizer."""
-    from mllm.model.init_cli import make_random_checkpoint
+    from mllm.model.random_checkpoint import make_random_checkpoint
 
     folder = tmp_path_factory.mktemp("tiny_ckpt")
     torch.manual_seed(0)

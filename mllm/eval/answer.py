@@ -21,7 +21,6 @@ Safe to rerun, and never destructive:
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import hashlib
 import json
@@ -261,40 +260,3 @@ def run(model_dir: str, questions: Path, out: Path, decoding: str = "greedy", ba
             bar.update(len(batch))
         bar.close()
     return stats
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mllm answer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the shipped tiny model)")
-    parser.add_argument("--questions", type=Path, required=True, help="question jsonl (Object HalBench format)")
-    parser.add_argument("--out", type=Path, required=True, help="answers jsonl (appended to; resumable)")
-    parser.add_argument("--decoding", choices=["greedy", "sample", "beam"], default="greedy")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=512)
-    parser.add_argument("--min-new-tokens", type=int, default=0)
-    parser.add_argument("--image-root", type=Path, default=None, help="folder that image paths are relative to")
-    parser.add_argument("--system-prompt", default=None,
-                        help="system message; default: the chat template's own, as in training (the exercise's eval "
-                             "sends an empty one, --system-prompt '', which a small model trained without it ignores)")
-    parser.add_argument("--limit", type=int, default=None, help="answer only the first N questions")
-    parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace --out if it holds answers of another run (or anything else)")
-    args = parser.parse_args(argv)
-    if not args.questions.is_file():
-        parser.error(f"--questions {args.questions}: no such file")
-    import torch
-
-    from mllm.model.loading import default_model_dir
-
-    torch.manual_seed(args.seed)
-    try:
-        stats = run(args.model or str(default_model_dir()), args.questions, args.out, args.decoding,
-                    args.batch_size, args.max_new_tokens, args.min_new_tokens, args.image_root, args.system_prompt,
-                    args.limit, seed=args.seed, overwrite=args.overwrite)
-    except AnswersFileError as err:
-        print(f"mllm answer: {err}", file=sys.stderr)
-        return 2
-    print(f"{stats['answered']} answered now, {stats['already_answered']} already in {args.out}, "
-          f"{stats['skipped_lines']} malformed line(s) and {stats['skipped_records']} unusable record(s) skipped")
-    return 0

@@ -23,7 +23,6 @@ Design choices:
 
 from __future__ import annotations
 
-import argparse
 import builtins
 import collections
 import contextlib
@@ -421,65 +420,3 @@ def format_table(result: dict) -> str:
     return (f"CHAIR  captions={c['captions']}  skipped={c['skipped']}  mentions={c['mentions']}\n"
             f"{'CHAIRs':>8}{'CHAIRi':>8}{'Recall':>8}{'Len':>8}\n"
             f"{100 * m['CHAIRs']:>8.1f}{100 * m['CHAIRi']:>8.1f}{100 * m['Recall']:>8.1f}{m['Len']:>8.1f}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mllm eval chair", description=__doc__.split("\n")[0])
-    p.add_argument("--answers", required=True, help="answers jsonl (or JSON list) with captions and image ids")
-    p.add_argument("--caption-key", default="answer")
-    p.add_argument("--image-id-key", default="image_id", help="looked up at top level, else in metainfos")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--chair-gt", help="chair_gt.json: vocabulary, double_words and image objects")
-    source.add_argument("--coco-annotations", help="directory with instances_/captions_{train,val}2014.json")
-    source.add_argument("--chair-pkl", help="the exercise's chair_300.pkl (needs --trust-pickle)")
-    p.add_argument("--cache", help="JSON ground-truth cache (default: next to the annotations or the pickle)")
-    p.add_argument("--trust-pickle", action="store_true", help="allow reading --chair-pkl (restricted unpickler)")
-    p.add_argument("--out", required=True, help="result JSON")
-    return p
-
-
-def load_ground_truth(args: argparse.Namespace) -> tuple[Vocabulary, dict]:
-    if args.chair_gt:
-        return load_chair_gt(args.chair_gt)
-    if args.coco_annotations:
-        cache = args.cache or Path(args.coco_annotations) / "chair_gt_coco2014.json"
-        return Vocabulary.coco(), build_coco_gt(args.coco_annotations, Vocabulary.coco(), cache)
-    cache = Path(args.cache) if args.cache else Path(args.chair_pkl).with_suffix(".chair_gt.json")
-    return Vocabulary.coco(), convert_chair_pickle(args.chair_pkl, cache, args.trust_pickle)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        vocab, gt = load_ground_truth(args)
-    except (PermissionError, FileNotFoundError, pickle.UnpicklingError, ValueError) as err:
-        print(f"mllm eval chair: {err}", file=sys.stderr)
-        return 2
-    records, io_skipped = read_answers(args.answers)
-    captions, line_of = [], []
-    for line_no, record in records:
-        image_id = image_id_of(record, args.image_id_key)
-        if image_id is None:
-            io_skipped.append({"line": line_no, "reason": f"no {args.image_id_key!r} (top level or metainfos)"})
-            continue
-        captions.append({"image_id": image_id, "caption": record.get(args.caption_key)})
-        line_of.append(line_no)
-    for entry in io_skipped:
-        print(f"chair: skipped line {entry['line']}: {entry['reason']}", file=sys.stderr)
-    try:
-        result = score(captions, gt, vocab)
-    except ValueError as err:  # unknown image ids, or nothing to score
-        print(f"mllm eval chair: {err}", file=sys.stderr)
-        return 2
-    for entry in result["skipped"]:
-        entry["line"] = line_of[entry.pop("index")]
-    result["skipped"] = io_skipped + result["skipped"]
-    result["counts"]["skipped"] = len(result["skipped"])
-    result["answers"] = str(args.answers)
-    write_json_atomic(args.out, result)
-    print(format_table(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,7 +20,6 @@ as in training with `mllm grounding prepare --square-pad`). `--draw N` writes pi
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -31,6 +30,7 @@ from typing import Any
 from mllm.data.boxes import grid_to_pixel, iou, parse_box
 from mllm.jsonio import write_json_atomic
 
+GRID = 1000  # the 0..1000 box grid of the exercise (and of Qwen-VL) that `ground` reads answers on
 STANDARD_SPLITS = ("refcoco_val", "refcoco_testA", "refcoco_testB", "refcoco+_val", "refcoco+_testA",
                    "refcoco+_testB", "refcocog_val", "refcocog_test")
 
@@ -339,83 +339,21 @@ def evaluate_model(model_dir: str | Path, rec_files: list[Path], out_dir: Path, 
     return result
 
 
-# ----------------------------------------------------------------------------------------------- CLI
+def ground(model, tokenizer, processor, image, expression: str, style: str = "plain", square_pad: bool = False,
+           template: int = 0, max_new_tokens: int = 64, system_prompt: str | None = None) -> dict:
+    """{"answer", "grid_box" (or None), "pixel_box" (or None), "format"} for one expression in one PIL image."""
+    from mllm.data.grounding_prepare import TEMPLATES, pad_image_to_square
+    from mllm.model.generation import GenerationSettings, build_chat_prompt, generate
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mllm eval grounding", description=__doc__.split("\n")[0],
-        epilog="Two uses: score an answers file (--answers, --out), or run a model on REC files first "
-               "(--model with --rec or --refcoco-dir, and --out-dir).")
-    p.add_argument("--answers", help="answers jsonl: answer + metainfos{bbox,width,height,split}")
-    p.add_argument("--out", help="result JSON (default with --model: <out-dir>/grounding.json)")
-    p.add_argument("--grid", type=int, default=1000, help="coordinate grid of the model's boxes")
-    pad = p.add_mutually_exclusive_group()
-    pad.add_argument("--square-pad", dest="square_pad", action="store_true", default=None,
-                     help="grid coordinates are on the image centred in a square (the exercise's frame; the "
-                          "default when scoring an answers file whose lines do not say)")
-    pad.add_argument("--no-square-pad", dest="square_pad", action="store_false",
-                     help="grid coordinates are per-axis fractions of the original image (the default with "
-                          "--model: the course's base model is trained so)")
-    p.add_argument("--threshold", type=float, default=0.5, help="IoU needed for a hit (>=)")
-    model = p.add_argument_group("running a model (--model)")
-    model.add_argument("--model", help="checkpoint folder to answer with")
-    model.add_argument("--rec", type=Path, action="append", default=[], help="Shikra REC jsonl (repeatable)")
-    model.add_argument("--refcoco-dir", type=Path, help="folder with the eight REC_refcoco*_{unc,umd}_*.jsonl files")
-    model.add_argument("--image-root", type=Path, help="folder the REC img_path values are relative to "
-                                                       "(default: each REC file's folder)")
-    model.add_argument("--out-dir", type=Path, help="questions, resumable answers, pictures and grounding.json")
-    model.add_argument("--style", choices=("plain", "qwen"), default="plain", help="prompt and answer box style")
-    model.add_argument("--template", type=int, default=0, help="index of the REC prompt template (0: GROUNDING_PROMPT)")
-    model.add_argument("--limit", type=int, help="ask only the first N expressions of each split")
-    model.add_argument("--fraction", type=float, help="ask only the first fraction of each split (exercise: 0.2)")
-    model.add_argument("--batch-size", type=int, default=16)
-    model.add_argument("--max-new-tokens", type=int, help="default 32 (plain) / 64 (qwen)")
-    model.add_argument("--system-prompt", default=None,
-                       help="system message (default: the chat template's own, as in SFT training)")
-    model.add_argument("--draw", type=int, default=0, help="draw N sampled cases and a contact sheet")
-    model.add_argument("--seed", type=int, default=0, help="seed of the drawn sample")
-    return p
-
-
-def run(args: argparse.Namespace) -> dict:
-    """Scores `args.answers` (or first answers the REC files with `args.model`), writes the JSON, prints the table."""
-    if args.model:
-        rec_files = list(args.rec) + (refcoco_files(args.refcoco_dir) if args.refcoco_dir else [])
-        result = evaluate_model(args.model, rec_files, args.out_dir, args.image_root, args.style,
-                                bool(args.square_pad), args.template, args.limit, args.fraction, args.batch_size,
-                                args.max_new_tokens, args.system_prompt, args.draw, args.seed, args.threshold)
-        if args.out:
-            write_json_atomic(args.out, result)
-    else:
-        square_pad = True if args.square_pad is None else args.square_pad
-        result = score_files(args.answers, args.grid, square_pad, args.threshold)
-        write_json_atomic(args.out, result)
-    for entry in result["skipped"]:
-        print(f"grounding: skipped line {entry['line']}: {entry['reason']}", file=sys.stderr)
-    print(format_table(result))
-    return result
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.model:
-        if not (args.rec or args.refcoco_dir) or args.out_dir is None:
-            parser.error("--model needs --rec FILE or --refcoco-dir DIR, and --out-dir")
-        for path in args.rec:
-            if not path.is_file():
-                parser.error(f"--rec {path}: no such file")
-        try:
-            run(args)
-        except (FileNotFoundError, ValueError) as err:
-            parser.error(str(err))
-        return 0
-    if not args.answers or not args.out:
-        parser.error("give --answers and --out (or --model with REC files)")
-    run(args)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    shown = pad_image_to_square(image) if square_pad else image
+    question = TEMPLATES[("rec", style)][template].format(expression=expression)
+    text, images = build_chat_prompt([{"role": "user", "content": [shown, question]}], tokenizer,
+                                     system_prompt=system_prompt)
+    answer = generate(model, processor([text], [images]), tokenizer,
+                      GenerationSettings(max_new_tokens=max_new_tokens))[0]
+    parsed = parse_box(answer, GRID)
+    if parsed is None:
+        return {"answer": answer, "grid_box": None, "pixel_box": None, "format": None}
+    grid_box, fmt = parsed
+    pixel_box = grid_to_pixel(grid_box, image.width, image.height, GRID, square_pad)
+    return {"answer": answer, "grid_box": grid_box, "pixel_box": [round(v, 1) for v in pixel_box], "format": fmt}

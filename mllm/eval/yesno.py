@@ -15,13 +15,8 @@ is always wrong. So "Yes." -> yes, "Not sure" -> no (a known quirk), "sure, yes"
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
-
-from mllm.jsonio import read_jsonl, write_json_atomic
 
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
                   "artwork", "OCR")
@@ -156,35 +151,3 @@ def format_table(result: dict) -> str:
         m = result["mme"]
         lines.append(f"MME perception {m['perception']:.2f}  cognition {m['cognition']:.2f}  total {m['total']:.2f}")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mllm eval yesno", description=__doc__.split("\n")[0])
-    p.add_argument("--answers", required=True, help="answers jsonl from `mllm answer`")
-    p.add_argument("--test", help="test.json (id, image, conversations, category?) giving targets and images")
-    p.add_argument("--out", required=True, help="result JSON")
-    args = p.parse_args(argv)
-    numbered, skipped = read_jsonl(args.answers)
-    answers = [record for _, record in numbered]
-    if args.test:
-        records, problems = join_with_test(answers, json.loads(Path(args.test).read_text()))
-    else:
-        records, problems = records_from_answers(answers)
-    for entry in skipped:
-        print(f"yesno: skipped line {entry['line']}: {entry['reason']}", file=sys.stderr)
-    for problem, count in problems.items():
-        if count:
-            print(f"yesno: warning: {count} answer(s) with {problem.replace('_', ' ')}", file=sys.stderr)
-    try:
-        result = score(records)
-    except ValueError as err:
-        print(f"mllm eval yesno: {err}", file=sys.stderr)
-        return 2
-    result.update(skipped=skipped, join_problems=problems, answers=str(args.answers))
-    write_json_atomic(args.out, result)
-    print(format_table(result))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

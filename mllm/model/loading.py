@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from mllm.model.modeling_mllm import MLLMModel
-from mllm.model.processing import MLLMProcessor
+from mllm.model.processing import processor_for
 from mllm.model.tokenization import load_tokenizer
 
 SHIPPED_MODEL = Path(__file__).resolve().parent.parent / "assets" / "tiny-base"
@@ -19,10 +19,6 @@ def default_model_dir() -> Path:
     if not (SHIPPED_MODEL / "config.json").is_file():
         raise FileNotFoundError(f"the shipped model is missing from {SHIPPED_MODEL}; pass --model DIR")
     return SHIPPED_MODEL
-
-
-def processor_for(model: MLLMModel, tokenizer) -> MLLMProcessor:
-    return MLLMProcessor.from_config(tokenizer, model.config)
 
 
 def load_pretrained(folder: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu"):

@@ -186,7 +186,7 @@ class MLLMModel(nn.Module):
         Returns the answer string, or with `stream=True` an iterator over its pieces.
         """
         from mllm.model.generation import GenerationSettings, build_chat_prompt, generate, stream_generate
-        from mllm.model.loading import processor_for
+        from mllm.model.processing import processor_for
 
         processor = processor or processor_for(self, tokenizer)
         images = image if isinstance(image, (list, tuple)) else ([image] if image is not None else [])

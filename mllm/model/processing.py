@@ -182,3 +182,8 @@ class MLLMProcessor:
 
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)
+
+
+def processor_for(model, tokenizer) -> MLLMProcessor:
+    """The processor matching a model's config (image sizes, slicing, query count) and its tokenizer."""
+    return MLLMProcessor.from_config(tokenizer, model.config)

@@ -31,8 +31,6 @@ Design choices:
 
 from __future__ import annotations
 
-import json
-import sys
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -245,32 +243,3 @@ def train(model_args: ModelArguments, data_args: PreferenceDataArguments, traini
     return {**saved, "train_metrics": result.metrics, "final_metrics": logged[-1] if logged else {},
             "log_history": trainer.state.log_history, "reference_path": str(reference_path),
             "reward_curves": str(curves) if curves.is_file() else None, "trainer": trainer}
-
-
-def parse_args(argv: list[str] | None = None):
-    from mllm.train.sft import parse_dataclasses
-
-    return parse_dataclasses((ModelArguments, PreferenceDataArguments, PreferenceTrainingArguments), argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    model_args, data_args, training_args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        result = train(model_args, data_args, training_args)
-    except RunMismatchError as err:
-        print(f"mllm train preference: {err}", file=sys.stderr)
-        return 2
-    if training_args.process_index == 0:
-        summary = {k: result[k] for k in ("model_dir", "adapter_dir", "reference_path", "reward_curves",
-                                          "train_metrics", "final_metrics")}
-        print(json.dumps(summary, indent=2, default=str))
-    return 0
-
-
-def course_stage(out: Path, budget, seed: int = 0) -> dict:
-    """`mllm course --stage preference` (implemented in `mllm.train.preference_stage`)."""
-    from mllm.train.preference_stage import course_stage as run
-
-    return run(out, budget, seed)

@@ -31,14 +31,12 @@ Design choices:
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 
 from mllm.data.collate import SupervisedCollator
 from mllm.data.sft_dataset import SupervisedDataset
@@ -221,34 +219,3 @@ def final_eval_logs(state) -> dict:
     """Every eval_* value logged at the last step (eval loss, yes/no accuracy...)."""
     return {k: v for h in state.log_history if h.get("step") == state.global_step
             for k, v in h.items() if k.startswith("eval_")}
-
-
-def parse_args(argv: list[str] | None = None):
-    return parse_dataclasses((ModelArguments, DataArguments, SFTTrainingArguments), argv)
-
-
-def parse_dataclasses(types: tuple, argv: list[str] | None = None):
-    """Typed arguments from flags, or from a single .json / .yaml file of options."""
-    parser = HfArgumentParser(types)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    return parser.parse_args_into_dataclasses(args=argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    model_args, data_args, training_args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        result = train(model_args, data_args, training_args)
-    except RunMismatchError as err:
-        print(f"mllm train sft: {err}", file=sys.stderr)
-        return 2
-    if training_args.process_index == 0:
-        summary = {"model_dir": result["model_dir"], "adapter_dir": result["adapter_dir"],
-                   "train_metrics": result["train_metrics"], "eval_metrics": result["eval_metrics"]}
-        print(json.dumps(summary, indent=2, default=str))
-    return 0

@@ -5,7 +5,8 @@ import json
 
 from safetensors.torch import load_file
 
-from mllm.course import Budget, stage_base
+from mllm.course.base import stage_base
+from mllm.course.shared import Budget
 
 
 def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):

@@ -2,7 +2,7 @@
 
 import json
 
-from mllm.demo import main
+from mllm.cli.demo import main
 
 
 def test_demo_writes_report_and_scores(tmp_path, tiny_checkpoint, capsys):

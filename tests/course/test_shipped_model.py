@@ -11,9 +11,9 @@ import json
 
 import pytest
 
-from mllm.course import answer_yesno, describe_and_score
-from mllm.data.synth import generate
+from mllm.course.shared import answer_yesno, describe_and_score
 from mllm.model.loading import SHIPPED_MODEL, default_model_dir
+from mllm.world.synth import generate
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ import random
 import pytest
 from PIL import Image
 
+from mllm.cli.grounding_prepare import main
 from mllm.data.boxes import grid_to_pixel, parse_box
 from mllm.data.grounding_prepare import (GROUNDING_PROMPT, PrepareOptions, box_text, check_box, grounded_caption,
-                                         main, prepare, rec_conversations, report_path)
+                                         prepare, rec_conversations, report_path)
 
 
 def test_check_box_worked_examples():

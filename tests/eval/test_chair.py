@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import pytest
 
+from mllm.cli import eval_chair
 from mllm.eval import chair
 from mllm.eval.chair import UnknownImageIdError, Vocabulary, score, singularize, tokenize
 
@@ -166,7 +167,7 @@ def test_synthetic_vocabulary_clean_and_injected(tmp_path):
 
 def test_synthetic_world_descriptions():
     """The synthetic world's own texts: faithful descriptions score 0; one injected object in every 4th -> 0.25."""
-    scenes = pytest.importorskip("mllm.data.scenes")
+    scenes = pytest.importorskip("mllm.world.scenes")
     import random
 
     vocab = Vocabulary(scenes.CATEGORIES, scenes.DOUBLE_WORDS)
@@ -223,7 +224,7 @@ def test_build_coco_gt_and_cache(tmp_path):
     answers.write_text(json.dumps({"answer": "A cat and a dog on a sofa.",
                                    "metainfos": {"image_id": "COCO_val2014_000000000002.jpg"}}) + "\n")
     out = tmp_path / "result.json"
-    assert chair.main(["--answers", str(answers), "--coco-annotations", str(tmp_path), "--cache", str(cache),
+    assert eval_chair.main(["--answers", str(answers), "--coco-annotations", str(tmp_path), "--cache", str(cache),
                        "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["sentences"][0]["mscoco_hallucinated_words"] == [["dog", "dog"]]
@@ -279,7 +280,7 @@ def test_cli(tmp_path, capsys, monkeypatch):
     answers = tmp_path / "answers.jsonl"
     answers.write_text("\n".join(lines) + "\n")
     out = tmp_path / "result.json"
-    assert chair.main(["--answers", str(answers), "--chair-gt", str(path), "--out", str(out)]) == 0
+    assert eval_chair.main(["--answers", str(answers), "--chair-gt", str(path), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert images["synth_test_000000"] == ["circle"]
     assert images["synth_test_000002"] == ["triangle", "star", "traffic cone"]
@@ -289,5 +290,5 @@ def test_cli(tmp_path, capsys, monkeypatch):
     assert "CHAIRs" in capsys.readouterr().out
     pkl = tmp_path / "chair.pkl"
     pkl.write_bytes(_pickled_chair(monkeypatch, {1: {"dog"}}, 4))
-    assert chair.main(["--answers", str(answers), "--chair-pkl", str(pkl), "--out", str(out)]) == 2
+    assert eval_chair.main(["--answers", str(answers), "--chair-pkl", str(pkl), "--out", str(out)]) == 2
     assert "--trust-pickle" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from mllm.cli import eval_grounding
 from mllm.eval import grounding
 
 
@@ -72,7 +73,7 @@ def test_cli(tmp_path, capsys):
     answers = tmp_path / "preds.jsonl"
     answers.write_text("\n".join(lines) + "\n")
     out = tmp_path / "result.json"
-    assert grounding.main(["--answers", str(answers), "--out", str(out)]) == 0
+    assert eval_grounding.main(["--answers", str(answers), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["overall"]["correct"] == 4 and result["overall"]["n"] == 7
     assert result["skipped"] == [{"line": 3, "reason": "malformed JSON: Expecting property name enclosed in "

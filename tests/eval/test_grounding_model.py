@@ -5,12 +5,13 @@ The model is a random tiny checkpoint: these tests check plumbing, not accuracy.
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
-from mllm.eval import ground_cli, grounding
+from mllm.cli import eval_grounding
+from mllm.cli import ground as ground_cli
+from mllm.eval import grounding
 from mllm.eval.grounding_draw import GT_COLOUR, PRED_COLOUR, contact_sheet, draw_case
 
 
@@ -74,7 +75,7 @@ def test_refcoco_dir_order_and_cli(tmp_path, tiny_checkpoint, capsys):
     found = grounding.refcoco_files(tmp_path)
     assert [p.stem for p in found] == ["REC_refcoco_unc_val", "REC_refcoco+_unc_testB", "REC_refcocog_umd_test"]
     out = tmp_path / "cli"
-    code = grounding.main(["--model", str(tiny_checkpoint), "--refcoco-dir", str(tmp_path), "--out-dir", str(out),
+    code = eval_grounding.main(["--model", str(tiny_checkpoint), "--refcoco-dir", str(tmp_path), "--out-dir", str(out),
                            "--max-new-tokens", "4", "--draw", "2"])
     assert code == 0
     table = capsys.readouterr().out.splitlines()
@@ -84,9 +85,9 @@ def test_refcoco_dir_order_and_cli(tmp_path, tiny_checkpoint, capsys):
     rescored = grounding.score_files(out / "answers" / "refcoco_val.jsonl")
     assert rescored["overall"]["n"] == 1
     with pytest.raises(SystemExit):
-        grounding.main(["--model", str(tiny_checkpoint), "--out-dir", str(out)])
+        eval_grounding.main(["--model", str(tiny_checkpoint), "--out-dir", str(out)])
     with pytest.raises(SystemExit):
-        grounding.main(["--refcoco-dir", str(tmp_path / "nothing")])
+        eval_grounding.main(["--refcoco-dir", str(tmp_path / "nothing")])
 
 
 def test_score_uses_each_answer_frame():
@@ -129,25 +130,3 @@ def test_ground_cli(tmp_path, tiny_checkpoint, monkeypatch, capsys):
                             "--out", str(out), "the red star"]) == 0
     # 200x100 padded to 200x200 (50 px on top): y = 200/1000*200 - 50 = -10, 600/1000*200 - 50 = 70
     assert json.loads(capsys.readouterr().out)["pixel_box"] == [20.0, -10.0, 100.0, 70.0]
-
-
-def test_course_stage_plumbing(tmp_path, tiny_checkpoint):
-    """The stage on a 4-image world with the random checkpoint as its base: two training steps."""
-    import shutil
-
-    from mllm.data.synth import generate
-    from mllm.train.grounding import course_stage
-
-    with pytest.raises(FileNotFoundError, match="base"):
-        course_stage(tmp_path, SimpleNamespace(), 0)
-    generate(tmp_path / "world", n_train=4, n_test=2, seed=0, caption_noise=0.0, workers=1, progress=False)
-    shutil.copytree(tiny_checkpoint, tmp_path / "base" / "model")
-    budget = SimpleNamespace(grounding_steps=2, grounding_batch=2, eval_limit=2)
-    result = course_stage(tmp_path, budget, 0)
-    assert result["stage"] == "grounding" and result["settings"]["steps"] == 2
-    assert result["before"]["n"] == 2 and result["after"]["n"] == 2
-    assert 0.0 <= result["after"]["acc"] <= 1.0
-    assert (tmp_path / "grounding" / "model" / "config.json").is_file()
-    assert (tmp_path / "grounding" / "grounding_train.report.json").is_file()
-    assert result["table_rows"][0].startswith("| grounding | Acc@0.5")
-    assert result["pictures"]["after"][-1].endswith("contact_sheet.png")

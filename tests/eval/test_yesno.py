@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from mllm.cli import eval_yesno
 from mllm.eval import yesno
 from mllm.eval.yesno import parse_yes_no, score
 
@@ -88,7 +89,7 @@ def test_cli(tmp_path, capsys):
     answers = tmp_path / "answers.jsonl"
     answers.write_text("\n".join(lines[:3] + ["{oops"] + lines[3:]) + "\n")
     out = tmp_path / "result.json"
-    assert yesno.main(["--answers", str(answers), "--test", str(test_file), "--out", str(out)]) == 0
+    assert eval_yesno.main(["--answers", str(answers), "--test", str(test_file), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["overall"]["acc_plus"] == 0.6 and result["skipped"][0]["line"] == 4
     assert "existence" in capsys.readouterr().out
@@ -96,5 +97,5 @@ def test_cli(tmp_path, capsys):
     carried = [json.dumps({"idx": k, "answer": a, "target": t, "metainfos": {"image": f"data/images/{c}/{i}"}})
                for k, (c, i, t, a) in enumerate(ROWS)]
     answers.write_text("\n".join(carried) + "\n")
-    assert yesno.main(["--answers", str(answers), "--out", str(out)]) == 0
+    assert eval_yesno.main(["--answers", str(answers), "--out", str(out)]) == 0
     assert json.loads(out.read_text())["categories"]["color"]["score"] == 125.0

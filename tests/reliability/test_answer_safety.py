@@ -11,9 +11,13 @@ from tests.eval.test_answer import write_questions
 
 
 def mllm(*args: str) -> int:
-    from mllm.cli import main
+    """The CLI in this process: its exit code (argparse's refusals exit with 2)."""
+    from mllm.cli.main import main
 
-    return main([str(a) for a in args])
+    try:
+        return main([str(a) for a in args])
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
 
 
 def answer(checkpoint, questions, out, *extra) -> int:

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 
 from tests.eval.test_answer import write_questions
 
-CLI = [sys.executable, "-c", "import sys; from mllm.cli import main; sys.exit(main(sys.argv[1:]))"]
+CLI = [sys.executable, "-c", "import sys; from mllm.cli.main import main; sys.exit(main(sys.argv[1:]))"]
 
 
 def kill_after(command, seconds: float) -> None:

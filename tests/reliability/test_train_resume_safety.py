@@ -87,7 +87,7 @@ def test_kill_minus_9_then_resume_gives_the_uninterrupted_result(tmp_path, tiny_
     straight = tmp_path / "straight"
     assert mllm(*sft_args(tiny_checkpoint, sft_data, straight)) == 0
     out = tmp_path / "killed"
-    command = [sys.executable, "-c", "import sys; from mllm.cli import main; sys.exit(main(sys.argv[1:]))",
+    command = [sys.executable, "-c", "import sys; from mllm.cli.main import main; sys.exit(main(sys.argv[1:]))",
                *sft_args(tiny_checkpoint, sft_data, out)]
 
     def writing_checkpoint_4(folder):  # the folder exists but the Trainer has not finished (marked) it

@@ -9,9 +9,10 @@ import torch
 
 from mllm.data.conversation import IGNORE_INDEX
 from mllm.data.preference_dataset import PreferenceCollator, PreferenceDataset
+from mllm.cli.logp import main
 from mllm.model.modeling_mllm import MLLMModel
 from mllm.model.tokenization import load_tokenizer
-from mllm.train.logp import (StaleCacheError, cache_path, compute_reference_logps, load_reference_logps, main,
+from mllm.train.logp import (StaleCacheError, cache_path, compute_reference_logps, load_reference_logps,
                              model_fingerprint, pair_logps, read_cache)
 from mllm.train.losses import token_logps
 

@@ -9,12 +9,13 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from mllm.cli.train_preference import main
 from mllm.data.preference_dataset import PreferenceCollator, PreferenceDataset
 from mllm.model.modeling_mllm import MLLMModel
 from mllm.model.tokenization import load_tokenizer
 from mllm.train.logp import StaleCacheError, compute_reference_logps, model_fingerprint
 from mllm.train.preference import (LOGP_KEYS, REWARD_KEYS, PreferenceDataArguments, PreferenceTrainer,
-                                   PreferenceTrainingArguments, ReferenceMismatchError, main, train)
+                                   PreferenceTrainingArguments, ReferenceMismatchError, train)
 from mllm.train.sft import ModelArguments
 
 LN2 = math.log(2)
@@ -139,53 +140,3 @@ def test_lora_through_the_cli_saves_reloads_and_resumes(tiny_checkpoint, prefere
     assert main(argv + ["--resume_from_checkpoint", "auto"]) == 0
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and [h["step"] for h in state["log_history"] if "loss" in h][-2:] == [3, 4]
-
-
-def test_course_stage_on_a_tiny_world(tiny_checkpoint, tmp_path):
-    """The course stage end to end: before / after CHAIR with the same decoding, curves, table rows."""
-    from types import SimpleNamespace
-
-    from mllm.data.synth import generate
-    from mllm.train.preference import course_stage
-
-    with pytest.raises(FileNotFoundError, match="run `mllm course --stage base` first"):
-        course_stage(tmp_path, SimpleNamespace(), 0)
-    generate(tmp_path / "world", n_train=6, n_test=3, seed=0, progress=False)
-    shutil.copytree(tiny_checkpoint, tmp_path / "base" / "model")
-    budget = SimpleNamespace(n_train=6, eval_limit=3, preference_steps=2, preference_batch=3)
-    result = course_stage(tmp_path, budget, seed=0)
-    assert result["stage"] == "preference" and result["pairs"] == 6
-    # The random model's own samples name no object, so no self pair: the stage says so and takes the world's.
-    summary = json.loads((tmp_path / "preference" / "self_pairs" / "pairs_summary.json").read_text())
-    assert summary["samples"] == 6 and summary["pairs"] == 0
-    assert (tmp_path / "preference" / "fresh_scenes" / "chair_gt.json").is_file()  # described scenes it never saw
-    assert result["pairs_source"] == str(tmp_path / "world" / "preference_train.json")
-    assert set(result["before"]) == set(result["after"]) == {"CHAIRs", "CHAIRi", "Recall", "Len"}
-    assert 0.0 <= result["reward_accuracy"] <= 1.0 and result["settings"]["steps"] == 2
-    assert 0.0 <= result["reward_accuracy_all_pairs"] <= 1.0
-    assert (tmp_path / "preference" / "pairs.after.logp.jsonl").is_file()  # the trained policy's pass over the pairs
-    assert (tmp_path / "preference" / "model" / "reward_curves.png").is_file()
-    assert (tmp_path / "preference" / "pairs.base.logp.jsonl").is_file()
-    assert result["table_rows"][0].startswith("| preference | CHAIRs / CHAIRi | ")
-    MLLMModel.from_pretrained(result["model_dir"])
-
-
-def test_reward_accuracy_over_all_pairs_compares_policy_and_reference_rewards(tmp_path, monkeypatch):
-    from mllm.train import logp, preference_stage
-
-    def cache(name, rows):
-        path = tmp_path / f"pairs.{name}.logp.jsonl"
-        lines = [{"format": logp.FORMAT}] + [{"idx": i, "chosen_logp": c, "rejected_logp": r, "chosen_avg_logp": ca,
-                                         "rejected_avg_logp": ra} for i, (c, r, ca, ra) in enumerate(rows)]
-        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-        return path
-
-    cache("base", [(-10.0, -10.0, -1.0, -1.0)] * 3)
-    # rewards (policy - reference), sums: pair 0 +1 vs -1 (right), pair 1 -2 vs -1 (wrong), pair 2 0 vs 0 (a tie
-    # is not a win); token means: all three right
-    after = cache("after", [(-9.0, -11.0, -0.5, -2.0), (-12.0, -11.0, -0.5, -2.0), (-10.0, -10.0, -0.5, -2.0)])
-    monkeypatch.setattr(logp, "compute_reference_logps", lambda *args, **kwargs: after)
-    settings = {"average_logp": False, "loss": "sigmoid"}
-    pairs = tmp_path / "pairs.json"
-    assert preference_stage.pairs_reward_accuracy(tmp_path, pairs, tmp_path, settings) == pytest.approx(1 / 3)
-    assert preference_stage.pairs_reward_accuracy(tmp_path, pairs, tmp_path, settings | {"loss": "ipo"}) == 1.0

@@ -8,11 +8,12 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import TrainerCallback
 
+from mllm.cli.train_sft import main
 from mllm.data.collate import SupervisedCollator
 from mllm.data.sft_dataset import SupervisedDataset
 from mllm.model.modeling_mllm import MLLMModel
 from mllm.model.tokenization import load_tokenizer
-from mllm.train.sft import DataArguments, ModelArguments, SFTTrainingArguments, main, train
+from mllm.train.sft import DataArguments, ModelArguments, SFTTrainingArguments, train
 
 QUESTION = "Is there a purple triangle in the image? Please answer yes or no."  # words of conftest's CORPUS
 

@@ -1,6 +1,6 @@
 """`mllm synth`: generate the synthetic scene world and every task file under one folder.
 
-    mllm synth --out DIR --n-train 2000 --n-test 200 --seed 0 [--caption-noise 0.2]
+    mllm synth --out DIR --n-train 2000 --n-test 200 --seed 0 [--caption-noise 0.2]   (`mllm.cli.synth`)
 
 Files written (paths inside the folder; every image path in a record is relative to the folder):
     images/{train,test}/synth_{split}_{index:06d}.png
@@ -26,23 +26,20 @@ preference `chosen` texts are never noised. Noising a record changes no other re
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
 import random
 import shutil
-import sys
-import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from mllm.data.scenes import (CATEGORIES, COLOURS, DETAILED_PROMPTS, DOUBLE_WORDS, SHORT_PROMPTS, SYNONYM_P,
-                              Scene, absent_mention, counting_qa, detailed_description, dialogue,
-                              preference_rejected, referring_expression, render_scene, sample_scene,
-                              scene_from_dict, scene_mentions, scene_to_dict, short_description,
-                              with_extra_mention, yesno_pair)
+from mllm.world.scenes import (CATEGORIES, COLOURS, DETAILED_PROMPTS, DOUBLE_WORDS, SHORT_PROMPTS, SYNONYM_P,
+                               Scene, absent_mention, counting_qa, detailed_description, dialogue,
+                               preference_rejected, referring_expression, render_scene, sample_scene,
+                               scene_from_dict, scene_mentions, scene_to_dict, short_description,
+                               with_extra_mention, yesno_pair)
 
 GENERATOR_VERSION = "synth-1"
 SPLITS = ("train", "test")
@@ -257,40 +254,3 @@ def generate(out_dir: str | os.PathLike, n_train: int, n_test: int, seed: int, c
     written = {key: out_dir / name for key, name in meta["files"].items()}
     written["images_train"], written["images_test"] = out_dir / "images" / "train", out_dir / "images" / "test"
     return written
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mllm synth", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="output folder: new, empty, or a world of the same parameters")
-    parser.add_argument("--n-train", type=int, default=2000)
-    parser.add_argument("--n-test", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--caption-noise", type=float, default=0.0,
-                        help="fraction of train descriptions that mention one object not in the image")
-    parser.add_argument("--large-fraction", type=float, default=0.15,
-                        help="fraction of images larger than 112x112 or about 4:1 (exercise slicing)")
-    parser.add_argument("--max-objects", type=int, default=6)
-    parser.add_argument("--workers", type=int, default=None, help="processes (default 1; output bytes do not depend on it)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument("--overwrite", action="store_true", help="replace a world of other parameters in --out")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
-    try:
-        written = generate(args.out, args.n_train, args.n_test, args.seed, args.caption_noise, args.large_fraction,
-                           args.max_objects, args.workers, progress=not args.quiet, overwrite=args.overwrite)
-    except WorldDirError as err:
-        print(f"mllm synth: {err}", file=sys.stderr)
-        return 2
-    counts = json.loads(written["meta"].read_text())["counts"]
-    print(f"mllm synth: {args.n_train} train + {args.n_test} test images in {written['images_train'].parent} "
-          f"({time.perf_counter() - start:.1f} s)")
-    for key, path in written.items():
-        if key in counts:
-            print(f"  {path}  ({counts[key]} records)")
-        elif not key.startswith("images"):
-            print(f"  {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -24,15 +24,14 @@ tells chosen from rejected.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import re
 from pathlib import Path
 from typing import Callable
 
-from mllm.data.scenes import DETAILED_PROMPTS, NUMBER_WORDS
 from mllm.jsonio import write_json_atomic
+from mllm.world.scenes import DETAILED_PROMPTS, NUMBER_WORDS
 
 
 def sample_questions(scenes: list[dict], n_images: int, samples_per_image: int, seed: int = 0) -> list[dict]:
@@ -221,35 +220,3 @@ def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / len(values) if values else 0.0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mllm preference pairs", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="the policy that describes the images (and the reference)")
-    parser.add_argument("--world", required=True, help="a synthetic world (mllm synth): scenes.jsonl, chair_gt.json")
-    parser.add_argument("--out", required=True, help="folder for questions, samples, pairs.json")
-    parser.add_argument("--images", type=int, default=600, help="training images to describe")
-    parser.add_argument("--samples", type=int, default=4, help="sampled descriptions per image")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=160)
-    parser.add_argument("--mode", choices=MODES, default="balanced",
-                        help="corrected: each hallucinating sample vs itself without its hallucinating sentences; "
-                             "balanced: those plus, per pair, the corrected description vs the same minus one true "
-                             "sentence; ranked: an image's least vs most hallucinating sample")
-    parser.add_argument("--true-drops", type=int, default=1,
-                        help="balanced: pairs per corrected description, each against it minus a different "
-                             "true sentence")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    summary = build_pairs(args.model, args.world, args.out, args.images, args.samples, args.seed, args.batch_size,
-                          args.max_new_tokens, args.mode, args.true_drops, quiet=False)
-    print(json.dumps(summary, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

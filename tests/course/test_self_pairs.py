@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from mllm.data.self_pairs import build_pairs, correct_description, main, rank_pairs, sample_questions
+from mllm.cli.preference_pairs import main
+from mllm.course.self_pairs import build_pairs, correct_description, rank_pairs, sample_questions
 
 CAPTION = ("The image shows three objects on a light background. A small red star is in the top left. "
            "A large blue heart is in the center. A small green circle is at the bottom.")
@@ -26,7 +27,7 @@ def test_correction_gives_none_when_nothing_or_everything_goes():
 
 
 def test_corrected_pairs_judge_sentences_by_the_ground_truth(tmp_path):
-    from mllm.data.self_pairs import corrected_pairs
+    from mllm.course.self_pairs import corrected_pairs
     from mllm.eval import chair
 
     (tmp_path / "gt.json").write_text(json.dumps({
@@ -55,7 +56,7 @@ def test_corrected_pairs_judge_sentences_by_the_ground_truth(tmp_path):
 def test_dropping_true_sentences_picks_different_ones_and_needs_two():
     import random
 
-    from mllm.data.self_pairs import drop_true_sentences
+    from mllm.course.self_pairs import drop_true_sentences
 
     names = lambda s: any(w in s for w in ("star", "heart", "circle"))  # noqa: E731
     three = drop_true_sentences(CAPTION, names, random.Random(0), k=5)
@@ -102,7 +103,7 @@ def test_questions_repeat_one_prompt_per_image():
 
 
 def test_build_pairs_on_a_tiny_world_writes_and_resumes(tiny_checkpoint, tmp_path, monkeypatch):
-    from mllm.data.synth import generate
+    from mllm.world.synth import generate
 
     world = tmp_path / "world"
     generate(world, n_train=4, n_test=1, seed=0, progress=False)

@@ -3,7 +3,7 @@ the description bench before and after with the same greedy decoding.
 
     pairs "self" (default)          the base model's own sampled descriptions of freshly generated scenes
                                     (out/preference/fresh_scenes/; pair_scenes "train": the world's training images),
-                                    paired by pair_mode (`mllm.data.self_pairs`, out/preference/self_pairs/):
+                                    paired by pair_mode (`mllm.course.self_pairs`, out/preference/self_pairs/):
                                     "balanced", each hallucinating one against itself minus its hallucinating
                                     sentences, and that against itself minus one true sentence; the world's pairs
                                     when the samples give none
@@ -16,20 +16,21 @@ the description bench before and after with the same greedy decoding.
 The default loss is DPO with an SFT term on the chosen answers: DPO alone collapses the descriptions to one or two
 objects here, and the exercise's NCA-pair loss lowers CHAIR as far but loses more Recall (README, Preference).
 
-Budget attributes are read with defaults (`getattr`), so `course.Budget` needs no change; a Budget that adds
-them (preference_steps, preference_batch, preference_lr, preference_beta, preference_loss, preference_sft_weight,
-preference_average_logp, preference_use_lora, preference_pairs, ...) overrides these. A small world
-(Budget.quick()) gets a ~1 minute run.
+Budget attributes are read with defaults (`getattr`), so `mllm.course.shared.Budget` needs no change; a Budget
+that adds them (preference_steps, preference_batch, preference_lr, preference_beta, preference_loss,
+preference_sft_weight, preference_average_logp, preference_use_lora, preference_pairs, ...) overrides these. A
+small world (Budget.quick()) gets a ~1 minute run.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
-# pairs: "self" (the base model's own sampled descriptions, `mllm.data.self_pairs`, with pair_mode, of
+from mllm.course.shared import describe_and_score, fresh
+
+# pairs: "self" (the base model's own sampled descriptions, `mllm.course.self_pairs`, with pair_mode, of
 # pair_images scenes: "fresh" ones generated for the stage, or the world's "train" images) or "world" (the world's
 # corrupted descriptions, preference_train.json).
 FULL = {"steps": 300, "batch": 8, "lr": 1e-4, "beta": 0.1, "loss": "sigmoid", "sft_weight": 1.0,
@@ -45,13 +46,6 @@ def stage_settings(budget) -> dict:
     return {key: getattr(budget, f"preference_{key}", value) for key, value in defaults.items()}
 
 
-def _fresh(folder: Path) -> Path:
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    return folder
-
-
 def align(base: Path, world: Path, stage: Path, settings: dict, seed: int = 0) -> dict:
     """Reference log-probs of the first steps x batch pairs of the world, then preference training of `base`
     into stage/model; returns `train`'s result plus "pairs" and "train_minutes"."""
@@ -61,8 +55,8 @@ def align(base: Path, world: Path, stage: Path, settings: dict, seed: int = 0) -
 
     images = world  # the folder the pairs' image paths are relative to
     if settings["pairs"] == "self":
-        from mllm.data.self_pairs import build_pairs
-        from mllm.data.synth import generate
+        from mllm.course.self_pairs import build_pairs
+        from mllm.world.synth import generate
 
         if settings["pair_scenes"] == "fresh":
             # Scenes the base never saw: on its training images it hallucinates far less than on new ones.
@@ -121,8 +115,6 @@ def pairs_reward_accuracy(model_dir: Path, pairs_file: Path, images: Path, setti
 
 
 def course_stage(out: Path, budget, seed: int = 0) -> dict:
-    from mllm.course import describe_and_score
-
     out = Path(out)
     world, base = out / "world", out / "base" / "model"
     if not (world / "preference_train.json").is_file():
@@ -134,9 +126,9 @@ def course_stage(out: Path, budget, seed: int = 0) -> dict:
     stage = out / "preference"
     stage.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    before = describe_and_score(base, world, _fresh(stage / "before"), "greedy", limit=limit)
+    before = describe_and_score(base, world, fresh(stage / "before"), "greedy", limit=limit)
     result = align(base, world, stage, settings, seed)
-    after = describe_and_score(Path(result["model_dir"]), world, _fresh(stage / "after"), "greedy", limit=limit)
+    after = describe_and_score(Path(result["model_dir"]), world, fresh(stage / "after"), "greedy", limit=limit)
     all_pairs_accuracy = pairs_reward_accuracy(Path(result["model_dir"]), Path(result["pairs_file"]),
                                                Path(result["image_folder"]), settings)
 

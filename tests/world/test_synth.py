@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mllm.data import scenes as S
-from mllm.data import synth
+from mllm.cli import synth as synth_cli
+from mllm.world import scenes as S
+from mllm.world import synth
 
 ARGS = dict(n_train=40, n_test=12, seed=3, caption_noise=0.3, large_fraction=0.3)
 
@@ -172,7 +173,7 @@ def test_cli_is_byte_deterministic_across_worker_counts(out, tmp_path, capsys):
     again = tmp_path / "again"
     argv = ["--out", str(again), "--n-train", "40", "--n-test", "12", "--seed", "3", "--caption-noise", "0.3",
             "--large-fraction", "0.3", "--workers", "2", "--quiet"]
-    assert synth.main(argv) == 0
+    assert synth_cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert str(again) in printed and "sft_train.json" in printed and "(40 records)" in printed
     digest = tree_digest(out)

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from mllm.data import scenes as S
-from mllm.data.scenes import Scene, SceneObject
+from mllm.world import scenes as S
+from mllm.world.scenes import Scene, SceneObject
 
 
 def rendered_scenes(n, seed=0, large_fraction=0.3):

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllm chat", description=__doc__.split("\n")[0])
     parser.add_argument("question", nargs="?", help="one question; leave out for an interactive chat")
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the shipped tiny model)")
@@ -15,6 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoding", choices=["greedy", "sample", "beam"], default="greedy")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--system-prompt", default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     from mllm.model.image_processing import load_image

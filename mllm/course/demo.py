@@ -7,12 +7,10 @@ grounding Acc@IoU>=0.5), and writes an HTML report with the images, drawn boxes 
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -38,7 +36,7 @@ def png_data_uri(image, scale: int = 2) -> str:
 
 def showcase(model_dir: Path, world: Path, n: int) -> list[dict]:
     """Describe, question and ground the first `n` held-out scenes."""
-    from mllm.course import GROUNDING_PROMPT
+    from mllm.data.grounding_prepare import GROUNDING_PROMPT
     from mllm.data.boxes import grid_to_pixel, iou, parse_box
     from mllm.model.image_processing import load_image
     from mllm.model.loading import load_pretrained
@@ -93,18 +91,12 @@ td{{padding:.2em 1em}}</style></head><body><h1>mllm demo</h1>
 <h2>Held-out scores</h2><table>{table}</table><h2>Cases</h2>{''.join(rows)}</body></html>"""
 
 
-def run(model_dir: Path | None, out: Path, seed: int, n_eval: int) -> Path:
-    """The demo into `out` (claimed: only what the demo wrote there before is replaced); returns the report.
-    Without a model folder, the shipped model, or a random one (said loudly) when the package lacks it."""
-    from mllm.course import describe_and_score, answer_yesno, ground_and_score
-    from mllm.data.synth import generate
-
-    from mllm.outputs import claim_output_dir, finish_output_dir
+def run(model_dir: Path, out: Path, seed: int, n_eval: int) -> Path:
+    """The demo of `model_dir` into `out`, which must be claimed (`mllm.outputs.claim_output_dir`)."""
+    from mllm.course.shared import answer_yesno, describe_and_score, ground_and_score
+    from mllm.world.synth import generate
 
     started = time.time()
-    claim_output_dir(out, "mllm demo")  # never removes what the demo did not write
-    if model_dir is None:
-        model_dir = shipped_or_random(out)
     world = out / "world"
     generate(world, n_train=0, n_test=n_eval, seed=seed, caption_noise=0.0, progress=False)
     print(f"generated {n_eval} fresh scenes (seed {seed}) in {world}")
@@ -128,44 +120,37 @@ def run(model_dir: Path | None, out: Path, seed: int, n_eval: int) -> Path:
     report = out / "report.html"
     report.write_text(report_html(cases, scores, model_dir, time.time() - started))
     (out / "scores.json").write_text(json.dumps({"chair": chair, "yesno": yesno, "grounding": grounding}, indent=2))
-    finish_output_dir(out)
     print("\nheld-out scores:")
     for k, v in scores.items():
         print(f"  {k:<36} {v}")
     return report
 
 
-def shipped_or_random(out: Path) -> Path:
-    from mllm.model.init_cli import make_random_checkpoint
-    from mllm.model.loading import default_model_dir
+def run_demo(model_dir: Path | None, out: Path, seed: int, n_eval: int) -> Path:
+    """The whole demo into `out`: the shipped model (or `model_dir`) on `n_eval` new scenes of `seed`; without a
+    shipped model, a randomly initialised tiny checkpoint (said so loudly). Returns the report's path.
 
-    try:
-        return default_model_dir()
-    except FileNotFoundError:
-        model_dir = out / "random-tiny"
-        print("NOTE: the shipped tiny model is missing from this installation (`mllm course --stage base`"
-              f" trains one); the demo runs a RANDOMLY INITIALISED tiny checkpoint written to {model_dir}:"
-              " expect chance-level scores and meaningless text.")
-        make_random_checkpoint(model_dir, "tiny", seed=0)
-        return model_dir
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mllm demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the shipped tiny model)")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--seed", type=int, default=2026, help="seed of the fresh scenes (training used 0)")
-    parser.add_argument("--n-eval", type=int, default=60, help="held-out scenes for the scores")
-    args = parser.parse_args(argv)
+    `out` is claimed (`mllm.outputs`): a rerun replaces only what the demo wrote there; a non-empty folder the
+    demo did not write is refused with OutputDirError and left as it is."""
     import torch
 
-    from mllm.outputs import OutputDirError
+    from mllm.model.loading import default_model_dir
+    from mllm.outputs import claim_output_dir, finish_output_dir
 
     torch.manual_seed(0)
-    try:
-        report = run(args.model, args.out, args.seed, args.n_eval)
-    except OutputDirError as err:
-        print(f"mllm demo: {err}", file=sys.stderr)
-        return 2
-    print(f"\nreport: {report.resolve()}")
-    return 0
+    claim_output_dir(out, "mllm demo")
+    if model_dir is None:
+        try:
+            model_dir = default_model_dir()
+        except FileNotFoundError:
+            from mllm.model.random_checkpoint import make_random_checkpoint
+            from mllm.world.corpus import default_corpus
+
+            model_dir = out / "random-tiny"
+            print("NOTE: the shipped tiny model is missing from this installation (`mllm course --stage base`"
+                  f" trains one); the demo runs a RANDOMLY INITIALISED tiny checkpoint written to {model_dir}:"
+                  " expect chance-level scores and meaningless text.")
+            make_random_checkpoint(model_dir, "tiny", texts=default_corpus(), seed=0)
+    report = run(model_dir, out, seed, n_eval)
+    finish_output_dir(out)
+    return report

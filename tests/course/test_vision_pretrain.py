@@ -2,7 +2,7 @@
 
 import torch
 
-from mllm.train.vision_pretrain import COLOUR_NAMES, GRID, N_SCENE_TARGETS, SHAPES, patch_targets, scene_targets
+from mllm.course.base import COLOUR_NAMES, GRID, N_SCENE_TARGETS, SHAPES, patch_targets, scene_targets
 
 SCENE = {"width": 112, "height": 56, "objects": [
     {"category": "star", "colour": "red", "cx": 20.0, "cy": 20.0, "bbox": [0, 0, 40, 40]},
@@ -40,9 +40,9 @@ def test_scene_targets_cells_and_pairs():
 
 
 def test_pretraining_fits_a_few_scenes_and_touches_only_vision_and_resampler(tmp_path, tiny_checkpoint):
-    from mllm.data.synth import generate
+    from mllm.course.base import pretrain
     from mllm.model.loading import load_pretrained
-    from mllm.train.vision_pretrain import pretrain
+    from mllm.world.synth import generate
 
     generate(tmp_path, n_train=8, n_test=0, seed=3, progress=False)
     model, _, _ = load_pretrained(tiny_checkpoint)

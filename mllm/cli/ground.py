@@ -12,35 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from mllm.data.boxes import grid_to_pixel, parse_box
-
-GRID = 1000
+from mllm.eval.grounding import ground
 
 
-def ground(model, tokenizer, processor, image, expression: str, style: str = "plain", square_pad: bool = False,
-           template: int = 0, max_new_tokens: int = 64, system_prompt: str | None = None) -> dict:
-    """{"answer", "grid_box" (or None), "pixel_box" (or None), "format"} for one expression in one PIL image."""
-    from mllm.data.grounding_prepare import TEMPLATES, pad_image_to_square
-    from mllm.model.generation import GenerationSettings, build_chat_prompt, generate
-
-    shown = pad_image_to_square(image) if square_pad else image
-    question = TEMPLATES[("rec", style)][template].format(expression=expression)
-    text, images = build_chat_prompt([{"role": "user", "content": [shown, question]}], tokenizer,
-                                     system_prompt=system_prompt)
-    answer = generate(model, processor([text], [images]), tokenizer,
-                      GenerationSettings(max_new_tokens=max_new_tokens))[0]
-    parsed = parse_box(answer, GRID)
-    if parsed is None:
-        return {"answer": answer, "grid_box": None, "pixel_box": None, "format": None}
-    grid_box, fmt = parsed
-    pixel_box = grid_to_pixel(grid_box, image.width, image.height, GRID, square_pad)
-    return {"answer": answer, "grid_box": grid_box, "pixel_box": [round(v, 1) for v in pixel_box], "format": fmt}
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllm ground", description=__doc__.split("\n\n")[0])
     parser.add_argument("expression", help='what to find, e.g. "the red star"')
     parser.add_argument("--image", type=Path, required=True)
@@ -51,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--system-prompt", default=None, help="default: the chat template's own (as in training)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     from mllm.eval.grounding_draw import draw_case
@@ -82,6 +64,3 @@ def main(argv: list[str] | None = None) -> int:
 def format_grid(box) -> str:
     return "[" + ",".join(f"{v:g}" for v in box) + "]"
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,53 @@
+"""`mllm answer`: arguments -> `mllm.eval.answer.run`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mllm.cli.arguments import non_negative_int, output_file, positive_int
+from mllm.eval import answer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mllm answer", description=answer.__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the shipped tiny model)")
+    parser.add_argument("--questions", type=Path, required=True, help="question jsonl (Object HalBench format)")
+    parser.add_argument("--out", type=output_file, required=True,
+                        help="answers jsonl (appended to and resumed; only ever a file of this same run)")
+    parser.add_argument("--decoding", choices=["greedy", "sample", "beam"], default="greedy")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=512)
+    parser.add_argument("--min-new-tokens", type=non_negative_int, default=0)
+    parser.add_argument("--image-root", type=Path, default=None, help="folder that image paths are relative to")
+    parser.add_argument("--system-prompt", default=None,
+                        help="system message; default: the chat template's own, as in training (the exercise's eval "
+                             "sends an empty one, --system-prompt '', which a small model trained without it ignores)")
+    parser.add_argument("--limit", type=non_negative_int, default=None, help="answer only the first N questions")
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it holds answers of another run (or anything else)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.questions.is_file():
+        parser.error(f"--questions {args.questions}: no such file")
+    import torch
+
+    from mllm.model.loading import default_model_dir
+
+    torch.manual_seed(args.seed)
+    try:
+        stats = answer.run(args.model or str(default_model_dir()), args.questions, args.out, args.decoding,
+                           args.batch_size, args.max_new_tokens, args.min_new_tokens, args.image_root,
+                           args.system_prompt, args.limit, seed=args.seed, overwrite=args.overwrite)
+    except answer.AnswersFileError as err:
+        print(f"mllm answer: {err}", file=sys.stderr)
+        return 2
+    print(f"{stats['answered']} answered now, {stats['already_answered']} already in {args.out}, "
+          f"{stats['skipped_lines']} malformed line(s) and {stats['skipped_records']} unusable record(s) skipped")
+    return 0

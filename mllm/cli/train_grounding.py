@@ -1,0 +1,19 @@
+"""`mllm train grounding`: flags (or a .json file of options) -> `mllm.train.grounding.train_grounding`."""
+
+from __future__ import annotations
+
+import json
+
+from mllm.cli.train_sft import parse_dataclasses
+from mllm.train import grounding
+from mllm.train.sft import ModelArguments
+
+
+def main(argv: list[str] | None = None) -> int:
+    model_args, data_args, training_args = parse_dataclasses(
+        (ModelArguments, grounding.GroundingDataArguments, grounding.GroundingTrainingArguments), argv, yaml=False)
+    result = grounding.train_grounding(model_args, data_args, training_args)
+    if training_args.process_index == 0:
+        print(json.dumps({k: result[k] for k in ("model_dir", "train_metrics", "eval_metrics", "grounding_eval")},
+                         indent=2, default=str))
+    return 0

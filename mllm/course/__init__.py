@@ -1,0 +1,18 @@
+"""`mllm course`: the exercise's arc on a 2-core CPU with the tiny model, stage by stage.
+
+    base        synthetic world (with caption noise) -> tokenizer -> tiny model from random init -> SFT on
+                descriptions, counting, dialogues and yes/no -> CHAIR on the bench + yes/no accuracy
+    sft         SFT of the base model on the yes/no set: test loss and accuracy before and after
+    grounding   held-out Acc@IoU>=0.5 of the base model, grounding fine-tuning, Acc@0.5 again
+                (`mllm.course.grounding.course_stage`)
+    preference  CHAIR of the base model, reference log-probs, preference training, CHAIR again
+                (`mllm.course.preference.course_stage`)
+
+Each stage writes its folder under `--out` (model, answers, metrics JSON, plots) and adds a row to
+`results.json`; `course.md` is the table of every stage run so far. A stage reuses what earlier stages left
+(the world, the base model), so each can be run alone once its inputs exist. `--quick` shrinks every budget
+to a few minutes in total; the numbers it gives are not the course's targets.
+
+Modules: one per stage (`base`, `sft`, `grounding`, `preference`, with `self_pairs`), `shared` (the budget,
+the world and the evaluations every stage runs), `runner` (stage dispatch and the results table), `demo`.
+"""

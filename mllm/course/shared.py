@@ -1,0 +1,155 @@
+"""What every course stage shares: the run's budget, the world it trains on, and the evaluations a stage runs
+before and after training (CHAIR on the description bench, yes/no accuracy, grounding Acc@0.5, test loss)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from mllm.data.grounding_prepare import GROUNDING_PROMPT  # the grounding prompt's one home
+from mllm.jsonio import write_json_atomic
+
+
+STAGES = ["base", "sft", "grounding", "preference"]  # in the order `mllm course` runs them
+
+
+@dataclass
+class Budget:
+    """Sizes of one course run; `quick()` for smoke runs."""
+
+    n_train: int = 4000
+    n_test: int = 300
+    caption_noise: float = 0.25
+    base_steps: int = 650  # phases 1 + 2; phase 2 (everything at a tenth of the rate) gets base_steps - frozen
+    base_frozen_steps: int = 650  # phase 1: the LLM alone, on the full mix, over frozen pretrained vision
+    base_batch: int = 32
+    base_lr: float = 1e-3
+    vision_pretrain_steps: int = 3000
+    vision_pretrain_batch: int = 64
+    vision_pretrain_lr: float = 3e-3
+    sft_steps: int = 150
+    sft_batch: int = 16
+    sft_lr: float = 1e-4
+    eval_limit: int | None = None  # questions per evaluation (None: all)
+    preference_pairs: str = "self"  # "self": pairs from the base's own descriptions; "world": preference_train.json
+
+    @classmethod
+    def quick(cls) -> "Budget":
+        return cls(n_train=200, n_test=40, base_steps=40, base_frozen_steps=15, base_batch=8,
+                   vision_pretrain_steps=20, vision_pretrain_batch=16, sft_steps=10, sft_batch=8, eval_limit=40)
+
+
+def world_dir(out: Path, budget: Budget, seed: int) -> Path:
+    from mllm.world.synth import generate
+
+    world = out / "world"
+    if not (world / "meta.json").is_file():
+        generate(world, n_train=budget.n_train, n_test=budget.n_test, seed=seed, caption_noise=budget.caption_noise)
+    return world
+
+
+def fresh(folder: Path) -> Path:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+# ---- shared evaluations ----------------------------------------------------------------------------------------
+def describe_and_score(model_dir: Path, world: Path, out_dir: Path, decoding: str = "greedy",
+                       limit: int | None = None, max_new_tokens: int = 160) -> dict:
+    """Answer the world's description bench with the model, then CHAIR against the world's ground truth."""
+    from mllm.eval import chair
+    from mllm.eval.answer import run
+
+    answers = out_dir / f"bench_answers_{decoding}.jsonl"
+    run(str(model_dir), world / "bench.jsonl", answers, decoding=decoding, batch_size=16,
+        max_new_tokens=max_new_tokens, limit=limit, quiet=True, on_other_run="recompute")
+    vocab, gt = chair.load_chair_gt(world / "chair_gt.json")
+    records = [json.loads(line) for line in answers.read_text().splitlines()]
+    if not any(r["answer"].strip() for r in records):
+        # A model that has not learnt to write yet (a few smoke-test steps) names nothing: nothing hallucinated,
+        # nothing recalled. CHAIR itself refuses to score no caption at all.
+        print(f"{model_dir}: every description is empty; CHAIR scores them as naming nothing")
+        result = {"overall_metrics": {"CHAIRs": 0.0, "CHAIRi": 0.0, "Recall": 0.0, "Len": 0.0},
+                  "counts": {"captions": 0, "skipped": len(records)}, "sentences": []}
+    else:
+        result = chair.score([{"image_id": r["image_id"], "caption": r["answer"]} for r in records], gt, vocab)
+    write_json_atomic(out_dir / f"chair_{decoding}.json", result)
+    return result["overall_metrics"]
+
+
+def yesno_questions(test_json: Path, out: Path) -> Path:
+    """The exercise's yes/no test file -> an `mllm answer` question file (target and category kept)."""
+    items = json.loads(test_json.read_text())
+    with open(out, "w") as f:
+        for item in items:
+            user, assistant = item["conversations"][0]["content"], item["conversations"][1]["content"]
+            f.write(json.dumps({"image": item["image"], "image_path": item["image"],
+                                "question": user.replace("<image>", "").strip(),
+                                "id": item["id"], "category": item.get("category"), "target": assistant}) + "\n")
+    return out
+
+
+def answer_yesno(model_dir: Path, world: Path, out_dir: Path, limit: int | None = None) -> dict:
+    from mllm.eval import yesno
+    from mllm.eval.answer import run
+
+    questions = yesno_questions(world / "yesno_test.json", out_dir / "yesno_questions.jsonl")
+    answers = out_dir / "yesno_answers.jsonl"
+    run(str(model_dir), questions, answers, batch_size=32, max_new_tokens=4, limit=limit, quiet=True,
+        image_root=world, on_other_run="recompute")
+    records = []
+    for line in answers.read_text().splitlines():
+        row = json.loads(line)
+        meta = row["metainfos"]
+        records.append({"answer": row["answer"], "target": meta["target"], "image": meta["image_path"],
+                        "category": meta.get("category")})
+    result = yesno.score(records)
+    write_json_atomic(out_dir / "yesno.json", result)
+    return result["overall"]
+
+
+def ground_and_score(model_dir: Path, world: Path, out_dir: Path, limit: int | None = None) -> dict:
+    """Acc@IoU>=0.5 of the model on the world's held-out referring expressions (unpadded 0-1000 grid)."""
+    from mllm.eval import grounding
+    from mllm.eval.answer import run
+
+    questions = out_dir / "rec_questions.jsonl"
+    with open(questions, "w") as f:
+        for line in (world / "rec_test.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            f.write(json.dumps({"image": rec["img_path"], "question": GROUNDING_PROMPT.format(expression=rec["expression"]),
+                                "bbox": rec["bbox"], "width": rec["width"], "height": rec["height"],
+                                "split": "synthetic", "image_id": rec["image_id"]}) + "\n")
+    answers = out_dir / "rec_answers.jsonl"
+    run(str(model_dir), questions, answers, batch_size=32, max_new_tokens=24, limit=limit, quiet=True,
+        image_root=world, on_other_run="recompute")
+    result = grounding.score_files(answers, square_pad=False)
+    write_json_atomic(out_dir / "grounding.json", result)
+    return result["overall"]
+
+
+def test_loss(model_dir: Path, data_json: Path, image_folder: Path, batch_size: int = 32) -> float:
+    """Token-mean cross-entropy of a model over an SFT-format file (the exercise's test loss)."""
+    import torch
+
+    from mllm.data.collate import SupervisedCollator
+    from mllm.data.sft_dataset import SupervisedDataset
+    from mllm.model.loading import load_pretrained
+    from mllm.train.losses import token_nll_sum
+
+    model, tokenizer, _ = load_pretrained(model_dir)
+    dataset = SupervisedDataset.from_config(data_json, tokenizer, model.config, str(image_folder))
+    collate = SupervisedCollator(pad_id=tokenizer.pad_token_id or 0)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            labels = batch.pop("labels")
+            logits = model(**batch).logits
+            nll, n = token_nll_sum(logits, labels)
+            total, count = total + float(nll), count + int(n)
+    return total / max(count, 1)

@@ -1,0 +1,1 @@
+"""The synthetic scene world: scenes (sampling, rendering, texts), the task-file writer, the tokenizer corpus."""

@@ -1,0 +1,36 @@
+"""The verb table: help, sub-verbs, unknown verbs, and every verb's parser."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+from mllm.cli.main import VERBS, main
+
+
+def test_help_lists_every_verb(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"  {verb} " in out for verb in VERBS)
+
+
+def test_unknown_verb_and_bare_group_exit_2(capsys):
+    assert main(["nope"]) == 2
+    assert "unknown verb 'nope'" in capsys.readouterr().err
+    assert main(["train"]) == 2
+    assert "choose one of: sft, grounding, preference" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["demo", "train sft", "course", "init", "eval chair"])
+def test_verb_help_exits_0_with_its_program_name(verb, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*verb.split(), "--help"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: ")
+
+
+def test_every_verb_module_is_a_thin_cli_module():
+    for module_name, _ in VERBS.values():
+        module = importlib.import_module(module_name)
+        assert module_name.startswith("mllm.cli.") and callable(module.main)
