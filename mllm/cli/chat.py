@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mllm.cli.arguments import positive_int
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllm chat", description=__doc__.split("\n")[0])
@@ -13,7 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the shipped tiny model)")
     parser.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     parser.add_argument("--decoding", choices=["greedy", "sample", "beam"], default="greedy")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256)
     parser.add_argument("--system-prompt", default=None)
     return parser
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mllm.cli.arguments import non_negative_int, positive_int
 from mllm.eval import grounding
 from mllm.jsonio import write_json_atomic
 
@@ -17,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
                "(--model with --rec or --refcoco-dir, and --out-dir).")
     p.add_argument("--answers", help="answers jsonl: answer + metainfos{bbox,width,height,split}")
     p.add_argument("--out", help="result JSON (default with --model: <out-dir>/grounding.json)")
-    p.add_argument("--grid", type=int, default=1000, help="coordinate grid of the model's boxes")
+    p.add_argument("--grid", type=positive_int, default=1000, help="coordinate grid of the model's boxes")
     pad = p.add_mutually_exclusive_group()
     pad.add_argument("--square-pad", dest="square_pad", action="store_true", default=None,
                      help="grid coordinates are on the image centred in a square (the exercise's frame; the "
@@ -34,14 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "(default: each REC file's folder)")
     model.add_argument("--out-dir", type=Path, help="questions, resumable answers, pictures and grounding.json")
     model.add_argument("--style", choices=("plain", "qwen"), default="plain", help="prompt and answer box style")
-    model.add_argument("--template", type=int, default=0, help="index of the REC prompt template (0: GROUNDING_PROMPT)")
-    model.add_argument("--limit", type=int, help="ask only the first N expressions of each split")
+    model.add_argument("--template", type=non_negative_int, default=0, help="index of the REC prompt template (0: GROUNDING_PROMPT)")
+    model.add_argument("--limit", type=non_negative_int, help="ask only the first N expressions of each split")
     model.add_argument("--fraction", type=float, help="ask only the first fraction of each split (exercise: 0.2)")
-    model.add_argument("--batch-size", type=int, default=16)
-    model.add_argument("--max-new-tokens", type=int, help="default 32 (plain) / 64 (qwen)")
+    model.add_argument("--batch-size", type=positive_int, default=16)
+    model.add_argument("--max-new-tokens", type=positive_int, help="default 32 (plain) / 64 (qwen)")
     model.add_argument("--system-prompt", default=None,
                        help="system message (default: the chat template's own, as in SFT training)")
-    model.add_argument("--draw", type=int, default=0, help="draw N sampled cases and a contact sheet")
+    model.add_argument("--draw", type=non_negative_int, default=0, help="draw N sampled cases and a contact sheet")
     model.add_argument("--seed", type=int, default=0, help="seed of the drawn sample")
     return p
 

@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from mllm.cli.arguments import positive_int
 from mllm.eval.grounding import ground
 
 
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None, help="picture to write (default <image>.ground.png)")
     parser.add_argument("--style", choices=("plain", "qwen"), default="plain")
     parser.add_argument("--square-pad", action="store_true", help="the model was trained on the padded frame")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--system-prompt", default=None, help="default: the chat template's own (as in training)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mllm.cli.arguments import positive_int
 from mllm.data import grounding_prepare
 
 
@@ -29,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="(default) grid relative to the unpadded image; the model slices it as usual")
     p.add_argument("--padded-dir", type=Path, default=None,
                    help="where --square-pad writes padded images (default <image root>/padded_square)")
-    p.add_argument("--per-image", type=int, default=None, help="at most this many REC lines per image")
-    p.add_argument("--turns-per-image", type=int, default=1,
+    p.add_argument("--per-image", type=positive_int, default=None, help="at most this many REC lines per image")
+    p.add_argument("--turns-per-image", type=positive_int, default=1,
                    help="join up to N questions about one image into one multi-turn conversation (default 1)")
     p.add_argument("--mix", type=Path, default=None, help="general SFT JSON list to mix in (same image root)")
     p.add_argument("--mix-ratio", type=float, default=0.0, help="fraction of the output taken from --mix")

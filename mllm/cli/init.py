@@ -10,12 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from mllm.cli.arguments import positive_int
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllm init", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny", help="tiny (CPU) or minicpmv-2.6 (8B; needs ~32 GB)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--vocab-size", type=positive_int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="write over a non-empty --out (e.g. a checkpoint)")
     return parser

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from mllm.cli.arguments import positive_int
 from mllm.train import logp
 
 
@@ -19,9 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_folder", default=".", help="folder the records' image_path values are relative to")
     parser.add_argument("--ref_name", default="ref", help="cache name part: {stem}.{ref_name}.logp.jsonl")
     parser.add_argument("--out", type=Path, default=None, help="cache file (default: next to the data file)")
-    parser.add_argument("--batch_size", type=int, default=8, help="pairs per forward (2x rows)")
-    parser.add_argument("--max_slice_nums", type=int, default=None)
-    parser.add_argument("--model_max_length", type=int, default=2048)
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="pairs per forward (2x rows)")
+    parser.add_argument("--max_slice_nums", type=positive_int, default=None)
+    parser.add_argument("--model_max_length", type=positive_int, default=2048)
     parser.add_argument("--dtype", choices=list(logp.DTYPES), default="float32",
                         help="weights dtype; use the dtype the policy trains in, or the step-0 check fails")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -7,21 +7,23 @@ import json
 
 import mllm.course.self_pairs as self_pairs
 
+from mllm.cli.arguments import non_negative_int, positive_int
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllm preference pairs", description=self_pairs.__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="the policy that describes the images (and the reference)")
     parser.add_argument("--world", required=True, help="a synthetic world (mllm synth): scenes.jsonl, chair_gt.json")
     parser.add_argument("--out", required=True, help="folder for questions, samples, pairs.json")
-    parser.add_argument("--images", type=int, default=600, help="training images to describe")
-    parser.add_argument("--samples", type=int, default=4, help="sampled descriptions per image")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--images", type=positive_int, default=600, help="training images to describe")
+    parser.add_argument("--samples", type=positive_int, default=4, help="sampled descriptions per image")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=160)
     parser.add_argument("--mode", choices=self_pairs.MODES, default="balanced",
                         help="corrected: each hallucinating sample vs itself without its hallucinating sentences; "
                              "balanced: those plus, per pair, the corrected description vs the same minus one true "
                              "sentence; ranked: an image's least vs most hallucinating sample")
-    parser.add_argument("--true-drops", type=int, default=1,
+    parser.add_argument("--true-drops", type=non_negative_int, default=1,
                         help="balanced: pairs per corrected description, each against it minus a different "
                              "true sentence")
     parser.add_argument("--seed", type=int, default=0)

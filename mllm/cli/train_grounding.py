@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 
-from mllm.cli.train_sft import parse_dataclasses
+from mllm.cli.train_sft import nothing_to_train, parse_dataclasses
 from mllm.train import grounding
 from mllm.train.sft import ModelArguments
 
@@ -12,6 +13,9 @@ from mllm.train.sft import ModelArguments
 def main(argv: list[str] | None = None) -> int:
     model_args, data_args, training_args = parse_dataclasses(
         (ModelArguments, grounding.GroundingDataArguments, grounding.GroundingTrainingArguments), argv, yaml=False)
+    if nothing_to_train(model_args):
+        print(f"mllm train grounding: {nothing_to_train(model_args)}", file=sys.stderr)
+        return 2
     result = grounding.train_grounding(model_args, data_args, training_args)
     if training_args.process_index == 0:
         print(json.dumps({k: result[k] for k in ("model_dir", "train_metrics", "eval_metrics", "grounding_eval")},

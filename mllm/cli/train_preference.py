@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import sys
-
-from mllm.cli.train_sft import configure_logging, parse_dataclasses
+from mllm.cli.train_sft import parse_dataclasses, run_training
 from mllm.train import preference
 from mllm.train.sft import ModelArguments
-from mllm.train.trainer import RunMismatchError
 
 
 def parse_args(argv: list[str] | None = None):
@@ -17,15 +13,6 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, data_args, training_args = parse_args(argv)
-    configure_logging(training_args)
-    try:
-        result = preference.train(model_args, data_args, training_args)
-    except RunMismatchError as err:
-        print(f"mllm train preference: {err}", file=sys.stderr)
-        return 2
-    if training_args.process_index == 0:
-        summary = {k: result[k] for k in ("model_dir", "adapter_dir", "reference_path", "reward_curves",
-                                          "train_metrics", "final_metrics")}
-        print(json.dumps(summary, indent=2, default=str))
-    return 0
+    return run_training("train preference", preference.train, parse_args(argv),
+                        ("model_dir", "adapter_dir", "reference_path", "reward_curves", "train_metrics",
+                         "final_metrics"))

@@ -33,16 +33,33 @@ def configure_logging(training_args) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def main(argv: list[str] | None = None) -> int:
-    model_args, data_args, training_args = parse_args(argv)
+def nothing_to_train(model_args) -> str | None:
+    """The refusal for flags that leave no parameter to train (all of --no_tune_vision, --no_tune_resampler and
+    --no_tune_llm without LoRA), or None."""
+    if not (model_args.tune_vision or model_args.tune_resampler or model_args.tune_llm or model_args.use_lora):
+        return ("--no_tune_vision, --no_tune_resampler and --no_tune_llm together (without --use_lora) leave "
+                "nothing to train; drop one of them")
+    return None
+
+
+def run_training(verb: str, train, arguments: tuple, summary_keys: tuple) -> int:
+    """Refuse flags that train nothing, train, refuse another run's output_dir, print the summary."""
+    model_args, data_args, training_args = arguments
+    refusal = nothing_to_train(model_args)
+    if refusal:
+        print(f"mllm {verb}: {refusal}", file=sys.stderr)
+        return 2
     configure_logging(training_args)
     try:
-        result = sft.train(model_args, data_args, training_args)
+        result = train(model_args, data_args, training_args)
     except RunMismatchError as err:
-        print(f"mllm train sft: {err}", file=sys.stderr)
+        print(f"mllm {verb}: {err}", file=sys.stderr)
         return 2
     if training_args.process_index == 0:
-        summary = {"model_dir": result["model_dir"], "adapter_dir": result["adapter_dir"],
-                   "train_metrics": result["train_metrics"], "eval_metrics": result["eval_metrics"]}
-        print(json.dumps(summary, indent=2, default=str))
+        print(json.dumps({k: result[k] for k in summary_keys}, indent=2, default=str))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_training("train sft", sft.train, parse_args(argv),
+                        ("model_dir", "adapter_dir", "train_metrics", "eval_metrics"))
