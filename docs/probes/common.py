@@ -1,0 +1,339 @@
+"""Probe: LLM pretraining on scenes given as oracle slot vectors in the image-token positions (36 = 6x6 cells)."""
+import json
+import math
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mllm.world import scenes as S
+from mllm.data.boxes import format_box, pixel_to_grid
+from mllm.data.conversation import conversation_to_ids, place_images
+from mllm.data.grounding_prepare import GROUNDING_PROMPT
+from mllm.model.configuration import MLLMConfig
+from mllm.model.llm import LLMForCausalLM
+from mllm.model.tokenization import load_tokenizer, special_token_ids
+
+args = dict(a.split("=") for a in sys.argv[1:] if "=" in a)
+STEPS = int(args.get("steps", 3000))
+BATCH = int(args.get("batch", 32))
+LR = float(args.get("lr", 1e-3))
+TURNS = int(args.get("turns", 4))
+GRID = int(args.get("grid", 6))
+LAYERS = int(args.get("layers", 4))
+BF16 = args.get("bf16", "0") == "1"
+OUT = args.get("out", "runs/probe/s1")
+AUXW = float(args.get("aux", 1.0))
+TIE = args.get("tie", "0") == "1"  # colour / category / size parts of a slot = the LLM's own word embeddings
+torch.set_num_threads(int(args.get("threads", 1)))
+torch.manual_seed(0)
+
+tok = load_tokenizer("mllm/assets/tiny-base")
+tids = special_token_ids(tok)
+Q = GRID * GRID
+cfg = MLLMConfig.from_preset("tiny").llm
+cfg.vocab_size = len(tok)
+cfg.num_hidden_layers = LAYERS
+cfg.max_window_layers = LAYERS
+llm = LLMForCausalLM(cfg)
+D = cfg.hidden_size
+COLS, CATS = list(S.COLOURS), list(S.CATEGORIES)
+NB = 25
+
+
+class Oracle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Embedding(Q, D)
+        self.col = nn.Embedding(len(COLS), D)
+        self.cat = nn.Embedding(len(CATS), D)
+        self.cs = nn.Embedding(len(COLS) * len(CATS), D)
+        self.size = nn.Embedding(3, D)
+        self.box = nn.Embedding(4 * NB, D)
+        for m in self.modules():
+            if isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+
+    def forward(self, slots):  # slots: list per sample of list of (cell, col, cat, size, b0..b3)
+        out = self.pos.weight[None].repeat(len(slots), 1, 1)  # (B, Q, D)
+        rows, cells, feats = [], [], []
+        for i, objs in enumerate(slots):
+            for o in objs:
+                rows.append(i); cells.append(o[0]); feats.append(o[1:])
+        if rows:
+            f = torch.tensor(feats)
+            if TIE:
+                emb = llm.get_input_embeddings().weight
+                v = emb[COL_IDS[f[:, 0]]] + emb[CAT_IDS[f[:, 1]]] + emb[SIZE_IDS[f[:, 2]]] + self.cs(
+                    f[:, 0] * len(CATS) + f[:, 1]) + self.box(f[:, 3:] + torch.arange(4) * NB).sum(1)
+            else:
+              v = self.col(f[:, 0]) + self.cat(f[:, 1]) + self.cs(f[:, 0] * len(CATS) + f[:, 1]) + self.size(f[:, 2]) \
+                + self.box(f[:, 3:] + torch.arange(4) * NB).sum(1)
+            out = out.index_put((torch.tensor(rows), torch.tensor(cells)), v, accumulate=True)
+        return out
+
+
+oracle = Oracle()
+SIZES = ("small", "medium-sized", "large")
+COL_IDS = torch.tensor([tok.encode(" " + w, add_special_tokens=False)[0] for w in COLS])
+CAT_IDS = torch.tensor([tok.encode(" " + w, add_special_tokens=False)[0] for w in CATS])
+SIZE_IDS = torch.tensor([tok.encode(" " + w, add_special_tokens=False)[0] for w in SIZES])
+
+
+def make_scene(rng):
+    scene = S.sample_scene(rng, "x")
+    drawn = []
+    for o in scene.objects:
+        mask, ox, oy = S.draw_object_mask(o)
+        x0, y0, x1, y1 = mask.point(S._COVERED).getbbox()
+        drawn.append(S.dataclasses.replace(o, bbox=(max(0, ox + x0), max(0, oy + y0), min(scene.width, ox + x1),
+                                                    min(scene.height, oy + y1))))
+    drawn.sort(key=lambda o: S.raster_key(o, scene.width, scene.height))
+    return S.dataclasses.replace(scene, objects=tuple(drawn))
+
+
+def slots_of(scene):
+    out = []
+    for o in scene.objects:
+        cx, cy = S.centre(o)
+        cell = min(GRID - 1, int(GRID * cy / scene.height)) * GRID + min(GRID - 1, int(GRID * cx / scene.width))
+        g = pixel_to_grid(o.bbox, scene.width, scene.height, square_pad=False)
+        b = [min(NB - 1, v * NB // 1000) for v in g]
+        out.append((cell, COLS.index(o.colour), CATS.index(o.category),
+                    SIZES.index(S.size_word(o, scene.width, scene.height)), *b))
+    return out
+
+
+MIX = args.get("mix", "base")
+
+
+def lookup_qa(scene, rng):
+    """An open question whose answer is one looked-up attribute (colour, place or count)."""
+    counts = S._counts(scene)
+    r = rng.random()
+    singles = [o for o in scene.objects if counts[o.category] == 1]
+    uniques = S._unique_colour_category(scene)
+    if r < 0.35 and singles:
+        o = rng.choice(singles)
+        return f"What colour is the {o.category}?", o.colour
+    if r < 0.7 and uniques:
+        o = rng.choice(uniques)
+        place = S.CELL_PHRASES[S.grid_cell(o, scene.width, scene.height)]
+        return f"Where is the {o.colour} {o.category}?", f"{place[0].upper()}{place[1:]}."
+    return S.counting_qa(scene, rng)
+
+
+def inventory(scene, rng):
+    """Dense lookups: each category word is followed by whether the scene holds it."""
+    counts = S._counts(scene)
+    cats = list(S.CATEGORIES)
+    rng.shuffle(cats)
+    return "Which shapes are in the image?", " , ".join(f"{c} {'yes' if c in counts else 'no'}" for c in cats) + " ."
+
+
+def statements(scene, rng):
+    """Dense lookups shaped like the yes/no questions: each statement is followed by whether it is true."""
+    counts = S._counts(scene)
+    absent = [c for c in S.CATEGORIES if c not in counts]
+    items = []
+    for cat in rng.sample(sorted(counts), min(2, len(counts))):
+        items.append(f"a {cat} yes")
+    for cat in rng.sample(absent, min(2, len(absent))):
+        items.append(f"a {cat} no")
+    for o in rng.sample(scene.objects, min(2, len(scene.objects))):
+        used = {x.colour for x in scene.objects if x.category == o.category}
+        other = [c for c in S.COLOURS if c not in used]
+        items.append(f"a {o.colour} {o.category} yes")
+        if other:
+            items.append(f"a {rng.choice(other)} {o.category} no")
+    for cat in rng.sample(sorted(counts), min(2, len(counts))):
+        right = counts[cat]
+        wrong = right + 1 if right == 1 or rng.random() < 0.5 else right - 1
+        items.append(f"{S.number_phrase(right, cat)} yes")
+        items.append(f"{S.number_phrase(wrong, cat)} no")
+    uniques = S._unique_colour_category(scene)
+    for o in rng.sample(uniques, min(2, len(uniques))):
+        row, col = S.grid_cell(o, scene.width, scene.height)
+        far = rng.choice([cell for cell in S.CELL_PHRASES if cell[0] != row and cell[1] != col])
+        items.append(f"the {o.colour} {o.category} {S.CELL_PHRASES[(row, col)]} yes")
+        items.append(f"the {o.colour} {o.category} {S.CELL_PHRASES[far]} no")
+    rng.shuffle(items)
+    return "Which of these are in the image?", " " + " , ".join(items) + " ."
+
+
+def turns_of(scene, rng, n):
+    if MIX == "yninv":  # statements of all four kinds, then yes/no questions only
+        turns = [statements(scene, rng)]
+        while len(turns) < n:
+            turns.append(rng.choice(S.yesno_pair(scene, rng)[1]))
+        return turns
+    if MIX == "full":
+        turns = [statements(scene, rng)]
+        while len(turns) < n:
+            r = rng.random()
+            if r < 0.5:
+                turns.append(rng.choice(S.yesno_pair(scene, rng)[1]))
+            elif r < 0.65:
+                turns.append(lookup_qa(scene, rng))
+            elif r < 0.72:
+                turns.append((rng.choice(S.SHORT_PROMPTS), S.short_description(S.scene_mentions(scene, rng))))
+            elif r < 0.8:
+                turns.append((rng.choice(S.DETAILED_PROMPTS),
+                              S.detailed_description(S.scene_mentions(scene, rng, S.SYNONYM_P), rng.randrange(2))))
+            else:
+                i = rng.randrange(len(scene.objects))
+                e = S.referring_expression(scene, i, rng)
+                if e is not None:
+                    g = pixel_to_grid(scene.objects[i].bbox, scene.width, scene.height, square_pad=False)
+                    turns.append((GROUNDING_PROMPT.format(expression=e), format_box(g)))
+        return turns
+    if MIX == "exinv":
+        turns = [inventory(scene, rng)]
+        while len(turns) < n:
+            kind, pair = S.yesno_pair(scene, rng)
+            if kind == "existence":
+                turns.append(rng.choice(pair))
+        return turns
+    if MIX == "exist":
+        turns = []
+        while len(turns) < n:
+            kind, pair = S.yesno_pair(scene, rng)
+            if kind == "existence":
+                turns.append(rng.choice(pair))
+        return turns
+    if MIX == "lookup":
+        turns = []
+        while len(turns) < n:
+            r = rng.random()
+            if r < 0.35:
+                turns.append(rng.choice(S.yesno_pair(scene, rng)[1]))
+            elif r < 0.7:
+                turns.append(lookup_qa(scene, rng))
+            elif r < 0.78:
+                turns.append((rng.choice(S.SHORT_PROMPTS), S.short_description(S.scene_mentions(scene, rng))))
+            elif r < 0.86:
+                turns.append((rng.choice(S.DETAILED_PROMPTS),
+                              S.detailed_description(S.scene_mentions(scene, rng, S.SYNONYM_P), rng.randrange(2))))
+            else:
+                i = rng.randrange(len(scene.objects))
+                e = S.referring_expression(scene, i, rng)
+                if e is not None:
+                    g = pixel_to_grid(scene.objects[i].bbox, scene.width, scene.height, square_pad=False)
+                    turns.append((GROUNDING_PROMPT.format(expression=e), format_box(g)))
+        return turns
+    turns = []
+    while len(turns) < n:
+        r = rng.random()
+        if r < 0.45:
+            kind, pair = S.yesno_pair(scene, rng)
+            turns.append(rng.choice(pair))
+        elif r < 0.55:
+            turns.append(S.counting_qa(scene, rng))
+        elif r < 0.62:
+            turns.append((rng.choice(S.SHORT_PROMPTS), S.short_description(S.scene_mentions(scene, rng))))
+        elif r < 0.72:
+            turns.append((rng.choice(S.DETAILED_PROMPTS),
+                          S.detailed_description(S.scene_mentions(scene, rng, S.SYNONYM_P), rng.randrange(2))))
+        elif r < 0.87:
+            i = rng.randrange(len(scene.objects))
+            e = S.referring_expression(scene, i, rng)
+            if e is None:
+                continue
+            g = pixel_to_grid(scene.objects[i].bbox, scene.width, scene.height, square_pad=False)
+            turns.append((GROUNDING_PROMPT.format(expression=e), format_box(g)))
+        else:
+            turns.extend(S.dialogue(scene, rng)[1:2])
+    return turns[:n]
+
+
+TEXT = args.get("text", "0") == "1"  # control: the scene written as words instead of slot vectors
+
+
+def scene_text(scene):
+    return "Scene : " + " ; ".join(f"{o.colour} {o.category} {S.CELL_PHRASES[S.grid_cell(o, scene.width, scene.height)]}"
+                                   for o in scene.objects) + " ."
+
+
+def encode(turns, scene=None):
+    if TEXT:
+        conv = []
+        for k, (q, a) in enumerate(turns):
+            conv += [{"role": "user", "content": (scene_text(scene) + "\n" if k == 0 else "") + q},
+                     {"role": "assistant", "content": a}]
+        out = conversation_to_ids(conv, tok, token_ids=tids)
+        out["image_bound"] = torch.tensor([[1, 1]])
+        return out
+    conv = []
+    for k, (q, a) in enumerate(turns):
+        conv += [{"role": "user", "content": ("<image>\n" if k == 0 else "") + q}, {"role": "assistant", "content": a}]
+    conv, _ = place_images(conv, {"<image>": None}, Q)
+    return conversation_to_ids(conv, tok, query_num=Q, token_ids=tids)
+
+
+def batch_of(items):
+    L = -(-max(len(x["input_ids"]) for x in items) // 32) * 32  # few distinct shapes: oneDNN caches per shape
+    B = len(items)
+    ids = torch.full((B, L), tids["pad"] if tids.get("pad") is not None else 0, dtype=torch.long)
+    lab = torch.full((B, L), -100, dtype=torch.long)
+    aux = torch.full((B, L), -100, dtype=torch.long)
+    att = torch.zeros(B, L, dtype=torch.long)
+    starts = []
+    for i, x in enumerate(items):
+        n = len(x["input_ids"])
+        ids[i, :n] = x["input_ids"]; lab[i, :n] = x["labels"]; att[i, :n] = 1
+        a = torch.full((n,), -100, dtype=torch.long)
+        a[:-1] = x["input_ids"][1:]
+        s, e = (int(v) for v in x["image_bound"][0])
+        if not TEXT:
+            a[s - 1:e] = -100  # image slots are not predicted
+        aux[i, :n] = a
+        starts.append(s)
+    return ids, lab, aux, att, starts
+
+
+def forward(ids, att, starts, slots):
+    emb = llm.get_input_embeddings()(ids)
+    if TEXT:
+        return llm(inputs_embeds=emb, attention_mask=att).logits
+    vec = oracle(slots)  # (B, Q, D)
+    idx_r = torch.arange(len(starts))[:, None].expand(-1, Q)
+    idx_c = torch.tensor(starts)[:, None] + torch.arange(Q)
+    emb = emb.index_put((idx_r, idx_c), vec)
+    return llm(inputs_embeds=emb, attention_mask=att).logits
+
+
+# ---- held-out evaluation -------------------------------------------------------------------------------------
+erng = random.Random("heldout/stage1")
+EVAL = []
+for _ in range(400):
+    sc = make_scene(erng)
+    kind, pair = S.yesno_pair(sc, erng)
+    for q, a in pair:
+        EVAL.append((kind, sc, q, a))
+YES, NO = tok.encode("Yes", add_special_tokens=False)[0], tok.encode("No", add_special_tokens=False)[0]
+
+
+@torch.no_grad()
+def evaluate():
+    llm.eval()
+    hits = defaultdict(list)
+    for k in range(0, len(EVAL), 100):
+        chunk = EVAL[k:k + 100]
+        items = [encode([(q, a)], sc) for _, sc, q, a in chunk]
+        ids, lab, aux, att, starts = batch_of(items)
+        with torch.autocast("cpu", torch.bfloat16, enabled=BF16):
+            logits = forward(ids, att, starts, [slots_of(sc) for _, sc, _, _ in chunk]).float()
+        for i, (kind, _, _, a) in enumerate(chunk):
+            pos = int(((lab[i] == YES) | (lab[i] == NO)).nonzero()[0])
+            pred = "Yes" if logits[i, pos, YES] > logits[i, pos, NO] else "No"
+            hits[kind].append(pred == a)
+    llm.train()
+    res = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    res["all"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
+    return res
+
+

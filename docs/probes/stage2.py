@@ -1,0 +1,122 @@
+"""Probe stage 2: vision tower + a 36-query resampler regress the stage-1 oracle slot vectors; LLM frozen."""
+import sys
+
+sys.path.insert(0, "docs/probes")
+from common import *  # noqa
+from mllm.model.image_processing import ImageProcessor
+from mllm.model.modeling_mllm import MLLMModel
+from mllm.model.vision import pack_patch_strips
+from safetensors.torch import load_file
+
+CKPT = args.get("ckpt", "runs/probe/s1a.pt")
+state = torch.load(CKPT)
+llm.load_state_dict(state["llm"]); oracle.load_state_dict(state["oracle"])
+for p in list(llm.parameters()) + list(oracle.parameters()):
+    p.requires_grad_(False)
+llm.eval()
+
+mcfg = MLLMConfig.from_preset("tiny")
+mcfg.llm.vocab_size = len(tok)
+mcfg.query_num = Q
+mcfg.slice.max_slice_nums = 1
+mm = MLLMModel(mcfg)
+base = load_file("mllm/assets/tiny-base/model.safetensors")
+vpm_state = {k[4:]: v for k, v in base.items() if k.startswith("vpm.")}
+print(mm.vpm.load_state_dict(vpm_state, strict=False))
+vpm, res = mm.vpm, mm.resampler
+proc = ImageProcessor.from_config(mcfg.slice)
+ELLM = float(args.get("ellm", 0.0))  # weight of the frozen-LLM loss on the text tasks
+
+
+def views_of(scenes_images):
+    strips, sizes = [], []
+    for img in scenes_images:
+        v = proc(img)
+        assert len(v["pixel_values"]) == 1
+        strips.append(v["pixel_values"][0]); sizes.append([int(x) for x in v["tgt_sizes"][0]])
+    return strips, torch.tensor(sizes, dtype=torch.int32)
+
+
+def image_tokens(images):
+    strips, sizes = views_of(images)
+    packed, mask = pack_patch_strips(strips)
+    return res(vpm(packed, mask, sizes), sizes)  # (B, Q, D)
+
+
+def render(rng):
+    sc = S.sample_scene(rng, "x")
+    return S.render_scene(sc)
+
+
+def forward_img(ids, att, starts, toks):
+    emb = llm.get_input_embeddings()(ids)
+    idx_r = torch.arange(len(starts))[:, None].expand(-1, Q)
+    idx_c = torch.tensor(starts)[:, None] + torch.arange(Q)
+    emb = emb.index_put((idx_r, idx_c), toks.to(emb.dtype))
+    return llm(inputs_embeds=emb, attention_mask=att).logits
+
+
+erng2 = random.Random("heldout/stage2")
+EVAL2 = []
+for _ in range(300):
+    img, sc = render(erng2)
+    kind, pair = S.yesno_pair(sc, erng2)
+    for q, a in pair:
+        EVAL2.append((kind, img, sc, q, a))
+
+
+@torch.no_grad()
+def evaluate_img():
+    vpm.eval(); res.eval()
+    hits = defaultdict(list)
+    mse = []
+    for k in range(0, len(EVAL2), 100):
+        chunk = EVAL2[k:k + 100]
+        items = [encode([(q, a)]) for _, _, _, q, a in chunk]
+        ids, lab, aux, att, starts = batch_of(items)
+        toks = image_tokens([img for _, img, _, _, _ in chunk])
+        tgt = oracle([slots_of(sc) for _, _, sc, _, _ in chunk])
+        mse.append(((toks - tgt) ** 2).mean().item() / tgt.var().item())
+        with torch.autocast("cpu", torch.bfloat16, enabled=BF16):
+            logits = forward_img(ids, att, starts, toks).float()
+        for i, (kind, _, _, _, a) in enumerate(chunk):
+            pos = int(((lab[i] == YES) | (lab[i] == NO)).nonzero()[0])
+            pred = "Yes" if logits[i, pos, YES] > logits[i, pos, NO] else "No"
+            hits[kind].append(pred == a)
+    vpm.train(); res.train()
+    r = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
+    r["all"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
+    r["nmse"] = sum(mse) / len(mse)
+    return r
+
+
+params = list(vpm.parameters()) + list(res.parameters())
+opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.98), weight_decay=0.01)
+sched = torch.optim.lr_scheduler.LambdaLR(
+    opt, lambda s: min(1, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / STEPS))))
+rng = random.Random("train/stage2")
+log = open(OUT + ".log", "a")
+t0 = time.process_time()
+print(json.dumps({"step": 0, **evaluate_img()}), file=log, flush=True)
+for step in range(1, STEPS + 1):
+    pairs = [render(rng) for _ in range(BATCH)]
+    with torch.autocast("cpu", torch.bfloat16, enabled=BF16):
+        toks = image_tokens([img for img, _ in pairs]).float()
+    tgt = oracle([slots_of(sc) for _, sc in pairs])
+    loss = ((toks - tgt) ** 2).mean() / tgt.var()
+    if ELLM:
+        items = [encode(turns_of(sc, rng, TURNS)) for _, sc in pairs]
+        ids, lab, aux, att, starts = batch_of(items)
+        with torch.autocast("cpu", torch.bfloat16, enabled=BF16):
+            logits = forward_img(ids, att, starts, toks).float()
+        loss = loss + ELLM * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step(); sched.step()
+    if step % 50 == 0:
+        print(f"step {step} loss {loss.item():.4f} cpu {time.process_time() - t0:.0f}s", file=log, flush=True)
+    if step % 250 == 0 or step == STEPS:
+        print(json.dumps({"step": step, "cpu_min": round((time.process_time() - t0) / 60, 2),
+                          **{k: round(v, 3) for k, v in evaluate_img().items()}}), file=log, flush=True)
+        torch.save({"vpm": vpm.state_dict(), "res": res.state_dict(), "step": step}, OUT + ".pt")
