@@ -84,6 +84,14 @@ CAT_IDS = torch.tensor([tok.encode(" " + w, add_special_tokens=False)[0] for w i
 SIZE_IDS = torch.tensor([tok.encode(" " + w, add_special_tokens=False)[0] for w in SIZES])
 
 
+def optimizer(params, beta2: float, warmup: int):
+    """AdamW with linear warm-up and cosine decay to zero over STEPS."""
+    opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, beta2), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / STEPS))))
+    return opt, sched
+
+
 def make_scene(rng):
     scene = S.sample_scene(rng, "x")
     drawn = []
@@ -165,90 +173,60 @@ def statements(scene, rng):
     return "Which of these are in the image?", " " + " , ".join(items) + " ."
 
 
-def turns_of(scene, rng, n):
-    if MIX == "yninv":  # statements of all four kinds, then yes/no questions only
-        turns = [statements(scene, rng)]
-        while len(turns) < n:
-            turns.append(rng.choice(S.yesno_pair(scene, rng)[1]))
-        return turns
-    if MIX == "full":
-        turns = [statements(scene, rng)]
-        while len(turns) < n:
-            r = rng.random()
-            if r < 0.5:
-                turns.append(rng.choice(S.yesno_pair(scene, rng)[1]))
-            elif r < 0.65:
-                turns.append(lookup_qa(scene, rng))
-            elif r < 0.72:
-                turns.append((rng.choice(S.SHORT_PROMPTS), S.short_description(S.scene_mentions(scene, rng))))
-            elif r < 0.8:
-                turns.append((rng.choice(S.DETAILED_PROMPTS),
-                              S.detailed_description(S.scene_mentions(scene, rng, S.SYNONYM_P), rng.randrange(2))))
-            else:
-                i = rng.randrange(len(scene.objects))
-                e = S.referring_expression(scene, i, rng)
-                if e is not None:
-                    g = pixel_to_grid(scene.objects[i].bbox, scene.width, scene.height, square_pad=False)
-                    turns.append((GROUNDING_PROMPT.format(expression=e), format_box(g)))
-        return turns
-    if MIX == "exinv":
-        turns = [inventory(scene, rng)]
-        while len(turns) < n:
-            kind, pair = S.yesno_pair(scene, rng)
-            if kind == "existence":
-                turns.append(rng.choice(pair))
-        return turns
-    if MIX == "exist":
-        turns = []
-        while len(turns) < n:
-            kind, pair = S.yesno_pair(scene, rng)
-            if kind == "existence":
-                turns.append(rng.choice(pair))
-        return turns
-    if MIX == "lookup":
-        turns = []
-        while len(turns) < n:
-            r = rng.random()
-            if r < 0.35:
-                turns.append(rng.choice(S.yesno_pair(scene, rng)[1]))
-            elif r < 0.7:
-                turns.append(lookup_qa(scene, rng))
-            elif r < 0.78:
-                turns.append((rng.choice(S.SHORT_PROMPTS), S.short_description(S.scene_mentions(scene, rng))))
-            elif r < 0.86:
-                turns.append((rng.choice(S.DETAILED_PROMPTS),
-                              S.detailed_description(S.scene_mentions(scene, rng, S.SYNONYM_P), rng.randrange(2))))
-            else:
-                i = rng.randrange(len(scene.objects))
-                e = S.referring_expression(scene, i, rng)
-                if e is not None:
-                    g = pixel_to_grid(scene.objects[i].bbox, scene.width, scene.height, square_pad=False)
-                    turns.append((GROUNDING_PROMPT.format(expression=e), format_box(g)))
-        return turns
-    turns = []
-    while len(turns) < n:
-        r = rng.random()
-        if r < 0.45:
-            kind, pair = S.yesno_pair(scene, rng)
-            turns.append(rng.choice(pair))
-        elif r < 0.55:
-            turns.append(S.counting_qa(scene, rng))
-        elif r < 0.62:
-            turns.append((rng.choice(S.SHORT_PROMPTS), S.short_description(S.scene_mentions(scene, rng))))
-        elif r < 0.72:
-            turns.append((rng.choice(S.DETAILED_PROMPTS),
-                          S.detailed_description(S.scene_mentions(scene, rng, S.SYNONYM_P), rng.randrange(2))))
-        elif r < 0.87:
-            i = rng.randrange(len(scene.objects))
-            e = S.referring_expression(scene, i, rng)
-            if e is None:
-                continue
-            g = pixel_to_grid(scene.objects[i].bbox, scene.width, scene.height, square_pad=False)
-            turns.append((GROUNDING_PROMPT.format(expression=e), format_box(g)))
-        else:
-            turns.extend(S.dialogue(scene, rng)[1:2])
-    return turns[:n]
+def yesno_turn(scene, rng, kinds=None):
+    """One question of a yes/no pair (of one of `kinds`, when given)."""
+    while True:
+        kind, pair = S.yesno_pair(scene, rng)
+        if kinds is None or kind in kinds:
+            return rng.choice(pair)
 
+
+def short_turn(scene, rng):
+    return rng.choice(S.SHORT_PROMPTS), S.short_description(S.scene_mentions(scene, rng))
+
+
+def detailed_turn(scene, rng):
+    return (rng.choice(S.DETAILED_PROMPTS),
+            S.detailed_description(S.scene_mentions(scene, rng, S.SYNONYM_P), rng.randrange(2)))
+
+
+def grounding_turn(scene, rng):
+    i = rng.randrange(len(scene.objects))
+    expression = S.referring_expression(scene, i, rng)
+    if expression is None:
+        return None
+    box = pixel_to_grid(scene.objects[i].bbox, scene.width, scene.height, square_pad=False)
+    return GROUNDING_PROMPT.format(expression=expression), format_box(box)
+
+
+def dialogue_turn(scene, rng):
+    return S.dialogue(scene, rng)[1]
+
+
+# mix -> (first turn or None, [(weight, turn maker)])
+MIXES = {
+    "base": (None, [(0.45, yesno_turn), (0.10, S.counting_qa), (0.07, short_turn), (0.10, detailed_turn),
+                    (0.15, grounding_turn), (0.13, dialogue_turn)]),
+    "lookup": (None, [(0.35, yesno_turn), (0.35, lookup_qa), (0.08, short_turn), (0.08, detailed_turn),
+                      (0.14, grounding_turn)]),
+    "exist": (None, [(1.0, lambda sc, r: yesno_turn(sc, r, ("existence",)))]),
+    "exinv": (inventory, [(1.0, lambda sc, r: yesno_turn(sc, r, ("existence",)))]),
+    "yninv": (statements, [(1.0, yesno_turn)]),
+    "full": (statements, [(0.5, yesno_turn), (0.15, lookup_qa), (0.07, short_turn), (0.08, detailed_turn),
+                          (0.2, grounding_turn)]),
+}
+
+
+def turns_of(scene, rng, n):
+    """n (question, answer) turns about one scene, drawn from the mix named by `mix=`."""
+    first, table = MIXES[MIX]
+    turns = [first(scene, rng)] if first else []
+    weights, makers = [w for w, _ in table], [m for _, m in table]
+    while len(turns) < n:
+        turn = rng.choices(makers, weights)[0](scene, rng)
+        if turn is not None:
+            turns.append(turn)
+    return turns
 
 TEXT = args.get("text", "0") == "1"  # control: the scene written as words instead of slot vectors
 

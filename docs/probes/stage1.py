@@ -3,9 +3,7 @@ sys.path.insert(0, "docs/probes")
 from common import *  # noqa
 
 params = list(llm.parameters()) + list(oracle.parameters())
-opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.95), weight_decay=0.01)
-sched = torch.optim.lr_scheduler.LambdaLR(
-    opt, lambda s: min(1, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / STEPS))))
+opt, sched = optimizer(params, 0.95, 100)
 rng = random.Random("train/stage1")
 log = open(OUT + ".log", "a")
 t0 = time.process_time(); w0 = time.time()

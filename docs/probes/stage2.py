@@ -91,9 +91,7 @@ def evaluate_img():
 
 
 params = list(vpm.parameters()) + list(res.parameters())
-opt = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.98), weight_decay=0.01)
-sched = torch.optim.lr_scheduler.LambdaLR(
-    opt, lambda s: min(1, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / STEPS))))
+opt, sched = optimizer(params, 0.98, 50)
 rng = random.Random("train/stage2")
 log = open(OUT + ".log", "a")
 t0 = time.process_time()
