@@ -10,6 +10,8 @@ $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.lock
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	# test-only: qwen-agent ships qwen.tiktoken (the real Qwen2 ranks); only that file is used, so no dependencies
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps qwen-agent==0.0.34
 	touch $(STAMP)
 
 setup: $(STAMP)

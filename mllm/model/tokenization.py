@@ -88,6 +88,32 @@ def _make_atomic(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
 
 
+# MiniCPM-V 2.6's added tokens, in id order from 151643 (right after Qwen2's 151,643 byte-level BPE ranks;
+# facts sheet §5.1: <|im_start|> 151644, <|im_end|> 151645, <image> 151646, </image> 151647). Its `<unk>` is
+# no added token: it is the BPE rank 128244, marked special so that it is never split.
+MINICPMV26_ADDED_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "</image>", "<ref>", "</ref>",
+                           "<box>", "</box>", "<quad>", "</quad>", "<point>", "</point>", "<slice>", "</slice>",
+                           "<image_id>", "</image_id>"]
+
+
+def qwen2_tokenizer_from_tiktoken(ranks_file: str | Path,
+                                  added_tokens: Iterable[str] = MINICPMV26_ADDED_TOKENS) -> PreTrainedTokenizerFast:
+    """The real Qwen2 vocabulary from its tiktoken ranks file (`qwen.tiktoken`), as a fast tokenizer with
+    Qwen2's pipeline (NFC, Qwen2 split regex, byte-level BPE), the given added tokens after the ranks, MiniCPM-V's
+    `<unk>` and the ChatML template. Needs the `tiktoken` package (its ranks reader)."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    added = list(added_tokens)
+    backend = TikTokenConverter(vocab_file=str(ranks_file), pattern=QWEN2_SPLIT_PATTERN,
+                                extra_special_tokens=added).converted()
+    backend.normalizer = normalizers.NFC()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        unk_token="<unk>", clean_up_tokenization_spaces=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": [t for t in MINICPMV_TOKENS if t not in added]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def load_tokenizer(folder: str | Path, check: bool = True) -> PreTrainedTokenizerBase:
     """Load the tokenizer stored in `folder` without running remote code.
 
