@@ -63,16 +63,24 @@ def _group(name: str) -> str:
 
 
 def trainable_parameter_table(model: torch.nn.Module) -> str:
-    """A text table of trainable / total parameters per module (vpm, resampler, llm, others)."""
+    """A text table of trainable / total parameters per module (vpm, resampler, llm, others).
+
+    Under PEFT, the model's own parameters are counted once (a `modules_to_save` module is counted as its
+    trainable copy, not also as the frozen original it shadows) and LoRA's A/B matrices are a row of their own,
+    outside the model's total, so "all" is the model's size with or without adapters."""
     counts: dict[str, list[int]] = {}
+    adapters = [0, 0]
     for name, p in model.named_parameters():
-        row = counts.setdefault(_group(name), [0, 0])
+        if ".original_module." in name:  # PEFT keeps the frozen original beside the trained copy
+            continue
+        row = adapters if ".lora_" in name else counts.setdefault(_group(name), [0, 0])
         row[0] += p.numel() if p.requires_grad else 0
         row[1] += p.numel()
     order = [g for g in MODULE_GROUPS if g in counts] + sorted(g for g in counts if g not in MODULE_GROUPS)
     total = [sum(r[0] for r in counts.values()), sum(r[1] for r in counts.values())]
+    rows = [(g, counts[g]) for g in order] + [("all", total)] + ([("lora", adapters)] if adapters[1] else [])
     lines = [f"{'module':<12}{'trainable':>14}{'total':>14}{'%':>8}"]
-    for group, (trainable, size) in [(g, counts[g]) for g in order] + [("all", total)]:
+    for group, (trainable, size) in rows:
         lines.append(f"{group:<12}{trainable:>14,}{size:>14,}{100 * trainable / max(size, 1):>8.2f}")
     return "\n".join(lines)
 

@@ -241,3 +241,19 @@ def test_last_checkpoint_is_none_for_a_missing_folder_and_the_newest_otherwise(t
     (tmp_path / "checkpoint-10" / "model.safetensors").write_bytes(b"x")  # cut short after the mark: not complete
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-9")
     assert last_checkpoint(tmp_path, run_hash="r2") is None  # checkpoints of another run never count
+
+
+def test_parameter_table_counts_the_model_once_under_lora(tiny_checkpoint):
+    from mllm.train.sft import prepare_model
+    from mllm.train.trainer import trainable_parameter_table
+
+    model = MLLMModel.from_pretrained(tiny_checkpoint)
+    size = sum(p.numel() for p in model.parameters())
+    embed = model.llm.get_input_embeddings().weight.numel()
+    lora = prepare_model(model, ModelArguments(model_name_or_path=str(tiny_checkpoint), use_lora=True, lora_r=4,
+                                               lora_alpha=8, tune_vision=False, tune_resampler=False))
+    rows = {line.split()[0]: [int(v.replace(",", "")) for v in line.split()[1:3]]
+            for line in trainable_parameter_table(lora).splitlines()[1:]}
+    assert rows["all"] == [embed, size]  # the model's own size; only the saved embeddings train
+    adapters = sum(p.numel() for n, p in lora.named_parameters() if ".lora_" in n)
+    assert rows["lora"] == [adapters, adapters] and adapters > 0
