@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mllm.cli.arguments import non_negative_int, output_file, positive_int
+from mllm.cli.arguments import add_device_arguments, non_negative_int, output_file, positive_int
 from mllm.eval import answer
 
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "sends an empty one, --system-prompt '', which a small model trained without it ignores)")
     parser.add_argument("--limit", type=non_negative_int, default=None, help="answer only the first N questions")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling")
+    add_device_arguments(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if it holds answers of another run (or anything else)")
     return parser
@@ -38,13 +39,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--questions {args.questions}: no such file")
     import torch
 
-    from mllm.model.loading import default_model_dir
+    from mllm.model.loading import default_model_dir, resolve_device_dtype
 
     torch.manual_seed(args.seed)
     try:
+        device, dtype = resolve_device_dtype(args.device, args.dtype)
+    except ValueError as err:
+        parser.error(str(err))
+    try:
         stats = answer.run(args.model or str(default_model_dir()), args.questions, args.out, args.decoding,
                            args.batch_size, args.max_new_tokens, args.min_new_tokens, args.image_root,
-                           args.system_prompt, args.limit, seed=args.seed, overwrite=args.overwrite)
+                           args.system_prompt, args.limit, seed=args.seed, overwrite=args.overwrite,
+                           device=str(device), dtype=str(dtype).removeprefix("torch."))
     except answer.AnswersFileError as err:
         print(f"mllm answer: {err}", file=sys.stderr)
         return 2

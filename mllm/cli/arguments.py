@@ -32,3 +32,10 @@ def _int(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype of the inference verbs (resolved by `mllm.model.loading.resolve_device_dtype`)."""
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="weights and compute dtype; auto: bfloat16 on CUDA, float32 on the CPU")

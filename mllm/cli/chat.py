@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mllm.cli.arguments import positive_int
+from mllm.cli.arguments import add_device_arguments, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--decoding", choices=["greedy", "sample", "beam"], default="greedy")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256)
     parser.add_argument("--system-prompt", default=None)
+    add_device_arguments(parser)
     return parser
 
 
@@ -25,13 +26,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from mllm.model.image_processing import load_image
-    from mllm.model.loading import default_model_dir, load_pretrained
+    from mllm.model.loading import default_model_dir, load_pretrained, resolve_device_dtype
 
     try:
         images = [load_image(path) for path in args.image]
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    model, tokenizer, processor = load_pretrained(args.model or default_model_dir())
+    try:
+        device, dtype = resolve_device_dtype(args.device, args.dtype)
+    except ValueError as err:
+        parser.error(str(err))
+    model, tokenizer, processor = load_pretrained(args.model or default_model_dir(), dtype=dtype, device=device)
 
     def reply(msgs: list[dict]) -> str:
         # Beam search cannot stream; it prints its answer whole.

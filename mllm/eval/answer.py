@@ -80,14 +80,14 @@ def read_questions(path: Path) -> tuple[list[dict], list[str]]:
 
 
 def run_fingerprint(model_dir: str, decoding: str, max_new_tokens: int, min_new_tokens: int,
-                    system_prompt: str | None, seed: int | None) -> dict:
+                    system_prompt: str | None, seed: int | None, dtype: str = "float32") -> dict:
     """What makes two answers comparable: the model (folder and weight files) and every decoding setting."""
     folder = Path(model_dir).resolve()
     files = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".json") and p.is_file())
     weights = hashlib.sha1(json.dumps([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode())
     return {"model": str(folder), "weights": weights.hexdigest()[:16], "decoding": decoding,
             "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "system_prompt": system_prompt,
-            "seed": seed if decoding == "sample" else None}
+            "seed": seed if decoding == "sample" else None, "dtype": dtype}
 
 
 def read_answers(path: Path, fingerprint: dict | None = None) -> tuple[set[str], int]:
@@ -192,13 +192,14 @@ def lock_output(out: Path, overwrite: bool):
 def run(model_dir: str, questions: Path, out: Path, decoding: str = "greedy", batch_size: int = 8,
         max_new_tokens: int = 512, min_new_tokens: int = 0, image_root: Path | None = None,
         system_prompt: str | None = None, limit: int | None = None, quiet: bool = False, seed: int = 0,
-        overwrite: bool = False, on_other_run: str = "error") -> dict:
-    """Answer the pending questions of `questions` into `out` (see the module docstring for the rules).
+        overwrite: bool = False, on_other_run: str = "error", device: str = "cpu", dtype: str = "float32") -> dict:
+    """Answer the pending questions of `questions` into `out` (see the module docstring for the rules), with
+    the model on `device` in `dtype` (a name: float32, bfloat16, float16).
 
     on_other_run: "error" (the CLI) refuses a file of another run; "recompute" (a pipeline answering into
     its own folder, e.g. the course after retraining a model) starts such a file afresh."""
     from mllm.model.generation import GenerationSettings, build_chat_prompt, generate
-    from mllm.model.loading import load_pretrained
+    from mllm.model.loading import DTYPES, load_pretrained
 
     questions, out = Path(questions), Path(out)
     if out.exists() and questions.exists() and os.path.samefile(out, questions):
@@ -208,7 +209,7 @@ def run(model_dir: str, questions: Path, out: Path, decoding: str = "greedy", ba
         print(f"skipped {message}", file=sys.stderr)
     if limit is not None:
         items = items[:limit]
-    fingerprint = run_fingerprint(model_dir, decoding, max_new_tokens, min_new_tokens, system_prompt, seed)
+    fingerprint = run_fingerprint(model_dir, decoding, max_new_tokens, min_new_tokens, system_prompt, seed, dtype)
     stats = {"questions": len(items), "already_answered": 0, "answered": 0, "skipped_lines": len(problems),
              "skipped_records": 0, "skipped": []}
     with lock_output(out, overwrite) as sink:
@@ -226,7 +227,7 @@ def run(model_dir: str, questions: Path, out: Path, decoding: str = "greedy", ba
         stats["already_answered"] = len(items) - len(pending)
         if not pending:
             return stats
-        model, tokenizer, processor = load_pretrained(model_dir)
+        model, tokenizer, processor = load_pretrained(model_dir, dtype=DTYPES[dtype], device=device)
         settings = GenerationSettings(decoding=decoding, max_new_tokens=max_new_tokens,
                                       min_new_tokens=min_new_tokens)
         bar = tqdm(total=len(items), initial=stats["already_answered"], desc="answering", unit="q", disable=quiet)
