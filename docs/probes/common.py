@@ -143,7 +143,7 @@ def inventory(scene, rng):
     return "Which shapes are in the image?", " , ".join(f"{c} {'yes' if c in counts else 'no'}" for c in cats) + " ."
 
 
-def statements(scene, rng):
+def statements(scene, rng, kinds=("existence", "color", "count", "position")):
     """Dense lookups shaped like the yes/no questions: each statement is followed by whether it is true."""
     counts = S._counts(scene)
     absent = [c for c in S.CATEGORIES if c not in counts]
@@ -152,19 +152,19 @@ def statements(scene, rng):
         items.append(f"a {cat} yes")
     for cat in rng.sample(absent, min(2, len(absent))):
         items.append(f"a {cat} no")
-    for o in rng.sample(scene.objects, min(2, len(scene.objects))):
+    for o in rng.sample(scene.objects, min(2, len(scene.objects)) if "color" in kinds else 0):
         used = {x.colour for x in scene.objects if x.category == o.category}
         other = [c for c in S.COLOURS if c not in used]
         items.append(f"a {o.colour} {o.category} yes")
         if other:
             items.append(f"a {rng.choice(other)} {o.category} no")
-    for cat in rng.sample(sorted(counts), min(2, len(counts))):
+    for cat in rng.sample(sorted(counts), min(2, len(counts)) if "count" in kinds else 0):
         right = counts[cat]
         wrong = right + 1 if right == 1 or rng.random() < 0.5 else right - 1
         items.append(f"{S.number_phrase(right, cat)} yes")
         items.append(f"{S.number_phrase(wrong, cat)} no")
     uniques = S._unique_colour_category(scene)
-    for o in rng.sample(uniques, min(2, len(uniques))):
+    for o in rng.sample(uniques, min(2, len(uniques)) if "position" in kinds else 0):
         row, col = S.grid_cell(o, scene.width, scene.height)
         far = rng.choice([cell for cell in S.CELL_PHRASES if cell[0] != row and cell[1] != col])
         items.append(f"the {o.colour} {o.category} {S.CELL_PHRASES[(row, col)]} yes")
@@ -212,6 +212,9 @@ MIXES = {
     "exist": (None, [(1.0, lambda sc, r: yesno_turn(sc, r, ("existence",)))]),
     "exinv": (inventory, [(1.0, lambda sc, r: yesno_turn(sc, r, ("existence",)))]),
     "yninv": (statements, [(1.0, yesno_turn)]),
+    # curriculum step 2: existence and colour statements and questions (start from an existence run: init=)
+    "excol": (lambda sc, r: statements(sc, r, ("existence", "color")),
+              [(1.0, lambda sc, r: yesno_turn(sc, r, ("existence", "color")))]),
     "full": (statements, [(0.5, yesno_turn), (0.15, lookup_qa), (0.07, short_turn), (0.08, detailed_turn),
                           (0.2, grounding_turn)]),
 }

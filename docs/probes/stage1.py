@@ -2,6 +2,10 @@ import sys
 sys.path.insert(0, "docs/probes")
 from common import *  # noqa
 
+if args.get("init"):  # continue from an earlier probe's weights (a curriculum's next step)
+    state = torch.load(args["init"])
+    llm.load_state_dict(state["llm"])
+    oracle.load_state_dict(state["oracle"])
 params = list(llm.parameters()) + list(oracle.parameters())
 opt, sched = optimizer(params, 0.95, 100)
 rng = random.Random("train/stage1")

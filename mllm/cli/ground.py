@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mllm.cli.arguments import positive_int
+from mllm.cli.arguments import add_device_arguments, positive_int
 from mllm.eval.grounding import ground
 
 
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     parser.add_argument("--system-prompt", default=None, help="default: the chat template's own (as in training)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_device_arguments(parser)
     return parser
 
 
@@ -38,13 +39,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from mllm.eval.grounding_draw import draw_case
     from mllm.model.image_processing import load_image
-    from mllm.model.loading import default_model_dir, load_pretrained
+    from mllm.model.loading import default_model_dir, load_pretrained, resolve_device_dtype
 
     try:
         image = load_image(str(args.image))
+        device, dtype = resolve_device_dtype(args.device, args.dtype)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    model, tokenizer, processor = load_pretrained(args.model or default_model_dir())
+    model, tokenizer, processor = load_pretrained(args.model or default_model_dir(), dtype=dtype, device=device)
     result = ground(model, tokenizer, processor, image, args.expression, args.style, args.square_pad,
                     max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt)
     out = args.out or args.image.with_name(args.image.stem + ".ground.png")
