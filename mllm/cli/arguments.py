@@ -39,3 +39,25 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="weights and compute dtype; auto: bfloat16 on CUDA, float32 on the CPU")
+
+
+def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """(model, tokenizer, processor) of `--model` (default: the shipped one) on `--device` in `--dtype`; a device
+    or dtype that cannot be had is a usage error."""
+    from mllm.model.loading import default_model_dir, load_pretrained, resolve_device_dtype
+
+    try:
+        device, dtype = resolve_device_dtype(args.device, args.dtype)
+    except ValueError as err:
+        parser.error(str(err))
+    return load_pretrained(args.model or default_model_dir(), dtype=dtype, device=device)
+
+
+def load_images(parser: argparse.ArgumentParser, paths) -> list:
+    """The images at `paths` as RGB; an unreadable one is a usage error naming it."""
+    from mllm.model.image_processing import load_image
+
+    try:
+        return [load_image(str(path)) for path in paths]
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))

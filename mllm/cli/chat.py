@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mllm.cli.arguments import add_device_arguments, positive_int
+from mllm.cli.arguments import add_device_arguments, load_images, load_model, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,18 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
 
-    from mllm.model.image_processing import load_image
-    from mllm.model.loading import default_model_dir, load_pretrained, resolve_device_dtype
-
-    try:
-        images = [load_image(path) for path in args.image]
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
-    try:
-        device, dtype = resolve_device_dtype(args.device, args.dtype)
-    except ValueError as err:
-        parser.error(str(err))
-    model, tokenizer, processor = load_pretrained(args.model or default_model_dir(), dtype=dtype, device=device)
+    images = load_images(parser, args.image)
+    model, tokenizer, processor = load_model(parser, args)
 
     def reply(msgs: list[dict]) -> str:
         # Beam search cannot stream; it prints its answer whole.

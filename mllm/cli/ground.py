@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mllm.cli.arguments import add_device_arguments, positive_int
+from mllm.cli.arguments import add_device_arguments, load_images, load_model, positive_int
 from mllm.eval.grounding import ground
 
 
@@ -38,15 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from mllm.eval.grounding_draw import draw_case
-    from mllm.model.image_processing import load_image
-    from mllm.model.loading import default_model_dir, load_pretrained, resolve_device_dtype
 
-    try:
-        image = load_image(str(args.image))
-        device, dtype = resolve_device_dtype(args.device, args.dtype)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
-    model, tokenizer, processor = load_pretrained(args.model or default_model_dir(), dtype=dtype, device=device)
+    image = load_images(parser, [args.image])[0]
+    model, tokenizer, processor = load_model(parser, args)
     result = ground(model, tokenizer, processor, image, args.expression, args.style, args.square_pad,
                     max_new_tokens=args.max_new_tokens, system_prompt=args.system_prompt)
     out = args.out or args.image.with_name(args.image.stem + ".ground.png")
