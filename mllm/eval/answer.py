@@ -82,10 +82,10 @@ def read_questions(path: Path) -> tuple[list[dict], list[str]]:
 def run_fingerprint(model_dir: str, decoding: str, max_new_tokens: int, min_new_tokens: int,
                     system_prompt: str | None, seed: int | None, dtype: str = "float32") -> dict:
     """What makes two answers comparable: the model (folder and weight files) and every decoding setting."""
+    from mllm.model.checkpoint import model_fingerprint
+
     folder = Path(model_dir).resolve()
-    files = sorted(p for p in folder.glob("*") if p.suffix in (".safetensors", ".json") and p.is_file())
-    weights = hashlib.sha1(json.dumps([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode())
-    return {"model": str(folder), "weights": weights.hexdigest()[:16], "decoding": decoding,
+    return {"model": str(folder), "weights": model_fingerprint(folder)[:16], "decoding": decoding,
             "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "system_prompt": system_prompt,
             "seed": seed if decoding == "sample" else None, "dtype": dtype}
 

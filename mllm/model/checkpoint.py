@@ -154,3 +154,37 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+
+
+# ---- fingerprints ---------------------------------------------------------------------------------------------
+FINGERPRINT_CHUNK = 1 << 20  # bytes hashed at each end of a file
+FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                     "chat_template.jinja", "vocab.json", "merges.txt", "model.safetensors.index.json")
+
+
+def hash_file_ends(path: Path, digest) -> None:
+    """Feed `digest` the file's name, size and first and last MiB (the whole file when smaller): fast on an 8B
+    shard, and changed by any edit at either end or of the length."""
+    size = path.stat().st_size
+    digest.update(f"{path.name}:{size}:".encode())
+    with open(path, "rb") as f:
+        if size <= 2 * FINGERPRINT_CHUNK:
+            digest.update(f.read())
+            return
+        digest.update(f.read(FINGERPRINT_CHUNK))
+        f.seek(size - FINGERPRINT_CHUNK)
+        digest.update(f.read(FINGERPRINT_CHUNK))
+
+
+def model_fingerprint(model_dir: str | os.PathLike) -> str:
+    """sha256 over a checkpoint folder's config, tokenizer files and weight files (`hash_file_ends` each)."""
+    import hashlib
+
+    folder = Path(model_dir)
+    digest = hashlib.sha256()
+    for name in FINGERPRINT_FILES:
+        if (folder / name).is_file():
+            hash_file_ends(folder / name, digest)
+    for path in weight_files(folder):
+        hash_file_ends(path, digest)
+    return digest.hexdigest()

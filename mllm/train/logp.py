@@ -36,10 +36,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mllm.model.checkpoint import FINGERPRINT_CHUNK, model_fingerprint
+
 FORMAT = "mllm-logp-1"
-CHUNK = 1 << 20  # bytes hashed at each end of a weight file
-FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                     "chat_template.jinja", "vocab.json", "merges.txt", "model.safetensors.index.json")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -52,35 +51,10 @@ def cache_path(data_path: str | os.PathLike, ref_name: str = "ref") -> Path:
     return data_path.with_name(f"{data_path.name.removesuffix('.json')}.{ref_name}.logp.jsonl")
 
 
-def _hash_ends(path: Path, digest) -> None:
-    size = path.stat().st_size
-    digest.update(f"{path.name}:{size}:".encode())
-    with open(path, "rb") as f:
-        if size <= 2 * CHUNK:
-            digest.update(f.read())
-            return
-        digest.update(f.read(CHUNK))
-        f.seek(size - CHUNK)
-        digest.update(f.read(CHUNK))
-
-
-def model_fingerprint(model_dir: str | os.PathLike) -> str:
-    from mllm.model.checkpoint import weight_files
-
-    folder = Path(model_dir)
-    digest = hashlib.sha256()
-    for name in FINGERPRINT_FILES:
-        if (folder / name).is_file():
-            _hash_ends(folder / name, digest)
-    for path in weight_files(folder):
-        _hash_ends(path, digest)
-    return digest.hexdigest()
-
-
 def file_sha256(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(CHUNK), b""):
+        for block in iter(lambda: f.read(FINGERPRINT_CHUNK), b""):
             digest.update(block)
     return digest.hexdigest()
 

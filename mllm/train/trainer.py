@@ -130,19 +130,17 @@ class RunMismatchError(ValueError):
 
 
 def _file_identity(path: str | os.PathLike) -> dict:
-    """Name, size and a hash of the first and last MiB: cheap on large files, changes with any edit at either end."""
+    """Path and a hash of name, size and both ends (`hash_file_ends`): cheap on large files."""
     import hashlib
+
+    from mllm.model.checkpoint import hash_file_ends
 
     path = Path(path)
     if not path.is_file():
         return {"path": str(path.resolve()), "missing": True}
-    size, digest = path.stat().st_size, hashlib.sha256()
-    with open(path, "rb") as f:
-        digest.update(f.read(1 << 20))
-        if size > 2 << 20:
-            f.seek(size - (1 << 20))
-            digest.update(f.read())
-    return {"path": str(path.resolve()), "size": size, "sha256_ends": digest.hexdigest()[:16]}
+    digest = hashlib.sha256()
+    hash_file_ends(path, digest)
+    return {"path": str(path.resolve()), "sha256_ends": digest.hexdigest()[:16]}
 
 
 def run_identity(*argument_groups, data_paths: tuple = ()) -> dict:
