@@ -12,6 +12,8 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	# test-only: qwen-agent ships qwen.tiktoken (the real Qwen2 ranks); only that file is used, so no dependencies
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps qwen-agent==0.0.34
+	# the deepspeed extra, which CI runs for real (ZeRO-2/3 on the CPU); its ops are built just in time
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps deepspeed==0.19.8
 	touch $(STAMP)
 
 setup: $(STAMP)

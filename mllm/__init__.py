@@ -19,3 +19,18 @@ def __getattr__(name):
 
 
 __all__ = sorted(_PUBLIC)
+
+
+def _started_as_cli() -> bool:
+    # The `mllm` console script imports this package first; its verbs import the model themselves when they run,
+    # so `mllm --help` stays fast. Everyone else gets the Auto classes registered at `import mllm`.
+    import os
+    import sys
+
+    return bool(sys.argv) and os.path.basename(sys.argv[0]) == "mllm"
+
+
+if not _started_as_cli():
+    from mllm.model.auto import register as _register
+
+    _register()

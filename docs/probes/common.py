@@ -29,6 +29,8 @@ BF16 = args.get("bf16", "0") == "1"
 OUT = args.get("out", "runs/probe/s1")
 AUXW = float(args.get("aux", 1.0))
 TIE = args.get("tie", "0") == "1"  # colour / category / size parts of a slot = the LLM's own word embeddings
+CELLW = args.get("cellw", "0") == "1"  # with tie: the slot also holds the words of its 3x3 place ("top", "left")
+CNTW = args.get("cntw", "0") == "1"  # with tie: the k-th object of a category (raster order) holds the word of k
 torch.set_num_threads(int(args.get("threads", 1)))
 torch.manual_seed(0)
 
@@ -69,10 +71,14 @@ class Oracle(nn.Module):
             if TIE:
                 emb = llm.get_input_embeddings().weight
                 v = emb[COL_IDS[f[:, 0]]] + emb[CAT_IDS[f[:, 1]]] + emb[SIZE_IDS[f[:, 2]]] + self.cs(
-                    f[:, 0] * len(CATS) + f[:, 1]) + self.box(f[:, 3:] + torch.arange(4) * NB).sum(1)
+                    f[:, 0] * len(CATS) + f[:, 1]) + self.box(f[:, 3:7] + torch.arange(4) * NB).sum(1)
+                if CELLW:
+                    v = v + emb[PLACE_IDS[f[:, 7]]].sum(1)
+                if CNTW:
+                    v = v + emb[NUM_IDS[f[:, 8]]]
             else:
               v = self.col(f[:, 0]) + self.cat(f[:, 1]) + self.cs(f[:, 0] * len(CATS) + f[:, 1]) + self.size(f[:, 2]) \
-                + self.box(f[:, 3:] + torch.arange(4) * NB).sum(1)
+                + self.box(f[:, 3:7] + torch.arange(4) * NB).sum(1)
             out = out.index_put((torch.tensor(rows), torch.tensor(cells)), v, accumulate=True)
         return out
 
@@ -82,6 +88,10 @@ SIZES = ("small", "medium-sized", "large")
 COL_IDS = torch.tensor([tok.encode(" " + w, add_special_tokens=False)[0] for w in COLS])
 CAT_IDS = torch.tensor([tok.encode(" " + w, add_special_tokens=False)[0] for w in CATS])
 SIZE_IDS = torch.tensor([tok.encode(" " + w, add_special_tokens=False)[0] for w in SIZES])
+_CELLS = sorted(S.CELL_PHRASES)
+_words = [[w for w in S.CELL_PHRASES[c].split() if w not in ("in", "the", "at", "on")] for c in _CELLS]
+PLACE_IDS = torch.tensor([[tok.encode(" " + w, add_special_tokens=False)[0] for w in (ws * 2)[:2]] for ws in _words])
+NUM_IDS = torch.tensor([tok.encode(" " + w, add_special_tokens=False)[0] for w in ("one", "two", "three", "four", "five", "six")])
 
 
 def optimizer(params, beta2: float, warmup: int):
@@ -106,13 +116,16 @@ def make_scene(rng):
 
 def slots_of(scene):
     out = []
+    seen = Counter()
     for o in scene.objects:
+        seen[o.category] += 1
         cx, cy = S.centre(o)
         cell = min(GRID - 1, int(GRID * cy / scene.height)) * GRID + min(GRID - 1, int(GRID * cx / scene.width))
         g = pixel_to_grid(o.bbox, scene.width, scene.height, square_pad=False)
         b = [min(NB - 1, v * NB // 1000) for v in g]
         out.append((cell, COLS.index(o.colour), CATS.index(o.category),
-                    SIZES.index(S.size_word(o, scene.width, scene.height)), *b))
+                    SIZES.index(S.size_word(o, scene.width, scene.height)), *b,
+                    _CELLS.index(S.grid_cell(o, scene.width, scene.height)), seen[o.category] - 1))
     return out
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mllm.cli.arguments import add_device_arguments, non_negative_int, output_file, positive_int
+from mllm.cli.arguments import add_device_arguments, device_and_dtype, non_negative_int, output_file, positive_int
 from mllm.eval import answer
 
 
@@ -39,21 +39,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--questions {args.questions}: no such file")
     import torch
 
-    from mllm.model.loading import default_model_dir, resolve_device_dtype
+    from mllm.model.checkpoint import CheckpointError
+    from mllm.model.loading import default_model_dir
 
     torch.manual_seed(args.seed)
-    try:
-        device, dtype = resolve_device_dtype(args.device, args.dtype)
-    except ValueError as err:
-        parser.error(str(err))
+    device, dtype = device_and_dtype(parser, args)
     try:
         stats = answer.run(args.model or str(default_model_dir()), args.questions, args.out, args.decoding,
                            args.batch_size, args.max_new_tokens, args.min_new_tokens, args.image_root,
                            args.system_prompt, args.limit, seed=args.seed, overwrite=args.overwrite,
-                           device=str(device), dtype=str(dtype).removeprefix("torch."))
+                           device=device, dtype=dtype, attn=args.attn, adapter=args.adapter)
     except answer.AnswersFileError as err:
         print(f"mllm answer: {err}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, CheckpointError) as err:  # a missing model, adapter or a broken checkpoint
+        parser.error(str(err))
     print(f"{stats['answered']} answered now, {stats['already_answered']} already in {args.out}, "
           f"{stats['skipped_lines']} malformed line(s) and {stats['skipped_records']} unusable record(s) skipped")
     return 0

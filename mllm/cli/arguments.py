@@ -35,22 +35,40 @@ def _int(text: str) -> int:
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
-    """--device and --dtype of the inference verbs (resolved by `mllm.model.loading.resolve_device_dtype`)."""
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="weights and compute dtype; auto: bfloat16 on CUDA, float32 on the CPU")
+    """--device, --dtype, --attn and --adapter of the inference verbs (`mllm.model.loading`)."""
+    group = parser.add_argument_group("where and how the model runs")
+    group.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weights and compute dtype; auto: bfloat16 on CUDA, float32 on the CPU")
+    group.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
+                       help="attention kernel: sdpa (PyTorch's fused attention; flash kernels on CUDA) or eager")
+    group.add_argument("--adapter", default=None,
+                       help="a PEFT (LoRA) adapter folder merged into --model, e.g. a LoRA run's checkpoint-N")
 
 
-def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace):
-    """(model, tokenizer, processor) of `--model` (default: the shipped one) on `--device` in `--dtype`; a device
-    or dtype that cannot be had is a usage error."""
-    from mllm.model.loading import default_model_dir, load_pretrained, resolve_device_dtype
+def device_and_dtype(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, str]:
+    """(`cuda:0`-style device, dtype name) of --device/--dtype; one that cannot be had is a usage error."""
+    from mllm.model.loading import resolve_device_dtype
 
     try:
         device, dtype = resolve_device_dtype(args.device, args.dtype)
     except ValueError as err:
         parser.error(str(err))
-    return load_pretrained(args.model or default_model_dir(), dtype=dtype, device=device)
+    return str(device), str(dtype).removeprefix("torch.")
+
+
+def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """(model, tokenizer, processor) of `--model` (default: the shipped one) on `--device` in `--dtype`; a device
+    or dtype that cannot be had is a usage error."""
+    from mllm.model.checkpoint import CheckpointError
+    from mllm.model.loading import DTYPES, default_model_dir, load_pretrained
+
+    device, dtype = device_and_dtype(parser, args)
+    try:
+        return load_pretrained(args.model or default_model_dir(), dtype=DTYPES[dtype], device=device,
+                               attn_implementation=args.attn, adapter=args.adapter)
+    except (FileNotFoundError, CheckpointError) as err:  # a missing model or adapter, a broken checkpoint
+        parser.error(str(err))
 
 
 def load_images(parser: argparse.ArgumentParser, paths) -> list:

@@ -8,24 +8,28 @@ from pathlib import Path
 
 import mllm.course.demo as demo
 
-from mllm.cli.arguments import positive_int
+from mllm.cli.arguments import add_device_arguments, device_and_dtype, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllm demo", description=demo.__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the shipped tiny model)")
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the shipped tiny model)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--seed", type=int, default=2026, help="seed of the fresh scenes (training used 0)")
     parser.add_argument("--n-eval", type=positive_int, default=60, help="held-out scenes for the scores")
+    add_device_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from mllm.outputs import OutputDirError
 
+    device, dtype = device_and_dtype(parser, args)
+    runtime = {"device": device, "dtype": dtype, "attn": args.attn, "adapter": args.adapter}
     try:
-        report = demo.run_demo(args.model, args.out, args.seed, args.n_eval)
+        report = demo.run_demo(args.model, args.out, args.seed, args.n_eval, runtime)
     except OutputDirError as err:
         print(f"mllm demo: {err}", file=sys.stderr)
         return 2

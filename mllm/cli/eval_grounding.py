@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mllm.cli.arguments import non_negative_int, positive_int
+from mllm.cli.arguments import add_device_arguments, device_and_dtype, non_negative_int, positive_int
 from mllm.eval import grounding
 from mllm.jsonio import write_json_atomic
 
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="system message (default: the chat template's own, as in SFT training)")
     model.add_argument("--draw", type=non_negative_int, default=0, help="draw N sampled cases and a contact sheet")
     model.add_argument("--seed", type=int, default=0, help="seed of the drawn sample")
+    add_device_arguments(p)
     return p
 
 
@@ -53,7 +54,8 @@ def run(args: argparse.Namespace) -> dict:
         rec_files = list(args.rec) + (grounding.refcoco_files(args.refcoco_dir) if args.refcoco_dir else [])
         result = grounding.evaluate_model(args.model, rec_files, args.out_dir, args.image_root, args.style,
                                           bool(args.square_pad), args.template, args.limit, args.fraction, args.batch_size,
-                                          args.max_new_tokens, args.system_prompt, args.draw, args.seed, args.threshold)
+                                          args.max_new_tokens, args.system_prompt, args.draw, args.seed, args.threshold,
+                                          runtime=args.runtime)
         if args.out:
             write_json_atomic(args.out, result)
     else:
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.rec:
             if not path.is_file():
                 parser.error(f"--rec {path}: no such file")
+        device, dtype = device_and_dtype(parser, args)
+        args.runtime = {"device": device, "dtype": dtype, "attn": args.attn, "adapter": args.adapter}
         try:
             run(args)
         except (FileNotFoundError, ValueError) as err:

@@ -29,6 +29,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "logp": ("mllm.cli.logp", "cache reference log-probs of a preference file"),
     "course": ("mllm.cli.course", "run the exercise's arc on the tiny model, stage by stage"),
     "init": ("mllm.cli.init", "write a randomly initialised checkpoint of a preset"),
+    "merge": ("mllm.cli.merge", "fold a LoRA adapter into its base model and write a plain checkpoint"),
 }
 
 

@@ -7,7 +7,7 @@ import json
 
 import mllm.course.self_pairs as self_pairs
 
-from mllm.cli.arguments import non_negative_int, positive_int
+from mllm.cli.arguments import add_device_arguments, device_and_dtype, non_negative_int, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,13 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="balanced: pairs per corrected description, each against it minus a different "
                              "true sentence")
     parser.add_argument("--seed", type=int, default=0)
+    add_device_arguments(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    summary = self_pairs.build_pairs(args.model, args.world, args.out, args.images, args.samples, args.seed, args.batch_size,
-                          args.max_new_tokens, args.mode, args.true_drops, quiet=False)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device, dtype = device_and_dtype(parser, args)
+    runtime = {"device": device, "dtype": dtype, "attn": args.attn, "adapter": args.adapter}
+    summary = self_pairs.build_pairs(args.model, args.world, args.out, args.images, args.samples, args.seed,
+                                     args.batch_size, args.max_new_tokens, args.mode, args.true_drops, quiet=False,
+                                     runtime=runtime)
     print(json.dumps(summary, indent=1))
     return 0
 

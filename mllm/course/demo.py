@@ -34,14 +34,20 @@ def png_data_uri(image, scale: int = 2) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def showcase(model_dir: Path, world: Path, n: int) -> list[dict]:
+def showcase(model_dir: Path, world: Path, n: int, runtime: dict | None = None) -> list[dict]:
     """Describe, question and ground the first `n` held-out scenes."""
     from mllm.data.grounding_prepare import GROUNDING_PROMPT
     from mllm.data.boxes import grid_to_pixel, iou, parse_box
     from mllm.model.image_processing import load_image
     from mllm.model.loading import load_pretrained
 
-    model, tokenizer, processor = load_pretrained(model_dir)
+    from mllm.model.loading import DTYPES
+
+    runtime = runtime or {}
+    model, tokenizer, processor = load_pretrained(model_dir, dtype=DTYPES[runtime.get("dtype", "float32")],
+                                                  device=runtime.get("device", "cpu"),
+                                                  attn_implementation=runtime.get("attn", "sdpa"),
+                                                  adapter=runtime.get("adapter"))
     bench = [json.loads(line) for line in (world / "bench.jsonl").read_text().splitlines()][:n]
     yesno = json.loads((world / "yesno_test.json").read_text())
     recs = [json.loads(line) for line in (world / "rec_test.jsonl").read_text().splitlines()]
@@ -91,7 +97,7 @@ td{{padding:.2em 1em}}</style></head><body><h1>mllm demo</h1>
 <h2>Held-out scores</h2><table>{table}</table><h2>Cases</h2>{''.join(rows)}</body></html>"""
 
 
-def run(model_dir: Path, out: Path, seed: int, n_eval: int) -> Path:
+def run(model_dir: Path, out: Path, seed: int, n_eval: int, runtime: dict | None = None) -> Path:
     """The demo of `model_dir` into `out`, which must be claimed (`mllm.outputs.claim_output_dir`)."""
     from mllm.course.shared import answer_yesno, describe_and_score, ground_and_score
     from mllm.world.synth import generate
@@ -100,7 +106,7 @@ def run(model_dir: Path, out: Path, seed: int, n_eval: int) -> Path:
     world = out / "world"
     generate(world, n_train=0, n_test=n_eval, seed=seed, caption_noise=0.0, progress=False)
     print(f"generated {n_eval} fresh scenes (seed {seed}) in {world}")
-    cases = showcase(model_dir, world, SHOWCASE)
+    cases = showcase(model_dir, world, SHOWCASE, runtime)
     for c in cases:
         print(f"\n[{c['image_id']}] {c['question']}\n  {c['description']}")
         for q in c["yesno"]:
@@ -108,9 +114,9 @@ def run(model_dir: Path, out: Path, seed: int, n_eval: int) -> Path:
         if c["grounding"]:
             g = c["grounding"]
             print(f"  ground '{g['expression']}' -> {g['answer']} (IoU {g['iou']:.2f})")
-    chair = describe_and_score(model_dir, world, out)
-    yesno = answer_yesno(model_dir, world, out)
-    grounding = ground_and_score(model_dir, world, out)
+    chair = describe_and_score(model_dir, world, out, runtime=runtime)
+    yesno = answer_yesno(model_dir, world, out, runtime=runtime)
+    grounding = ground_and_score(model_dir, world, out, runtime=runtime)
     scores = {
         "CHAIRs / CHAIRi (lower is better)": f"{100 * chair['CHAIRs']:.1f} / {100 * chair['CHAIRi']:.1f}",
         "Recall / Len": f"{100 * chair['Recall']:.1f} / {chair['Len']:.1f}",
@@ -126,9 +132,10 @@ def run(model_dir: Path, out: Path, seed: int, n_eval: int) -> Path:
     return report
 
 
-def run_demo(model_dir: Path | None, out: Path, seed: int, n_eval: int) -> Path:
+def run_demo(model_dir: Path | None, out: Path, seed: int, n_eval: int, runtime: dict | None = None) -> Path:
     """The whole demo into `out`: the shipped model (or `model_dir`) on `n_eval` new scenes of `seed`; without a
     shipped model, a randomly initialised tiny checkpoint (said so loudly). Returns the report's path.
+    `runtime`: where and how the model runs (device, dtype, attn, adapter: `mllm.eval.answer.run`'s names).
 
     `out` is claimed (`mllm.outputs`): a rerun replaces only what the demo wrote there; a non-empty folder the
     demo did not write is refused with OutputDirError and left as it is."""
@@ -151,6 +158,6 @@ def run_demo(model_dir: Path | None, out: Path, seed: int, n_eval: int) -> Path:
                   f" trains one); the demo runs a RANDOMLY INITIALISED tiny checkpoint written to {model_dir}:"
                   " expect chance-level scores and meaningless text.")
             make_random_checkpoint(model_dir, "tiny", texts=default_corpus(), seed=0)
-    report = run(model_dir, out, seed, n_eval)
+    report = run(model_dir, out, seed, n_eval, runtime)
     finish_output_dir(out)
     return report

@@ -166,7 +166,7 @@ MODES = ("corrected", "balanced", "ranked")
 
 def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n_images: int = 600,
                 samples_per_image: int = 4, seed: int = 0, batch_size: int = 32, max_new_tokens: int = 160,
-                mode: str = "balanced", true_drops: int = 1, quiet: bool = True) -> dict:
+                mode: str = "balanced", true_drops: int = 1, quiet: bool = True, runtime: dict | None = None) -> dict:
     """Sample descriptions of the world's training images with `model_dir`, score them, and pair them:
     mode "corrected" or "balanced" (`corrected_pairs`, the latter with `true_drops`) or "ranked" (`rank_pairs`).
 
@@ -190,7 +190,7 @@ def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n
         (out_dir / "samples.jsonl").unlink(missing_ok=True)  # samples of other questions must not be reused
     torch.manual_seed(seed)
     run(str(model_dir), question_file, out_dir / "samples.jsonl", decoding="sample", batch_size=batch_size,
-        max_new_tokens=max_new_tokens, image_root=world, quiet=quiet, on_other_run="recompute")
+        max_new_tokens=max_new_tokens, image_root=world, quiet=quiet, on_other_run="recompute", **(runtime or {}))
     answers = sorted((json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()),
                      key=lambda row: row["idx"])
     vocab, gt = chair.load_chair_gt(world / "chair_gt.json")

@@ -59,14 +59,14 @@ def fresh(folder: Path) -> Path:
 
 # ---- shared evaluations ----------------------------------------------------------------------------------------
 def describe_and_score(model_dir: Path, world: Path, out_dir: Path, decoding: str = "greedy",
-                       limit: int | None = None, max_new_tokens: int = 160) -> dict:
+                       limit: int | None = None, max_new_tokens: int = 160, runtime: dict | None = None) -> dict:
     """Answer the world's description bench with the model, then CHAIR against the world's ground truth."""
     from mllm.eval import chair
     from mllm.eval.answer import run
 
     answers = out_dir / f"bench_answers_{decoding}.jsonl"
     run(str(model_dir), world / "bench.jsonl", answers, decoding=decoding, batch_size=16,
-        max_new_tokens=max_new_tokens, limit=limit, quiet=True, on_other_run="recompute")
+        max_new_tokens=max_new_tokens, limit=limit, quiet=True, on_other_run="recompute", **(runtime or {}))
     vocab, gt = chair.load_chair_gt(world / "chair_gt.json")
     records = [json.loads(line) for line in answers.read_text().splitlines()]
     if not any(r["answer"].strip() for r in records):
@@ -93,14 +93,15 @@ def yesno_questions(test_json: Path, out: Path) -> Path:
     return out
 
 
-def answer_yesno(model_dir: Path, world: Path, out_dir: Path, limit: int | None = None) -> dict:
+def answer_yesno(model_dir: Path, world: Path, out_dir: Path, limit: int | None = None,
+                 runtime: dict | None = None) -> dict:
     from mllm.eval import yesno
     from mllm.eval.answer import run
 
     questions = yesno_questions(world / "yesno_test.json", out_dir / "yesno_questions.jsonl")
     answers = out_dir / "yesno_answers.jsonl"
     run(str(model_dir), questions, answers, batch_size=32, max_new_tokens=4, limit=limit, quiet=True,
-        image_root=world, on_other_run="recompute")
+        image_root=world, on_other_run="recompute", **(runtime or {}))
     records = []
     for line in answers.read_text().splitlines():
         row = json.loads(line)
@@ -112,7 +113,8 @@ def answer_yesno(model_dir: Path, world: Path, out_dir: Path, limit: int | None 
     return result["overall"]
 
 
-def ground_and_score(model_dir: Path, world: Path, out_dir: Path, limit: int | None = None) -> dict:
+def ground_and_score(model_dir: Path, world: Path, out_dir: Path, limit: int | None = None,
+                     runtime: dict | None = None) -> dict:
     """Acc@IoU>=0.5 of the model on the world's held-out referring expressions (unpadded 0-1000 grid)."""
     from mllm.eval import grounding
     from mllm.eval.answer import run
@@ -126,7 +128,7 @@ def ground_and_score(model_dir: Path, world: Path, out_dir: Path, limit: int | N
                                 "split": "synthetic", "image_id": rec["image_id"]}) + "\n")
     answers = out_dir / "rec_answers.jsonl"
     run(str(model_dir), questions, answers, batch_size=32, max_new_tokens=24, limit=limit, quiet=True,
-        image_root=world, on_other_run="recompute")
+        image_root=world, on_other_run="recompute", **(runtime or {}))
     result = grounding.score_files(answers, square_pad=False)
     write_json_atomic(out_dir / "grounding.json", result)
     return result["overall"]

@@ -80,14 +80,18 @@ def read_questions(path: Path) -> tuple[list[dict], list[str]]:
 
 
 def run_fingerprint(model_dir: str, decoding: str, max_new_tokens: int, min_new_tokens: int,
-                    system_prompt: str | None, seed: int | None, dtype: str = "float32") -> dict:
-    """What makes two answers comparable: the model (folder and weight files) and every decoding setting."""
-    from mllm.model.checkpoint import model_fingerprint
+                    system_prompt: str | None, seed: int | None, dtype: str = "float32",
+                    adapter: str | None = None) -> dict:
+    """What makes two answers comparable: the model (folder and weight files, adapter) and every decoding setting."""
+    from mllm.model.checkpoint import adapter_fingerprint, model_fingerprint, resolve_model_dir
 
-    folder = Path(model_dir).resolve()
-    return {"model": str(folder), "weights": model_fingerprint(folder)[:16], "decoding": decoding,
-            "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "system_prompt": system_prompt,
-            "seed": seed if decoding == "sample" else None, "dtype": dtype}
+    folder = resolve_model_dir(model_dir).resolve()
+    run = {"model": str(folder), "weights": model_fingerprint(folder)[:16], "decoding": decoding,
+           "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens, "system_prompt": system_prompt,
+           "seed": seed if decoding == "sample" else None, "dtype": dtype}
+    if adapter is not None:  # only then: answers of runs without an adapter keep their fingerprint
+        run["adapter"] = adapter_fingerprint(adapter)[:16]
+    return run
 
 
 def read_answers(path: Path, fingerprint: dict | None = None) -> tuple[set[str], int]:
@@ -192,9 +196,11 @@ def lock_output(out: Path, overwrite: bool):
 def run(model_dir: str, questions: Path, out: Path, decoding: str = "greedy", batch_size: int = 8,
         max_new_tokens: int = 512, min_new_tokens: int = 0, image_root: Path | None = None,
         system_prompt: str | None = None, limit: int | None = None, quiet: bool = False, seed: int = 0,
-        overwrite: bool = False, on_other_run: str = "error", device: str = "cpu", dtype: str = "float32") -> dict:
+        overwrite: bool = False, on_other_run: str = "error", device: str = "cpu", dtype: str = "float32",
+        attn: str = "sdpa", adapter: str | None = None) -> dict:
     """Answer the pending questions of `questions` into `out` (see the module docstring for the rules), with
-    the model on `device` in `dtype` (a name: float32, bfloat16, float16).
+    the model on `device` in `dtype` (a name: float32, bfloat16, float16), with `attn` attention and, when given,
+    the PEFT `adapter` merged in.
 
     on_other_run: "error" (the CLI) refuses a file of another run; "recompute" (a pipeline answering into
     its own folder, e.g. the course after retraining a model) starts such a file afresh."""
@@ -209,7 +215,8 @@ def run(model_dir: str, questions: Path, out: Path, decoding: str = "greedy", ba
         print(f"skipped {message}", file=sys.stderr)
     if limit is not None:
         items = items[:limit]
-    fingerprint = run_fingerprint(model_dir, decoding, max_new_tokens, min_new_tokens, system_prompt, seed, dtype)
+    fingerprint = run_fingerprint(model_dir, decoding, max_new_tokens, min_new_tokens, system_prompt, seed, dtype,
+                                  adapter)
     stats = {"questions": len(items), "already_answered": 0, "answered": 0, "skipped_lines": len(problems),
              "skipped_records": 0, "skipped": []}
     with lock_output(out, overwrite) as sink:
@@ -227,7 +234,8 @@ def run(model_dir: str, questions: Path, out: Path, decoding: str = "greedy", ba
         stats["already_answered"] = len(items) - len(pending)
         if not pending:
             return stats
-        model, tokenizer, processor = load_pretrained(model_dir, dtype=DTYPES[dtype], device=device)
+        model, tokenizer, processor = load_pretrained(model_dir, dtype=DTYPES[dtype], device=device,
+                                                      attn_implementation=attn, adapter=adapter)
         settings = GenerationSettings(decoding=decoding, max_new_tokens=max_new_tokens,
                                       min_new_tokens=min_new_tokens)
         bar = tqdm(total=len(items), initial=stats["already_answered"], desc="answering", unit="q", disable=quiet)

@@ -289,12 +289,12 @@ def evaluate_model(model_dir: str | Path, rec_files: list[Path], out_dir: Path, 
                    style: str = "plain", square_pad: bool = False, template: int = 0, limit: int | None = None,
                    fraction: float | None = None, batch_size: int = 16, max_new_tokens: int | None = None,
                    system_prompt: str | None = None, draw: int = 0, seed: int = 0, threshold: float = 0.5,
-                   quiet: bool = False) -> dict:
+                   quiet: bool = False, runtime: dict | None = None) -> dict:
     """Ask `model_dir` for the box of every expression of each REC file (one split per file), score, write
     `out_dir/grounding.json`. Answers go to `out_dir/answers/<split>.jsonl` and resume like `mllm answer`.
 
     `system_prompt=None` uses the chat template's default system message, as SFT training does.
-    `image_root` defaults to each REC file's folder."""
+    `image_root` defaults to each REC file's folder. `runtime`: device, dtype, attn, adapter (as `answer.run`)."""
     from mllm.data.grounding_prepare import TEMPLATES
     from mllm.eval.answer import run as answer
 
@@ -322,7 +322,7 @@ def evaluate_model(model_dir: str | Path, rec_files: list[Path], out_dir: Path, 
                   f"{split} has {EXPECTED_SIZES[split]} (eval_facts §3.2)", file=sys.stderr)
         stats |= answer(str(model_dir), questions, answers, decoding="greedy", batch_size=batch_size,
                         max_new_tokens=max_new_tokens, system_prompt=system_prompt, quiet=quiet,
-                        on_other_run="recompute")
+                        on_other_run="recompute", **(runtime or {}))
         p, r, s = read_answers(answers)
         predictions += p
         references += r

@@ -24,6 +24,33 @@ class CheckpointError(ValueError):
     """A checkpoint folder that does not match the model it is loaded into."""
 
 
+class ModelNotFoundError(FileNotFoundError):
+    """A --model that is neither a folder nor a hub id present in the local Hugging Face cache."""
+
+
+def resolve_model_dir(name: str | os.PathLike) -> Path:
+    """A model folder, or a hub id (`openbmb/MiniCPM-V-2_6`) resolved to its snapshot in the local Hugging Face
+    cache (HF_HUB_CACHE / HF_HOME honoured). Nothing is downloaded: this project never reaches a hub at run time."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    text = str(name)
+    parts = text.split("/")
+    if len(parts) != 2 or not all(parts) or text.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"{text}: no such model folder")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError) as err:
+        raise ModelNotFoundError(
+            f"{text}: not a folder, and not in the local Hugging Face cache ({HF_HUB_CACHE}); this project never "
+            f"downloads weights at run time -- fetch it first (e.g. `huggingface-cli download {text}`) or pass "
+            f"--model DIR ({type(err).__name__})") from None
+
+
 def weight_files(folder: str | os.PathLike) -> list[Path]:
     """The safetensors files of a checkpoint folder, in shard order."""
     folder = Path(folder)
@@ -66,6 +93,19 @@ def load_state_dict(folder: str | os.PathLike, dtype: torch.dtype | None = None)
     return state
 
 
+def stored_shapes(folder: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in a checkpoint folder, read from the safetensors headers alone."""
+    shapes = {}
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    shapes[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as err:  # safetensors raises several error types for damaged files
+            raise CheckpointError(f"{path}: cannot read safetensors file ({err})") from err
+    return shapes
+
+
 def check_finite(state: dict[str, torch.Tensor], source: str) -> None:
     """Raise a CheckpointError naming the floating tensors that hold NaN or infinity (a diverged or damaged save)."""
     bad = sorted(k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
@@ -79,9 +119,9 @@ def check_state_dict(expected: dict[str, torch.Size], found: dict[str, torch.Ten
     missing = sorted(k for k in expected if k not in found)
     unexpected = sorted(k for k in found if k not in expected)
     misshaped = sorted(
-        f"{k}: checkpoint {tuple(found[k].shape)} vs model {tuple(expected[k])}"
+        f"{k}: checkpoint {tuple(getattr(found[k], 'shape', found[k]))} vs model {tuple(expected[k])}"
         for k in expected
-        if k in found and tuple(found[k].shape) != tuple(expected[k])
+        if k in found and tuple(getattr(found[k], "shape", found[k])) != tuple(expected[k])
     )
     problems = []
     for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
@@ -187,4 +227,16 @@ def model_fingerprint(model_dir: str | os.PathLike) -> str:
             hash_file_ends(folder / name, digest)
     for path in weight_files(folder):
         hash_file_ends(path, digest)
+    return digest.hexdigest()
+
+
+def adapter_fingerprint(adapter_dir: str | os.PathLike) -> str:
+    """sha256 over a PEFT adapter folder's config and weights (`hash_file_ends` each)."""
+    import hashlib
+
+    folder = Path(adapter_dir)
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if (folder / name).is_file():
+            hash_file_ends(folder / name, digest)
     return digest.hexdigest()

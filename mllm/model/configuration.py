@@ -106,6 +106,10 @@ _BOOKKEEPING_KEYS = {
     "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder", "tokenizer_class",
     "_attn_implementation_autoset", "attn_implementation", "num_labels", "id2label", "label2id",
 }
+# Options transformers' loaders pass along for downloading; a local folder or the local cache needs none of them.
+_LOADER_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "gguf_file",
+                  "_commit_hash", "trust_remote_code", "resume_download", "user_agent", "adapter_kwargs",
+                  "key_mapping", "download_kwargs")
 _LLM_FIELDS = [f.name for f in dataclasses.fields(LLMConfig) if f.name in LLMConfig.__annotations__]
 # Sizes with no sensible default: a config without them would build a model of the wrong shape.
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -129,13 +133,20 @@ def refuse_unimplemented(data: dict, source: str) -> None:
         raise ValueError(f"{source}: not implemented by this model: " + "; ".join(problems))
 
 
-@dataclass
-class MLLMConfig:
-    """The whole model: vision tower -> resampler -> LLM, plus the multimodal keys of MiniCPM-V 2.6."""
+@strict(accept_kwargs=True)
+class MLLMConfig(PreTrainedConfig):
+    """The whole model: vision tower -> resampler -> LLM, plus the multimodal keys of MiniCPM-V 2.6.
 
-    llm: LLMConfig = field(default_factory=LLMConfig)
-    vision: VisionConfig = field(default_factory=VisionConfig)
-    slice: SliceConfig = field(default_factory=SliceConfig)
+    A transformers config (`AutoConfig` knows it as model_type `minicpmv` once `mllm` is imported), typed and
+    nested in memory (`.llm`, `.vision`, `.slice`), flat on disk as the reference writes it: `from_dict` reads
+    and `to_dict` writes the MiniCPM-V 2.6 config.json layout, refusing unknown and unimplemented keys.
+    """
+
+    model_type = "minicpmv"
+
+    llm: LLMConfig | None = None
+    vision: VisionConfig | None = None
+    slice: SliceConfig | None = None
     query_num: int = 64  # resampler queries = <unk> placeholders per view
     image_size: int = 448  # informational, as in the reference
     drop_vision_last_layer: bool = True  # reference class default; the 2.6 checkpoint sets False
@@ -143,11 +154,14 @@ class MLLMConfig:
     use_image_id: bool = True
     vision_batch_size: int = 16
     slice_mode: bool = True
-    model_type: str = "minicpmv"
 
-    def __post_init__(self):
+    def __post_init__(self, **kwargs):
+        self.llm = self.llm if self.llm is not None else LLMConfig()
+        self.vision = self.vision if self.vision is not None else VisionConfig()
+        self.slice = self.slice if self.slice is not None else SliceConfig()
         if not self.batch_vision_input:
             raise ValueError("batch_vision_input must be True: only the patch-strip pixel layout is supported")
+        super().__post_init__(**kwargs)
 
     # ---- derived sizes -------------------------------------------------------------------------------------
     @property
@@ -171,8 +185,12 @@ class MLLMConfig:
     def get_text_config(self, *_, **__) -> LLMConfig:
         return self.llm
 
-    def to_json_string(self, *_, **__) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+    def to_diff_dict(self) -> dict:
+        # Every key, always: a reader of config.json (ours or the reference's) needs the sizes spelled out.
+        return self.to_dict()
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
     # ---- serialization (flat MiniCPM-V layout) ---------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -188,8 +206,27 @@ class MLLMConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> "MLLMConfig":
-        data = dict(data)
+    def from_dict(cls, data: dict, source: str = "config", **kwargs):
+        """Read the flat MiniCPM-V layout. transformers' loaders pass their own keyword arguments too:
+        `return_unused_kwargs`, `attn_implementation`, `dtype`, `name_or_path` are honoured, others returned."""
+        return_unused = kwargs.pop("return_unused_kwargs", False)
+        for key in ("_from_auto", "_from_pipeline"):
+            kwargs.pop(key, None)
+        attn_implementation = kwargs.pop("attn_implementation", None)
+        name_or_path = kwargs.pop("name_or_path", None)
+        kwargs.pop("torch_dtype", None)
+        kwargs.pop("dtype", None)
+        config = cls._from_flat(dict(data), source)
+        if attn_implementation is not None:
+            config._attn_implementation = attn_implementation
+        if name_or_path is not None:
+            config._name_or_path = name_or_path
+        for key in [k for k in kwargs if hasattr(config, k)]:
+            setattr(config, key, kwargs.pop(key))
+        return (config, kwargs) if return_unused else config
+
+    @classmethod
+    def _from_flat(cls, data: dict, source: str) -> "MLLMConfig":
         missing = [k for k in REQUIRED_KEYS if k not in data]
         if missing:
             raise ValueError(f"{source}: missing required key(s) {missing}")
@@ -216,22 +253,34 @@ class MLLMConfig:
         )
 
     def save(self, folder: str | os.PathLike) -> None:
+        """config.json, written atomically."""
         path = Path(folder) / "config.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.write_text(self.to_json_string())
         os.replace(tmp, path)
 
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        if push_to_hub:
+            raise ValueError("push_to_hub is not supported: this project never talks to a hub")
+        self.save(save_directory)
+
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> "MLLMConfig":
-        path = Path(folder) / "config.json"
+    def from_pretrained(cls, folder: str | os.PathLike, **kwargs):
+        """config.json of a model folder, or of a hub id found in the local Hugging Face cache."""
+        from mllm.model.checkpoint import resolve_model_dir
+
+        for key in _LOADER_KWARGS:  # transformers' download options; nothing is ever downloaded here
+            kwargs.pop(key, None)
+        subfolder = kwargs.pop("subfolder", "") or ""
+        path = resolve_model_dir(folder) / subfolder / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no config.json in the model folder")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from err
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(data, source=str(path), **kwargs)
 
     @classmethod
     def from_preset(cls, name: str) -> "MLLMConfig":

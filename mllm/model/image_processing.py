@@ -27,12 +27,12 @@ import io
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.image_processing_utils import BaseImageProcessor
 
 # Largest image we agree to decode: 134 MP (e.g. 11585 x 11585), about 0.5 GB as RGB. It sits below PIL's own
 # hard decompression-bomb limit (2 * Image.MAX_IMAGE_PIXELS = 179 MP), so our message is the one users see for
@@ -248,13 +248,30 @@ def reshape_by_patch(view: torch.Tensor, patch_size: int = 14) -> torch.Tensor:
     return x.reshape(c, patch_size, rows * cols * patch_size)  # (C, p, N*p)
 
 
-@dataclass
-class ImageProcessor:
-    """One image -> the patch strips of its views and their patch grids (field names as in SliceConfig)."""
+class MLLMImageProcessor(BaseImageProcessor):
+    """One image -> the patch strips of its views and their patch grids (field names as in SliceConfig).
 
-    max_slice_nums: int = 9
-    scale_resolution: int = 448
-    patch_size: int = 14
+    A transformers `BaseImageProcessor` (save/load as preprocessor_config.json, `AutoImageProcessor`)."""
+
+    model_input_names = ["pixel_values", "tgt_sizes"]
+
+    def __init__(self, max_slice_nums: int = 9, scale_resolution: int = 448, patch_size: int = 14, **kwargs):
+        super().__init__(**kwargs)
+        self.max_slice_nums = max_slice_nums
+        self.scale_resolution = scale_resolution
+        self.patch_size = patch_size
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, MLLMImageProcessor) and (self.max_slice_nums, self.scale_resolution,
+                                                          self.patch_size) == (other.max_slice_nums,
+                                                                               other.scale_resolution, other.patch_size)
+
+    def __repr__(self) -> str:
+        return (f"MLLMImageProcessor(max_slice_nums={self.max_slice_nums}, scale_resolution={self.scale_resolution},"
+                f" patch_size={self.patch_size})")
+
+    def preprocess(self, image, **_) -> dict:
+        return self(image)
 
     @classmethod
     def from_config(cls, slice_config) -> "ImageProcessor":
@@ -271,3 +288,6 @@ class ImageProcessor:
         tgt_sizes = torch.tensor([[v.height // self.patch_size, v.width // self.patch_size] for v in views],
                                  dtype=torch.int32)
         return {"pixel_values": pixel_values, "tgt_sizes": tgt_sizes, "grid": grid, "image_size": image.size}
+
+
+ImageProcessor = MLLMImageProcessor  # the name the rest of the project uses

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from mllm.model.checkpoint import resolve_model_dir
 from mllm.model.modeling_mllm import MLLMModel
 from mllm.model.processing import processor_for
 from mllm.model.tokenization import load_tokenizer
@@ -38,8 +39,37 @@ def resolve_device_dtype(device: str = "auto", dtype: str = "auto") -> tuple[tor
     return device, DTYPES[dtype]
 
 
-def load_pretrained(folder: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu"):
-    """(model in eval mode, tokenizer, processor) for a folder with config, safetensors and tokenizer files."""
-    model = MLLMModel.from_pretrained(folder, dtype=dtype, device=device).eval()
+ATTENTION = ("sdpa", "eager")
+
+
+def load_pretrained(folder: str | os.PathLike, dtype: torch.dtype | None = None, device: str = "cpu",
+                    attn_implementation: str = "sdpa", adapter: str | os.PathLike | None = None):
+    """(model in eval mode, tokenizer, processor) for a folder with config, safetensors and tokenizer files (or a
+    hub id in the local cache). `adapter`: a PEFT (LoRA) folder -- an `adapter/` or a LoRA `checkpoint-N` --
+    merged into the weights for inference."""
+    if attn_implementation not in ATTENTION:
+        raise ValueError(f"attention {attn_implementation!r}: choose one of {list(ATTENTION)}")
+    folder = resolve_model_dir(folder)
+    model = MLLMModel.from_pretrained(folder, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    if adapter is not None:
+        model = merge_adapter(model, adapter)
     tokenizer = load_tokenizer(folder)
-    return model, tokenizer, processor_for(model, tokenizer)
+    return model.eval(), tokenizer, processor_for(model, tokenizer)
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def merge_adapter(model: MLLMModel, adapter: str | os.PathLike) -> MLLMModel:
+    """The model with a PEFT adapter folder's weights merged in (safetensors only: a pickled adapter is refused)."""
+    adapter = Path(adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json (a PEFT adapter folder, e.g. a LoRA "
+                                f"run's adapter/ or checkpoint-N)")
+    if not (adapter / ADAPTER_WEIGHTS).is_file():
+        pickled = sorted(p.name for p in adapter.glob("*.bin"))
+        hint = f"; found {pickled}: pickle files are not loaded" if pickled else ""
+        raise FileNotFoundError(f"--adapter {adapter}: no {ADAPTER_WEIGHTS}{hint}")
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter), use_safetensors=True).merge_and_unload()

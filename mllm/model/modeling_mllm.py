@@ -10,7 +10,10 @@ Design choices:
 - Names and layouts are MiniCPM-V 2.6's: state-dict prefixes `vpm.`, `resampler.`, `llm.`; inputs `input_ids`,
   `pixel_values` (per sample, a list of [3, 14, N*14] strips), `tgt_sizes` ((rows, cols) per view) and
   `image_bound` ([start, end) pairs per sample), so reference checkpoints load unchanged.
-- Weights are read and written through safetensors only (`checkpoint.py`).
+- A transformers `PreTrainedModel` (config class `MLLMConfig`, model_type `minicpmv`): `from_pretrained` is
+  transformers' own (meta-device initialisation, `dtype=`, `device_map=`), wrapped in this project's checks;
+  `import mllm` registers it with `AutoModel`, `AutoModelForCausalLM` and `AutoModelForImageTextToText`.
+- Weights are read and written through safetensors only (`checkpoint.py`); saves are atomic.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
 
 from mllm.model import checkpoint
 from mllm.model.configuration import MLLMConfig
 from mllm.model.llm import LLMForCausalLM
-from mllm.model.resampler import Resampler
+from mllm.model.resampler import Resampler, sincos_2d
 from mllm.model.vision import SiglipVisionTransformer, pack_patch_strips
 
 
@@ -32,12 +37,22 @@ class ImageTokenMismatch(ValueError):
     """The placeholder positions of a sample do not match the number of vision tokens given for it."""
 
 
-class MLLMModel(nn.Module):
+class MLLMModel(PreTrainedModel):
+    config_class = MLLMConfig
+    config: MLLMConfig
+    base_model_prefix = "mllm"  # no state-dict key starts with it: transformers never renames our keys
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LLMDecoderLayer", "SiglipEncoderLayer", "Resampler"]
+    _supports_sdpa = True
+
     def __init__(self, config: MLLMConfig):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
+        attention = config._attn_implementation or "sdpa"
+        config.llm._attn_implementation = attention
         self.llm = LLMForCausalLM(config.llm)
-        self.vpm = SiglipVisionTransformer(config.vision, num_layers=config.vision_layers_used)
+        self.vpm = SiglipVisionTransformer(config.vision, num_layers=config.vision_layers_used,
+                                           attn_implementation=attention)
         grid = config.vision.num_patches_per_side
         self.resampler = Resampler(
             num_queries=config.query_num,
@@ -46,15 +61,16 @@ class MLLMModel(nn.Module):
             kv_dim=config.vision.hidden_size,
             max_size=(grid, grid),
         )
+        self.post_init()
 
-    # ---- properties -----------------------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return self.llm.model.embed_tokens.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.llm.model.embed_tokens.weight.dtype
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Vision and resampler modules keep the initialisation their own constructors gave them; what a
+        meta-device load leaves empty -- the resampler's non-persistent position table -- is recomputed here
+        (the LLM, a PreTrainedModel of its own, does the same for its rotary frequencies)."""
+        if isinstance(module, Resampler) and not module.pos_embed.is_meta and module.pos_embed.numel():
+            table = torch.from_numpy(sincos_2d(module.embed_dim, module.max_size))
+            init.copy_(module.pos_embed, table.to(module.pos_embed.dtype))
 
     def set_trainable(self, vision: bool = True, resampler: bool = True, llm: bool = True) -> None:
         """Freeze or unfreeze each part explicitly (the exercise's tune_vision / tune_llm flags)."""
@@ -199,11 +215,24 @@ class MLLMModel(nn.Module):
         return generate(self, inputs, tokenizer, settings)[0]
 
     # ---- checkpoints --------------------------------------------------------------------------------------------
-    def save_pretrained(self, folder: str | os.PathLike, tokenizer=None, max_shard_bytes: int = 5 * 2**30) -> None:
-        """config.json + safetensors weights (+ the tokenizer files when given), each written atomically."""
-        folder = Path(folder)
+    def save_pretrained(self, save_directory: str | os.PathLike, tokenizer=None, max_shard_bytes: int | None = None,
+                        *, state_dict: dict | None = None, max_shard_size: int | str = "5GB",
+                        safe_serialization: bool = True, is_main_process: bool = True, **_) -> None:
+        """config.json + safetensors weights (+ the tokenizer files when given), each written atomically.
+
+        Accepts transformers' keyword arguments (the Trainer passes `state_dict=`, gathered under ZeRO-3)."""
+        if not safe_serialization:
+            raise ValueError("weights are written as safetensors only (safe_serialization=False refused)")
+        if not is_main_process:
+            return
+        if max_shard_bytes is None:
+            from transformers.utils.hub import convert_file_size_to_int
+
+            max_shard_bytes = convert_file_size_to_int(max_shard_size)
+        folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        checkpoint.save_state_dict(self.state_dict(), folder, max_shard_bytes=max_shard_bytes)
+        checkpoint.save_state_dict(self.state_dict() if state_dict is None else state_dict, folder,
+                                   max_shard_bytes=max_shard_bytes)
         self.config.save(folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(folder))
@@ -217,23 +246,34 @@ class MLLMModel(nn.Module):
         return cls(config)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu") -> "MLLMModel":
-        """Load a folder written by `save_pretrained` or a MiniCPM-V 2.6-layout checkpoint (safetensors)."""
-        folder = Path(folder)
-        config = MLLMConfig.from_pretrained(folder)
-        state = checkpoint.load_state_dict(folder, dtype=dtype)
-        with torch.device("meta"):
-            model = cls(config)
-        expected = {k: v.shape for k, v in model.state_dict().items()}
-        checkpoint.check_state_dict(expected, state, str(folder))
-        checkpoint.check_finite(state, str(folder))
-        model.load_state_dict(state, strict=True, assign=True)
-        model._materialize_buffers()
-        return model.to(device)
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args,
+                        dtype: torch.dtype | str | None = None, device: str | torch.device | None = None,
+                        **kwargs) -> "MLLMModel":
+        """Load a folder written by `save_pretrained`, a MiniCPM-V 2.6-layout checkpoint, or a hub id present in
+        the local Hugging Face cache, through transformers' loader (meta-device init, `dtype=`, `device_map=`).
 
-    def _materialize_buffers(self) -> None:
-        """Recompute the non-persistent buffers (rotary frequencies, resampler position table) left on meta."""
-        for module in self.modules():
-            if any(b.is_meta for b in module.buffers(recurse=False)):
-                module.reset_buffers(device=torch.device("cpu"))
+        Stricter than transformers alone: safetensors only (a pickle file is refused, never read), every tensor
+        must exist with the model's shape (one error lists all problems), and no tensor may hold NaN/inf.
+        """
+        folder = checkpoint.resolve_model_dir(pretrained_model_name_or_path)
+        checkpoint.weight_files(folder)  # refuses pickle-only folders and broken shard indexes, naming them
+        config = kwargs.pop("config", None)
+        if config is None:
+            config = MLLMConfig.from_pretrained(folder)
+        if kwargs.get("attn_implementation"):
+            config._attn_implementation = kwargs["attn_implementation"]
+        checkpoint.check_state_dict(expected_shapes(config), checkpoint.stored_shapes(folder), str(folder))
+        if device is not None and "device_map" not in kwargs:
+            kwargs["device_map"] = str(torch.device(device))
+        kwargs.pop("trust_remote_code", None)  # never honoured: this class is the code
+        model = super().from_pretrained(str(folder), *args, config=config, dtype=dtype, use_safetensors=True,
+                                        **kwargs)
+        checkpoint.check_finite(model.state_dict(), str(folder))
+        return model
+
+
+def expected_shapes(config: MLLMConfig) -> dict[str, torch.Size]:
+    """Every state-dict key of a model of `config` with its shape, from a model built on the meta device."""
+    with torch.device("meta"):
+        model = MLLMModel(config)
+    return {k: v.shape for k, v in model.state_dict().items()}

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import os
+
 import torch
+from transformers import ProcessorMixin
 
 from mllm.model.image_processing import ImageProcessor
 from mllm.model.tokenization import special_token_ids
@@ -85,17 +88,33 @@ def find_image_bound(input_ids: Sequence[int] | torch.Tensor, token_ids: dict, q
     return bound
 
 
-class MLLMProcessor:
-    """Tokenizer + ImageProcessor -> the batched inputs of MLLMModel (`input_ids`, `pixel_values`, ...)."""
+class MLLMProcessor(ProcessorMixin):
+    """Tokenizer + ImageProcessor -> the batched inputs of MLLMModel (`input_ids`, `pixel_values`, ...).
+
+    A transformers `ProcessorMixin`: `AutoProcessor.from_pretrained(folder)` returns it (after `import mllm`),
+    built from the folder's config.json (slicing, query count, image ids) and tokenizer files."""
 
     def __init__(self, tokenizer, image_processor: ImageProcessor, query_num: int = 64, use_image_id: bool = True):
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
+        super().__init__(tokenizer=tokenizer, image_processor=image_processor)
         self.query_num = query_num
         self.use_image_id = use_image_id
         self.token_ids = special_token_ids(tokenizer)  # fails early if a MiniCPM-V token is missing
         # The reference pads with 0 (§6.6); a tokenizer with its own pad token uses that.
         self.pad_id = self.token_ids["pad"] if self.token_ids["pad"] is not None else 0
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **_) -> "MLLMProcessor":
+        """From a model folder (or a hub id in the local cache): its config.json and tokenizer files."""
+        from mllm.model.checkpoint import resolve_model_dir
+        from mllm.model.configuration import MLLMConfig
+        from mllm.model.tokenization import load_tokenizer
+
+        folder = resolve_model_dir(pretrained_model_name_or_path)
+        return cls.from_config(load_tokenizer(folder), MLLMConfig.from_pretrained(folder))
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **_) -> None:
+        """The tokenizer files (slicing and query count live in the model's config.json)."""
+        self.tokenizer.save_pretrained(str(save_directory))
 
     @classmethod
     def from_config(cls, tokenizer, config) -> "MLLMProcessor":
@@ -182,6 +201,11 @@ class MLLMProcessor:
 
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)
+
+
+class MiniCPMVProcessor(MLLMProcessor):
+    """The class name MiniCPM-V 2.6 folders record in preprocessor_config.json ("processor_class"): registered
+    under it, `AutoProcessor` finds this local class there instead of asking for remote code."""
 
 
 def processor_for(model, tokenizer) -> MLLMProcessor:

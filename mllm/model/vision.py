@@ -100,9 +100,11 @@ class SiglipVisionEmbeddings(nn.Module):
         # Zero-mean filters: a flat patch (the background) maps to the bias alone and the response comes from
         # what differs inside the patch. Without this every patch token of a mostly plain image shares one large
         # component, and a tower trained from scratch collapses to image-independent output.
+        # (Under DeepSpeed ZeRO-3 the weight is already a 1-D partition placeholder here; the checkpoint fills it.)
         with torch.no_grad():
             weight = self.patch_embedding.weight
-            weight -= weight.mean(dim=(1, 2, 3), keepdim=True)
+            if weight.dim() == 4:
+                weight -= weight.mean(dim=(1, 2, 3), keepdim=True)
 
     def forward(self, pixel_values: Tensor, patch_attention_mask: Tensor, tgt_sizes: Tensor) -> Tensor:
         weight = self.patch_embedding.weight

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.integrations import TensorBoardCallback
 
 from mllm.data.preference_dataset import REFERENCE_KEYS, PreferenceCollator, PreferenceDataset
 from mllm.model.modeling_mllm import MLLMModel
@@ -47,8 +46,8 @@ from mllm.train.logp import cache_path, load_reference_logps
 from mllm.train.losses import (PREFERENCE_LOSSES, masked_token_mean_nll, preference_loss, token_logps,
                                uses_average_logp)
 from mllm.train.sft import DTYPES, ModelArguments, enable_activation_checkpointing, prepare_model, save_final
-from mllm.train.trainer import (ConfigIntoCheckpointCallback, RunMismatchError, TensorBoardWithoutModelConfig,
-                                resume_point, run_identity, trainable_parameter_table)
+from mllm.train.trainer import (RunMismatchError, TokenizerIntoCheckpointCallback, load_model_for_training, resume_point, run_identity,
+                                trainable_parameter_table)
 
 logger = logging.getLogger(__name__)
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
@@ -95,8 +94,6 @@ class PreferenceTrainer(Trainer):
         # compute_loss returns a per-pair mean and ignores num_items_in_batch: let the Trainer divide by the
         # accumulation steps (it would not if it believed the loss was normalised by a token count).
         self.model_accepts_loss_kwargs = False
-        if self.pop_callback(TensorBoardCallback) is not None:
-            self.add_callback(TensorBoardWithoutModelConfig())
         self._window: dict[str, list[float]] = defaultdict(list)
         self._reference_checked = False
 
@@ -212,7 +209,7 @@ def train(model_args: ModelArguments, data_args: PreferenceDataArguments, traini
           callbacks: list | None = None) -> dict:
     """Align, save; see the module docstring for the returned dict."""
     set_seed(training_args.seed)
-    model = MLLMModel.from_pretrained(model_args.model_name_or_path, dtype=DTYPES[model_args.model_dtype])
+    model = load_model_for_training(model_args.model_name_or_path, DTYPES[model_args.model_dtype], training_args)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     config = model.config
     if data_args.max_slice_nums is not None:
@@ -227,7 +224,7 @@ def train(model_args: ModelArguments, data_args: PreferenceDataArguments, traini
     enable_activation_checkpointing(model, training_args)
     trainer = PreferenceTrainer(model=model, args=training_args, train_dataset=dataset,
                                 data_collator=PreferenceCollator(pad_id=tokenizer.pad_token_id or 0),
-                                callbacks=[ConfigIntoCheckpointCallback(config, tokenizer), RewardCurveCallback(),
+                                callbacks=[TokenizerIntoCheckpointCallback(tokenizer), RewardCurveCallback(),
                                            *(callbacks or [])])
     if trainer.is_world_process_zero():
         print(f"trainable parameters of {model_args.model_name_or_path}:\n{trainable_parameter_table(model)}")

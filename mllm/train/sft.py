@@ -19,14 +19,15 @@ Design choices:
   ignored (LoRA adapts the LLM). The final folder holds the LoRA weights merged in (a plain MLLM checkpoint);
   the adapter itself goes to output_dir/adapter.
 - Checkpoints are the Trainer's (model.safetensors of the state dict, or the PEFT adapter, plus optimizer,
-  scheduler, RNG and trainer state); a callback adds config.json and the tokenizer so a full-weight
-  checkpoint-N also loads with `MLLMModel.from_pretrained`. `--resume_from_checkpoint auto` picks the latest.
+  scheduler, RNG and trainer state); the model's own save writes config.json, a callback adds the tokenizer, so
+  a full-weight checkpoint-N loads as a model folder and a LoRA one as `--adapter`. `--resume_from_checkpoint
+  auto` picks the latest complete checkpoint of this run.
 - transformers v5 always saves safetensors (there is no `save_safetensors` switch any more).
 - Activation checkpointing (`--gradient_checkpointing` / `--activation_checkpointing`) is switched on here,
   non-reentrant, through `MLLMModel.gradient_checkpointing_enable`; the Trainer's own call passes keyword
   arguments our model does not take, and the input-grad hook transformers adds breaks frozen embeddings.
-- The tokenizer is not handed to the Trainer as `processing_class`: its special-token alignment calls
-  `model.config.get_text_config()`, which `MLLMConfig` does not have; the checkpoint callback saves it.
+- The tokenizer is not handed to the Trainer as `processing_class`: its special-token alignment would write the
+  tokenizer's pad id into the LLM config (freezing that embedding row later); the checkpoint callback saves it.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from mllm.model import checkpoint
 from mllm.model.modeling_mllm import MLLMModel
 from mllm.model.processing import MLLMProcessor
 from mllm.model.tokenization import load_tokenizer
-from mllm.train.trainer import (ConfigIntoCheckpointCallback, LossCurveCallback, SFTTrainer,
+from mllm.train.trainer import (TokenizerIntoCheckpointCallback, load_model_for_training, LossCurveCallback, SFTTrainer,
                                 RunMismatchError, YesNoAccuracyCallback, plot_loss_curve, resume_point, run_identity,
                                 trainable_parameter_table, zero_stage)
 
@@ -163,7 +164,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
     """Fine-tune, evaluate, save; see the module docstring for the returned dict. `callbacks` are extra
     `TrainerCallback`s (e.g. a later stage's own logging)."""
     set_seed(training_args.seed)
-    model = MLLMModel.from_pretrained(model_args.model_name_or_path, dtype=DTYPES[model_args.model_dtype])
+    model = load_model_for_training(model_args.model_name_or_path, DTYPES[model_args.model_dtype], training_args)
     tokenizer = load_tokenizer(model_args.model_name_or_path)
     config = model.config
     if data_args.max_slice_nums is not None:
@@ -183,7 +184,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
                          data_collator=SupervisedCollator(pad_id=pad_id),
-                         callbacks=[ConfigIntoCheckpointCallback(config, tokenizer), LossCurveCallback(),
+                         callbacks=[TokenizerIntoCheckpointCallback(tokenizer), LossCurveCallback(),
                                     *(callbacks or [])])
     if eval_ds is not None and training_args.yesno_eval_samples > 0:
         trainer.add_callback(YesNoAccuracyCallback(

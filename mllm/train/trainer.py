@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
-from transformers.integrations import TensorBoardCallback
 
 from mllm.jsonio import write_json_atomic
+from mllm.model.modeling_mllm import MLLMModel
 from mllm.train.losses import sft_loss
 
 logger = logging.getLogger(__name__)
@@ -41,8 +41,6 @@ class SFTTrainer(Trainer):
         # compute_loss below consumes `num_items_in_batch`; make the Trainer count it and trust the scaling,
         # whatever it guessed from the model's forward signature.
         self.model_accepts_loss_kwargs = True
-        if self.pop_callback(TensorBoardCallback) is not None:
-            self.add_callback(TensorBoardWithoutModelConfig())
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)  # the Trainer reads `labels` from its dict again after this call
@@ -85,32 +83,37 @@ def trainable_parameter_table(model: torch.nn.Module) -> str:
     return "\n".join(lines)
 
 
+# ---- loading -------------------------------------------------------------------------------------------------
+
+def load_model_for_training(model_dir: str, dtype: torch.dtype, training_args) -> MLLMModel:
+    """The model to train. Under DeepSpeed ZeRO-3 transformers builds it already partitioned over the processes
+    (`deepspeed.zero.Init`, so no process holds all weights), which needs DeepSpeed's communication set up first:
+    on the CPU the Trainer's own setup leaves that to the engine, which comes too late."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        _ = training_args.device  # the Trainer's process-group setup (torchrun's environment)
+        deepspeed.init_distributed(dist_backend=training_args.ddp_backend or None)
+    return MLLMModel.from_pretrained(model_dir, dtype=dtype)
+
+
 # ---- callbacks -------------------------------------------------------------------------------------------------
 
-class TensorBoardWithoutModelConfig(TensorBoardCallback):
-    """transformers' TensorBoard callback, minus the text dump of `model.config.to_json_string()` at the start,
-    which `MLLMConfig` (a plain dataclass, not a PreTrainedConfig) does not provide."""
+class TokenizerIntoCheckpointCallback(TrainerCallback):
+    """Write the tokenizer into each `checkpoint-N` folder (the model's save_pretrained writes config.json and
+    the weights, PEFT the adapter), so a checkpoint loads as a model folder. The tokenizer is not handed to the
+    Trainer as `processing_class`, whose special-token alignment would rewrite the LLM config's pad/bos/eos ids
+    (a pad id freezes that embedding row in every later stage)."""
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        kwargs.pop("model", None)
-        super().on_train_begin(args, state, control, **kwargs)
-
-
-class ConfigIntoCheckpointCallback(TrainerCallback):
-    """Write the tokenizer, and config.json next to full weights, into each `checkpoint-N` folder, so that
-    checkpoint loads with `MLLMModel.from_pretrained` + `load_tokenizer` (the Trainer saves only
-    `model.safetensors` for a plain nn.Module, or the adapter for PEFT)."""
-
-    def __init__(self, config, tokenizer=None):
-        self.config = config
+    def __init__(self, tokenizer=None):
         self.tokenizer = tokenizer
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if not state.is_world_process_zero or not folder.is_dir():
             return
-        if (folder / "model.safetensors").is_file():
-            self.config.save(folder)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(folder))
 

@@ -34,3 +34,22 @@ def test_every_verb_module_is_a_thin_cli_module():
     for module_name, _ in VERBS.values():
         module = importlib.import_module(module_name)
         assert module_name.startswith("mllm.cli.") and callable(module.main)
+
+
+@pytest.mark.parametrize("verb", ["chat", "answer", "ground", "eval grounding", "preference pairs", "demo"])
+def test_every_inference_verb_takes_device_dtype_attention_and_adapter(verb, capsys):
+    with pytest.raises(SystemExit):
+        main([*verb.split(), "--help"])
+    out = capsys.readouterr().out
+    for option in ("--device", "--dtype", "--attn", "--adapter"):
+        assert option in out, (verb, option)
+
+
+def test_a_cuda_device_without_a_gpu_is_a_usage_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(SystemExit) as stop:
+        main(["demo", "--device", "cuda", "--out", "unused-demo-dir"])
+    assert stop.value.code == 2 and "no CUDA GPU is visible" in capsys.readouterr().err

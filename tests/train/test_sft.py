@@ -8,6 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import TrainerCallback
 
+from mllm.cli.main import main as cli
 from mllm.cli.train_sft import main
 from mllm.data.collate import SupervisedCollator
 from mllm.data.sft_dataset import SupervisedDataset
@@ -157,7 +158,8 @@ def test_lora_trains_adapters_and_saved_modules_and_merges(tiny_checkpoint, data
 
     snaps = Snapshots()
     result = train(*args(data, tmp_path / "out", model_name_or_path=str(tiny_checkpoint), use_lora=True,
-                         lora_r=4, lora_alpha=8, lora_dropout=0.0, tune_vision=False, learning_rate=5e-3),
+                         lora_r=4, lora_alpha=8, lora_dropout=0.0, tune_vision=False, learning_rate=5e-3,
+                         save_strategy="steps", save_steps=6),
                    callbacks=[snaps])
     snaps.check()
     trainable = snaps.trainable
@@ -176,6 +178,20 @@ def test_lora_trains_adapters_and_saved_modules_and_merges(tiny_checkpoint, data
     # base + saved adapter (unmerged) gives the same logits as the merged export
     adapted = PeftModel.from_pretrained(MLLMModel.from_pretrained(tiny_checkpoint), result["adapter_dir"])
     torch.testing.assert_close(logits_of(adapted, result["model_dir"], data), expected, atol=1e-4, rtol=1e-4)
+
+    # at inference: --adapter takes the adapter folder or the LoRA run's checkpoint-N as it is
+    from mllm.model.loading import load_pretrained
+
+    for adapter in (result["adapter_dir"], tmp_path / "out" / "checkpoint-6"):
+        model, _, _ = load_pretrained(tiny_checkpoint, adapter=adapter)
+        torch.testing.assert_close(logits_of(model, result["model_dir"], data), expected, atol=1e-4, rtol=1e-4)
+    # `mllm merge` writes a plain checkpoint with the same logits, and never writes into a non-empty folder
+    merge = ["merge", "--model", str(tiny_checkpoint), "--adapter", str(result["adapter_dir"]),
+             "--out", str(tmp_path / "merged")]
+    assert cli(merge) == 0
+    merged_again = MLLMModel.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits_of(merged_again, tmp_path / "merged", data), expected, atol=1e-4, rtol=1e-4)
+    assert cli(merge) == 2
 
 
 @pytest.mark.parametrize("setup", [dict(tune_llm=False), dict(use_lora=True, lora_modules_to_save="", lora_r=4)],
