@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mllm.cli.arguments import add_device_arguments, device_and_dtype, non_negative_int, output_file, positive_int
+from mllm.cli.arguments import add_device_arguments, non_negative_int, output_file, positive_int, runtime_of
 from mllm.eval import answer
 
 
@@ -43,12 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     from mllm.model.loading import default_model_dir
 
     torch.manual_seed(args.seed)
-    device, dtype = device_and_dtype(parser, args)
+    runtime = runtime_of(parser, args)
     try:
         stats = answer.run(args.model or str(default_model_dir()), args.questions, args.out, args.decoding,
                            args.batch_size, args.max_new_tokens, args.min_new_tokens, args.image_root,
                            args.system_prompt, args.limit, seed=args.seed, overwrite=args.overwrite,
-                           device=device, dtype=dtype, attn=args.attn, adapter=args.adapter)
+                           **runtime)
     except answer.AnswersFileError as err:
         print(f"mllm answer: {err}", file=sys.stderr)
         return 2

@@ -57,6 +57,13 @@ def device_and_dtype(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     return str(device), str(dtype).removeprefix("torch.")
 
 
+def runtime_of(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The `runtime` of the library's inference entry points (`mllm.eval.answer.run`'s device, dtype, attn,
+    adapter) from the arguments `add_device_arguments` added."""
+    device, dtype = device_and_dtype(parser, args)
+    return {"device": device, "dtype": dtype, "attn": args.attn, "adapter": args.adapter}
+
+
 def load_model(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """(model, tokenizer, processor) of `--model` (default: the shipped one) on `--device` in `--dtype`; a device
     or dtype that cannot be had is a usage error."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mllm.course.demo as demo
 
-from mllm.cli.arguments import add_device_arguments, device_and_dtype, positive_int
+from mllm.cli.arguments import add_device_arguments, positive_int, runtime_of
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from mllm.outputs import OutputDirError
 
-    device, dtype = device_and_dtype(parser, args)
-    runtime = {"device": device, "dtype": dtype, "attn": args.attn, "adapter": args.adapter}
+    runtime = runtime_of(parser, args)
     try:
         report = demo.run_demo(args.model, args.out, args.seed, args.n_eval, runtime)
     except OutputDirError as err:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mllm.cli.arguments import add_device_arguments, device_and_dtype, non_negative_int, positive_int
+from mllm.cli.arguments import add_device_arguments, non_negative_int, positive_int, runtime_of
 from mllm.eval import grounding
 from mllm.jsonio import write_json_atomic
 
@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.rec:
             if not path.is_file():
                 parser.error(f"--rec {path}: no such file")
-        device, dtype = device_and_dtype(parser, args)
-        args.runtime = {"device": device, "dtype": dtype, "attn": args.attn, "adapter": args.adapter}
+        args.runtime = runtime_of(parser, args)
         try:
             run(args)
         except (FileNotFoundError, ValueError) as err:

@@ -7,7 +7,7 @@ import json
 
 import mllm.course.self_pairs as self_pairs
 
-from mllm.cli.arguments import add_device_arguments, device_and_dtype, non_negative_int, positive_int
+from mllm.cli.arguments import add_device_arguments, non_negative_int, positive_int, runtime_of
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    device, dtype = device_and_dtype(parser, args)
-    runtime = {"device": device, "dtype": dtype, "attn": args.attn, "adapter": args.adapter}
+    runtime = runtime_of(parser, args)
     summary = self_pairs.build_pairs(args.model, args.world, args.out, args.images, args.samples, args.seed,
                                      args.batch_size, args.max_new_tokens, args.mode, args.true_drops, quiet=False,
                                      runtime=runtime)
