@@ -30,7 +30,8 @@ OUT = args.get("out", "runs/probe/s1")
 AUXW = float(args.get("aux", 1.0))
 TIE = args.get("tie", "0") == "1"  # colour / category / size parts of a slot = the LLM's own word embeddings
 CELLW = args.get("cellw", "0") == "1"  # with tie: the slot also holds the words of its 3x3 place ("top", "left")
-CNTW = args.get("cntw", "0") == "1"  # with tie: the k-th object of a category (raster order) holds the word of k
+CNTW_MODE = args.get("cntw", "0")  # with tie: 1 = the k-th object of a category (raster order) holds the word of k;
+CNTW = CNTW_MODE in ("1", "total")  # total = every object holds the word of its category's count
 torch.set_num_threads(int(args.get("threads", 1)))
 torch.manual_seed(0)
 
@@ -117,6 +118,7 @@ def make_scene(rng):
 def slots_of(scene):
     out = []
     seen = Counter()
+    totals = Counter(o.category for o in scene.objects)
     for o in scene.objects:
         seen[o.category] += 1
         cx, cy = S.centre(o)
@@ -125,7 +127,8 @@ def slots_of(scene):
         b = [min(NB - 1, v * NB // 1000) for v in g]
         out.append((cell, COLS.index(o.colour), CATS.index(o.category),
                     SIZES.index(S.size_word(o, scene.width, scene.height)), *b,
-                    _CELLS.index(S.grid_cell(o, scene.width, scene.height)), seen[o.category] - 1))
+                    _CELLS.index(S.grid_cell(o, scene.width, scene.height)),
+                    min(5, (totals[o.category] if CNTW_MODE == "total" else seen[o.category]) - 1)))
     return out
 
 

@@ -77,20 +77,20 @@ class MLLMModel(PreTrainedModel):
         for module, flag in ((self.vpm, vision), (self.resampler, resampler), (self.llm, llm)):
             module.requires_grad_(flag)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **_) -> None:
-        """Non-reentrant activation checkpointing of every LLM and vision layer (the Trainer's switch)."""
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        self.vpm.gradient_checkpointing = True
+    def _activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                         every_n_layers: int = 1, offload: bool = False) -> None:
+        """Activation checkpointing of every LLM and vision layer, non-reentrant unless asked otherwise; reached
+        through transformers' own switch (`activation_checkpointing_enable`, the Trainer's
+        `--activation_checkpointing`)."""
+        if every_n_layers != 1:
+            raise ValueError(f"every_n_layers={every_n_layers}: this model checkpoints every layer or none")
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        super()._activation_checkpointing_enable(kwargs, 1, offload)
         if not kwargs["use_reentrant"]:
-            # Only reentrant checkpointing needs inputs that require grad; the hook would only cost a copy.
-            self.llm.disable_input_require_grads()
-
-    activation_checkpointing_enable = gradient_checkpointing_enable
-
-    def gradient_checkpointing_disable(self) -> None:
-        self.llm.gradient_checkpointing_disable()
-        self.vpm.gradient_checkpointing = False
+            # transformers hooks the input embeddings to output requires_grad=True; with a frozen embedding that
+            # output becomes a leaf the in-place image-feature scatter cannot write into. Only reentrant
+            # checkpointing needs the hook.
+            self.disable_input_require_grads()
 
     # ---- vision -> resampler --------------------------------------------------------------------------------
     def get_vision_embedding(self, pixel_values: list[torch.Tensor], tgt_sizes: torch.Tensor) -> torch.Tensor:

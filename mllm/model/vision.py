@@ -19,6 +19,8 @@ Submodule names equal HF `Idefics2VisionTransformer`, so checkpoints load by nam
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -186,12 +188,14 @@ class SiglipEncoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(SiglipEncoderLayer(config, attn_implementation) for _ in range(num_layers))
         self.gradient_checkpointing = False
+        # transformers' activation_checkpointing_enable replaces this with its own (kwargs applied)
+        self._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
 
     def forward(self, x: Tensor, attention_mask: Tensor | None) -> Tensor:
         use_checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             if use_checkpoint:
-                x = checkpoint(layer, x, attention_mask, use_reentrant=False)
+                x = self._gradient_checkpointing_func(layer.__call__, x, attention_mask)
             else:
                 x = layer(x, attention_mask)
         return x

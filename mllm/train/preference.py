@@ -45,7 +45,7 @@ from mllm.model.tokenization import load_tokenizer
 from mllm.train.logp import cache_path, load_reference_logps
 from mllm.train.losses import (PREFERENCE_LOSSES, masked_token_mean_nll, preference_loss, token_logps,
                                uses_average_logp)
-from mllm.train.sft import DTYPES, ModelArguments, enable_activation_checkpointing, prepare_model, save_final
+from mllm.train.sft import DTYPES, ModelArguments, prepare_model, save_final
 from mllm.train.trainer import (RunMismatchError, TokenizerIntoCheckpointCallback, load_model_for_training, resume_point, run_identity,
                                 trainable_parameter_table)
 
@@ -221,7 +221,6 @@ def train(model_args: ModelArguments, data_args: PreferenceDataArguments, traini
     dataset = PreferenceDataset.from_config(data_args.data_path, tokenizer, config, data_args.image_folder,
                                             data_args.max_slice_nums, data_args.model_max_length, reference)
     model = prepare_model(model, model_args)
-    enable_activation_checkpointing(model, training_args)
     trainer = PreferenceTrainer(model=model, args=training_args, train_dataset=dataset,
                                 data_collator=PreferenceCollator(pad_id=tokenizer.pad_token_id or 0),
                                 callbacks=[TokenizerIntoCheckpointCallback(tokenizer), RewardCurveCallback(),

@@ -23,9 +23,8 @@ Design choices:
   a full-weight checkpoint-N loads as a model folder and a LoRA one as `--adapter`. `--resume_from_checkpoint
   auto` picks the latest complete checkpoint of this run.
 - transformers v5 always saves safetensors (there is no `save_safetensors` switch any more).
-- Activation checkpointing (`--gradient_checkpointing` / `--activation_checkpointing`) is switched on here,
-  non-reentrant, through `MLLMModel.gradient_checkpointing_enable`; the Trainer's own call passes keyword
-  arguments our model does not take, and the input-grad hook transformers adds breaks frozen embeddings.
+- Activation checkpointing is the Trainer's own `--activation_checkpointing` switch (non-reentrant by default,
+  see `MLLMModel._activation_checkpointing_enable`).
 - The tokenizer is not handed to the Trainer as `processing_class`: its special-token alignment would write the
   tokenizer's pad id into the LLM config (freezing that embedding row later); the checkpoint callback saves it.
 """
@@ -116,22 +115,6 @@ def prepare_model(model: MLLMModel, args: ModelArguments) -> torch.nn.Module:
     return get_peft_model(model, config)
 
 
-def enable_activation_checkpointing(model: torch.nn.Module, args: TrainingArguments) -> bool:
-    """Switch on non-reentrant activation checkpointing ourselves and tell the Trainer it is done."""
-    wanted = bool(getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False))
-    if wanted:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        base.gradient_checkpointing_enable({"use_reentrant": False})
-        # transformers' enable also hooks the LLM's input embeddings to output requires_grad=True; with a frozen
-        # embedding that output is a leaf, and the in-place image-feature scatter of get_vllm_embedding then
-        # fails. Non-reentrant checkpointing does not need the hook: remove it.
-        base.llm.disable_input_require_grads()
-        for name in ("activation_checkpointing", "gradient_checkpointing"):
-            if hasattr(args, name):
-                setattr(args, name, False)
-    return wanted
-
-
 def save_final(trainer: SFTTrainer, model: torch.nn.Module, config, tokenizer, output_dir: Path) -> dict:
     """Write a folder loadable by MLLMModel.from_pretrained (LoRA merged in) and, with LoRA, the adapter."""
     out = {"model_dir": str(output_dir), "adapter_dir": None, "model": None}
@@ -170,7 +153,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
     if data_args.max_slice_nums is not None:
         config.slice.max_slice_nums = data_args.max_slice_nums
     model = prepare_model(model, model_args)
-    enable_activation_checkpointing(model, training_args)
 
     def dataset(path):
         return SupervisedDataset.from_config(path, tokenizer, config, data_args.image_folder,

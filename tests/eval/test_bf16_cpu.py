@@ -7,10 +7,13 @@ from mllm.cli.main import main
 from mllm.world import scenes
 
 
+N = 120  # 80 yes/no questions, 40 short descriptions
+
+
 def test_bf16_greedy_answers_agree_with_float32(tmp_path, capsys):
-    rng = random.Random("bf16-agreement")
+    rng = random.Random("bf16-agreement-large")
     lines = []
-    for i in range(24):
+    for i in range(N):
         image, scene = scenes.render_scene(scenes.sample_scene(rng, f"b{i}"))
         image.save(tmp_path / f"{i}.png")
         question = rng.choice(scenes.yesno_pair(scene, rng)[1])[0] if i % 3 else rng.choice(scenes.SHORT_PROMPTS)
@@ -25,9 +28,10 @@ def test_bf16_greedy_answers_agree_with_float32(tmp_path, capsys):
         assert {r["run"]["dtype"] for r in rows} == {dtype}
         answers[dtype] = {r["qid"]: r["answer"] for r in rows}
     same = {k for k in answers["float32"] if answers["float32"][k] == answers["bfloat16"][k]}
-    yesno = {f"id:{i}" for i in range(24) if i % 3}
-    print(f"bf16 vs fp32 greedy agreement: {len(same)}/24 ({len(same & yesno)}/16 yes/no, "
-          f"{len(same - yesno)}/8 short descriptions)")
+    yesno = {f"id:{i}" for i in range(N) if i % 3}
+    print(f"bf16 vs fp32 greedy agreement: {len(same)}/{N} ({len(same & yesno)}/{len(yesno)} yes/no, "
+          f"{len(same - yesno)}/{N - len(yesno)} short descriptions)")
     # The shipped model answers yes/no near chance, so its Yes-No margins are tiny and bf16 rounding can flip one;
-    # descriptions may part ways after some words. Measured here: 21/24 (15/16 yes/no, 6/8 descriptions).
-    assert len(same) >= 18
+    # descriptions may part ways after some words. Measured here: 117/120 (79/80 yes/no, 38/40 descriptions, the
+    # two differing ones swap their last two objects).
+    assert len(same) >= 0.95 * N

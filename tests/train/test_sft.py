@@ -194,6 +194,14 @@ def test_lora_trains_adapters_and_saved_modules_and_merges(tiny_checkpoint, data
     assert cli(merge) == 2
 
 
+class CheckpointingFlags(TrainerCallback):
+    """Whether the LLM's layers and the vision tower's run under activation checkpointing when training begins."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.seen = {"llm": base.llm.model.gradient_checkpointing, "vision": base.vpm.gradient_checkpointing}
+
+
 @pytest.mark.parametrize("setup", [dict(tune_llm=False), dict(use_lora=True, lora_modules_to_save="", lora_r=4)],
                          ids=["frozen_llm", "lora_frozen_embeddings"])
 def test_activation_checkpointing_keeps_the_math(tiny_checkpoint, data, tmp_path, setup):
@@ -201,11 +209,13 @@ def test_activation_checkpointing_keeps_the_math(tiny_checkpoint, data, tmp_path
     would make the embedding output a leaf that the image scatter cannot write into)."""
     runs = {}
     for checkpointing in (False, True):
-        snaps = Snapshots()
+        snaps, flags = Snapshots(), CheckpointingFlags()
         run_args = args(data, tmp_path / str(checkpointing), max_steps=3, lora_dropout=0.0,
                         model_name_or_path=str(tiny_checkpoint), activation_checkpointing=checkpointing, **setup)
-        runs[checkpointing] = train(*run_args, callbacks=[snaps])
+        runs[checkpointing] = train(*run_args, callbacks=[snaps, flags])
         snaps.check()
+        # switched on by the Trainer's own --activation_checkpointing, in the LLM and in the vision tower
+        assert flags.seen == {"llm": checkpointing, "vision": checkpointing}
     assert losses(runs[True]["log_history"]) == pytest.approx(losses(runs[False]["log_history"]), abs=1e-5)
 
 
