@@ -24,9 +24,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
-bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_llm.py
-	$(BIN)/python benchmarks/bench_generate.py
+bench: $(STAMP)  # one pinned thread each; every comparison interleaved in one process (benchmarks/harness.py)
+	$(BIN)/python benchmarks/bench_decode.py --threads 1
+	$(BIN)/python benchmarks/bench_answer.py --threads 1
+	$(BIN)/python benchmarks/bench_vision.py --threads 1
+	$(BIN)/python benchmarks/bench_train.py --threads 1
 
 clean:
 	rm -rf $(VENV) runs output .pytest_cache

@@ -4,6 +4,7 @@ Checks, each written to `<out>/gpu_check.json` as it finishes (a failing check i
   env          torch / CUDA versions, device name, capability
   bf16_vs_fp32 logits of the shipped model on 16 synthetic scenes in float32 and bfloat16 on the GPU
   sdpa_vs_eager  float32 logits with the two attention implementations
+  flash_attention_2  bf16 logits and greedy answers, flash-attn against sdpa (when flash-attn is installed)
   cpu_vs_cuda  float32 logits on the CPU and on the GPU; greedy answers on both
   generate     batched greedy answers (bf16 on the GPU) against the float32 ones
   sft_bf16     20 steps of SFT of the tiny preset in bf16 on the GPU (DeepSpeed ZeRO-2 when importable),
@@ -113,6 +114,19 @@ def main() -> None:
         model.llm.config._attn_implementation = "eager"
         return compare(sdpa, logits_of(model, inputs))
 
+    def flash_vs_sdpa() -> dict:
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            return {"skipped": "flash-attn is not installed"}
+        sdpa, _, _ = load_pretrained(model_dir, dtype=torch.bfloat16, device="cuda")
+        flash, _, _ = load_pretrained(model_dir, dtype=torch.bfloat16, device="cuda",
+                                      attn_implementation="flash_attention_2")
+        same = sum(a == b for a, b in zip(generate(flash, inputs, tokenizer, settings),
+                                          generate(sdpa, inputs, tokenizer, settings)))
+        return {**compare(logits_of(sdpa, inputs), logits_of(flash, inputs)),
+                "greedy_answers_equal": f"{same}/{len(inputs['input_ids'])}"}
+
     def generate_bf16() -> dict:
         model, _, _ = load_pretrained(model_dir, dtype=torch.bfloat16, device="cuda")
         started = time.time()
@@ -125,6 +139,7 @@ def main() -> None:
     record("cpu_vs_cuda", cpu_vs_cuda)
     record("bf16_vs_fp32", bf16_vs_fp32)
     record("sdpa_vs_eager", sdpa_vs_eager)
+    record("flash_attention_2", flash_vs_sdpa)
     record("generate", generate_bf16)
     record("sft_bf16", lambda: sft_run(OUT / "sft"))
     record("peak_memory", lambda: {"max_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)})

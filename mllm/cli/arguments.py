@@ -40,18 +40,21 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     group.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                        help="weights and compute dtype; auto: bfloat16 on CUDA, float32 on the CPU")
-    group.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
-                       help="attention kernel: sdpa (PyTorch's fused attention; flash kernels on CUDA) or eager")
+    group.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"],
+                       help="attention kernel: sdpa (PyTorch's fused attention; flash kernels on CUDA), eager, or "
+                            "flash_attention_2 (the flash-attn package, CUDA, bf16/fp16)")
     group.add_argument("--adapter", default=None,
                        help="a PEFT (LoRA) adapter folder merged into --model, e.g. a LoRA run's checkpoint-N")
 
 
 def device_and_dtype(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, str]:
-    """(`cuda:0`-style device, dtype name) of --device/--dtype; one that cannot be had is a usage error."""
-    from mllm.model.loading import resolve_device_dtype
+    """(`cuda:0`-style device, dtype name) of --device/--dtype; one that cannot be had, or an --attn this device
+    and dtype cannot run, is a usage error."""
+    from mllm.model.loading import check_attention, resolve_device_dtype
 
     try:
         device, dtype = resolve_device_dtype(args.device, args.dtype)
+        check_attention(getattr(args, "attn", "sdpa"), device, dtype)
     except ValueError as err:
         parser.error(str(err))
     return str(device), str(dtype).removeprefix("torch.")

@@ -1,9 +1,11 @@
-"""Text generation for the MLLM: chat prompts -> processor tensors -> fused embeddings -> `llm.generate`.
+"""Text generation for the MLLM: chat prompts -> processor tensors -> fused embeddings -> a decode loop.
 
-Every decoding strategy (greedy, sampling with temperature / top-p / top-k / repetition penalty, beam search,
-min/max new tokens, several stop tokens) is transformers' own `GenerationMixin` running on our LLM: the MLLM
-only builds the fused `inputs_embeds` (the exercise's `generate`) and decodes the new tokens. Prompts in a
-batch are left-padded, so each prompt decodes as it would alone.
+The MLLM builds the fused `inputs_embeds` (the exercise's `generate`), a decode loop produces the new tokens, and
+they are decoded to text. Greedy and sampled decoding (temperature / top-p / top-k / repetition penalty, min/max
+new tokens, several stop tokens, streaming) run our own loop on a static KV cache (`mllm.model.decode`, same
+tokens as transformers' loop); beam search, and an LLM that is not ours (e.g. transformers' Qwen2 swapped in),
+or a setting the loop does not implement (`decode.SUPPORTED`; e.g. `use_cache=False`) run transformers'
+`GenerationMixin`. Prompts in a batch are left-padded, so each decodes as it would alone.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from typing import Iterator
 import torch
 from PIL import Image
 from transformers.generation.streamers import BaseStreamer
+
+from mllm.model.decode import SUPPORTED, decode
+from mllm.model.llm import LLMForCausalLM
 
 IMAGE_MARKER = "(<image>./</image>)"
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
@@ -111,13 +116,18 @@ def generate(model, inputs: dict, tokenizer, settings: GenerationSettings | None
     embeds = model.get_vllm_embedding(input_ids, inputs.get("pixel_values"), inputs.get("tgt_sizes"),
                                       inputs.get("image_bound"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    kwargs = settings.kwargs()
+    if kwargs.get("num_beams", 1) == 1 and set(kwargs) <= SUPPORTED and isinstance(model.llm, LLMForCausalLM):
+        output = decode(model.llm, embeds, attention_mask, streamer=streamer, eos_token_id=stops, pad_token_id=pad_id,
+                        **kwargs)
+        return [decode_new_tokens(tokenizer, row, stops) for row in output]
     with warnings.catch_warnings():
         # The prompt goes in as embeddings (image features have no ids), as in the reference model, so a
         # repetition penalty covers the answer's tokens only; transformers says so once per batch.
         warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
         output = model.llm.generate(
             inputs_embeds=embeds, attention_mask=attention_mask, eos_token_id=stops, pad_token_id=pad_id,
-            streamer=streamer, **settings.kwargs(),
+            streamer=streamer, **kwargs,
         )
     return [decode_new_tokens(tokenizer, row, stops) for row in output]
 

@@ -45,14 +45,16 @@ class MLLMModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["LLMDecoderLayer", "SiglipEncoderLayer", "Resampler"]
     _supports_sdpa = True
+    _supports_flash_attn = True
 
     def __init__(self, config: MLLMConfig):
         super().__init__(config)
         attention = config._attn_implementation or "sdpa"
         config.llm._attn_implementation = attention
         self.llm = LLMForCausalLM(config.llm)
+        # the vision tower has sdpa and eager; with flash-attn for the LLM it runs sdpa (short, unpadded views)
         self.vpm = SiglipVisionTransformer(config.vision, num_layers=config.vision_layers_used,
-                                           attn_implementation=attention)
+                                           attn_implementation="sdpa" if attention == "flash_attention_2" else attention)
         grid = config.vision.num_patches_per_side
         self.resampler = Resampler(
             num_queries=config.query_num,

@@ -53,3 +53,19 @@ def test_a_cuda_device_without_a_gpu_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["demo", "--device", "cuda", "--out", "unused-demo-dir"])
     assert stop.value.code == 2 and "no CUDA GPU is visible" in capsys.readouterr().err
+
+
+def test_flash_attention_without_flash_attn_or_a_gpu_is_a_usage_error(capsys, tmp_path):
+    from transformers.utils import is_flash_attn_2_available
+
+    from mllm.model.loading import check_attention
+
+    if is_flash_attn_2_available():
+        pytest.skip("flash-attn is installed here")
+    (tmp_path / "q.jsonl").write_text('{"id": 1, "image": "a.png", "question": "Hi?"}\n')
+    with pytest.raises(SystemExit) as stop:
+        main(["answer", "--questions", str(tmp_path / "q.jsonl"), "--out", str(tmp_path / "a.jsonl"),
+              "--device", "cpu", "--attn", "flash_attention_2"])
+    assert stop.value.code == 2 and "needs the flash-attn package and a CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="choose one of"):
+        check_attention("flashy", "cpu", None)

@@ -173,3 +173,14 @@ def test_broken_images_raise_clear_errors(tmp_path):
     assert 12000 * 12000 > MAX_IMAGE_PIXELS
     with pytest.raises(ValueError, match="decompression-bomb"):  # PIL's hard limit, translated
         load_image(_png_header(30000, 30000))
+
+
+def test_fast_strip_path_gives_the_same_floats_as_normalize_then_reshape():
+    from mllm.model.image_processing import view_to_strip
+
+    rng = np.random.default_rng(3)
+    for h, w in [(14, 14), (28, 70), (112, 42)]:
+        view = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        assert torch.equal(view_to_strip(view, 14), reshape_by_patch(normalize(view), 14))
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        view_to_strip(Image.new("RGB", (20, 14)), 14)

@@ -348,3 +348,17 @@ def test_bfloat16_close_to_qwen2():
         b = theirs(ids).logits.float()
     assert a.dtype == torch.float32
     assert max_diff(a, b) <= 0.05 * b.abs().max().item()
+
+
+def test_rmsnorm_decode_path_is_bit_identical():
+    """A few rows take torch's fused rms_norm; it must equal the explicit fp32 formula bit for bit."""
+    from mllm.model.llm import LLMRMSNorm
+
+    torch.manual_seed(0)
+    norm = LLMRMSNorm(96, 1e-6)
+    norm.weight.data.normal_()
+    for shape in [(1, 1, 96), (8, 1, 96), (2, 8, 96)]:
+        x = torch.randn(*shape) * 3
+        xf = x.float()
+        explicit = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)) * norm.weight
+        assert torch.equal(norm(x), explicit), shape
