@@ -23,6 +23,7 @@ FLOORS = [
     ["mllm.eval"],
     ["mllm.train"],
     ["mllm.course"],
+    ["mllm.serve"],
     ["mllm.cli"],
 ]
 ARGUMENT_PARSERS = {"argparse", "HfArgumentParser"}
