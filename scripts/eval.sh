@@ -12,12 +12,13 @@ CHAIR_PKL=${CHAIR_PKL:-}            # or an existing chair_300.pkl (converted th
 OUT=${OUT:-output/eval}
 DECODING=${DECODING:-sample}        # the exercise samples; greedy and beam give steadier numbers
 MLLM=${MLLM:-mllm}
+N_TEST=${N_TEST:-100}               # scenes of the synthetic bench (without QUESTIONS)
 
 mkdir -p "$OUT"
 model_args=()
 [[ -n "$MODEL" ]] && model_args=(--model "$MODEL")
 if [[ -z "$QUESTIONS" ]]; then
-    "$MLLM" synth --out "$OUT/world" --n-train 0 --n-test 100 --seed 7
+    "$MLLM" synth --out "$OUT/world" --n-train 0 --n-test "$N_TEST" --seed 7
     QUESTIONS="$OUT/world/bench.jsonl"
     gt_args=(--chair-gt "$OUT/world/chair_gt.json")
 elif [[ -n "$CHAIR_PKL" ]]; then

@@ -8,10 +8,12 @@
 # Extra arguments are passed through to `mllm train sft` (e.g. --use_lora true --max_steps 50).
 set -euo pipefail
 
-MODEL=${MODEL:-output/tiny-base}                  # model folder: config.json + safetensors + tokenizer
-DATA=${DATA:-data/train.json}                      # training records (exercise format)
-EVAL_DATA=${EVAL_DATA:-data/test.json}             # evaluation records (eval loss + yes/no accuracy)
-IMAGE_FOLDER=${IMAGE_FOLDER:-.}                    # the records' image paths are relative to this folder
+MODEL=${MODEL:-mllm/assets/tiny-base}             # model folder: config.json + safetensors + tokenizer (the shipped one)
+WORLD=${WORLD:-runs/world}                         # the synthetic world the data defaults point into
+[[ -z "${DATA:-}" ]] && WORLD_DEFAULT=1 || WORLD_DEFAULT=0
+DATA=${DATA:-$WORLD/sft_train.json}                # training records (exercise format)
+EVAL_DATA=${EVAL_DATA:-$WORLD/sft_test.json}       # evaluation records (eval loss + yes/no accuracy)
+IMAGE_FOLDER=${IMAGE_FOLDER:-$WORLD}               # the records' image paths are relative to this folder
 OUTPUT_DIR=${OUTPUT_DIR:-output/mllm_sft_training}
 DS_CONFIG=${DS_CONFIG:-configs/ds_zero2.json}      # configs/ds_zero3.json for full tuning of the 8B model
 LLM_TYPE=${LLM_TYPE:-qwen2}                        # informational: the chat template is the tokenizer's own
@@ -25,6 +27,12 @@ PYTHON=${PYTHON:-python}
 
 GPUS_PER_NODE=$($PYTHON -c "import torch; print(torch.cuda.device_count())")
 HAS_DEEPSPEED=$($PYTHON -c "import importlib.util as u; print(int(u.find_spec('deepspeed') is not None))")
+
+# The defaults point into a synthetic world; make it when it is missing (`mllm synth`, about a minute).
+if [[ "$WORLD_DEFAULT" == 1 && ! -e "$WORLD/meta.json" ]]; then
+    echo "making the synthetic world $WORLD (mllm synth)" >&2
+    $PYTHON -m mllm.cli synth --out "$WORLD" --quiet
+fi
 
 TRAIN_ARGS=(
     --model_name_or_path "$MODEL"

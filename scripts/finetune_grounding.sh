@@ -8,11 +8,13 @@
 # evaluate with the same choice). Extra arguments are passed through (e.g. --use_lora true --max_steps 50).
 set -euo pipefail
 
-MODEL=${MODEL:-output/tiny-base}
-REC=${REC:-data/REC_refcoco_unc_train.jsonl}       # Shikra REC jsonl file(s)
-EVAL_REC=${EVAL_REC:-}                             # REC jsonl file(s) scored after training (Acc@0.5)
+MODEL=${MODEL:-mllm/assets/tiny-base}             # the shipped tiny model
+WORLD=${WORLD:-runs/world}                         # the synthetic world the data defaults point into
+[[ -z "${REC:-}" ]] && WORLD_DEFAULT=1 || WORLD_DEFAULT=0
+REC=${REC:-$WORLD/rec_train.jsonl}                 # Shikra REC jsonl file(s)
+EVAL_REC=${EVAL_REC-$WORLD/rec_test.jsonl}         # REC jsonl file(s) scored after training (Acc@0.5; empty: none)
 EVAL_LIMIT=${EVAL_LIMIT:-}                         # expressions per eval split (empty: all)
-IMAGE_FOLDER=${IMAGE_FOLDER:-.}                    # img_path values are relative to this folder
+IMAGE_FOLDER=${IMAGE_FOLDER:-$WORLD}               # img_path values are relative to this folder
 MIX=${MIX:-}                                       # general SFT JSON mixed in against forgetting
 MIX_RATIO=${MIX_RATIO:-0.15}
 STYLE=${STYLE:-plain}                              # plain [x0,y0,x1,y1] or qwen <box>(x0,y0),(x1,y1)</box>
@@ -26,6 +28,12 @@ PYTHON=${PYTHON:-python}
 
 GPUS_PER_NODE=$($PYTHON -c "import torch; print(torch.cuda.device_count())")
 HAS_DEEPSPEED=$($PYTHON -c "import importlib.util as u; print(int(u.find_spec('deepspeed') is not None))")
+
+# The defaults point into a synthetic world; make it when it is missing (`mllm synth`, about a minute).
+if [[ "$WORLD_DEFAULT" == 1 && ! -e "$WORLD/meta.json" ]]; then
+    echo "making the synthetic world $WORLD (mllm synth)" >&2
+    $PYTHON -m mllm.cli synth --out "$WORLD" --quiet
+fi
 
 # shellcheck disable=SC2206  # REC / EVAL_REC are deliberately word-split into lists
 ARGS=(

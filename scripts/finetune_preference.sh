@@ -9,9 +9,11 @@
 # Extra arguments go to `mllm train preference` (e.g. --use_lora true --loss_type sigmoid --sft_weight 0.1).
 set -euo pipefail
 
-MODEL=${MODEL:-output/mllm_sft_training}           # the policy's start and the reference model
-DATA=${DATA:-data/preference_train.json}           # [{idx, question, chosen, rejected, image_path|image}]
-IMAGE_FOLDER=${IMAGE_FOLDER:-.}                    # image_path values are relative to this folder
+MODEL=${MODEL:-mllm/assets/tiny-base}             # the policy's start and the reference model (the shipped one)
+WORLD=${WORLD:-runs/world}                         # the synthetic world the data defaults point into
+[[ -z "${DATA:-}" ]] && WORLD_DEFAULT=1 || WORLD_DEFAULT=0
+DATA=${DATA:-$WORLD/preference_train.json}         # [{idx, question, chosen, rejected, image_path|image}]
+IMAGE_FOLDER=${IMAGE_FOLDER:-$WORLD}               # image_path values are relative to this folder
 REF_NAME=${REF_NAME:-ref}
 OUTPUT_DIR=${OUTPUT_DIR:-output/mllm_preference_training}
 DS_CONFIG=${DS_CONFIG:-configs/ds_zero2.json}      # configs/ds_zero3.json for full tuning of the 8B model
@@ -27,6 +29,12 @@ PYTHON=${PYTHON:-python}
 
 GPUS_PER_NODE=$($PYTHON -c "import torch; print(torch.cuda.device_count())")
 HAS_DEEPSPEED=$($PYTHON -c "import importlib.util as u; print(int(u.find_spec('deepspeed') is not None))")
+
+# The defaults point into a synthetic world; make it when it is missing (`mllm synth`, about a minute).
+if [[ "$WORLD_DEFAULT" == 1 && ! -e "$WORLD/meta.json" ]]; then
+    echo "making the synthetic world $WORLD (mllm synth)" >&2
+    $PYTHON -m mllm.cli synth --out "$WORLD" --quiet
+fi
 
 # 1. reference log-probs, computed once with the same dtype, slicing and max length as the training below
 $PYTHON -m mllm.cli logp --model "$MODEL" --data_path "$DATA" --image_folder "$IMAGE_FOLDER" \

@@ -1,18 +1,20 @@
-"""`mllm train grounding`: flags (or a .json file of options) -> `mllm.train.grounding.train_grounding`."""
+"""`mllm train grounding`: a config file and/or flags -> `mllm.train.grounding.train_grounding`."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from mllm.cli.train_sft import nothing_to_train, parse_dataclasses
+from mllm.cli.train_sft import nothing_to_train
+from mllm.cli.training_options import parse_training_options
 from mllm.train import grounding
 from mllm.train.sft import ModelArguments
 
 
 def main(argv: list[str] | None = None) -> int:
-    model_args, data_args, training_args = parse_dataclasses(
-        (ModelArguments, grounding.GroundingDataArguments, grounding.GroundingTrainingArguments), argv, yaml=False)
+    model_args, data_args, training_args = parse_training_options(
+        (ModelArguments, grounding.GroundingDataArguments, grounding.GroundingTrainingArguments), argv,
+        "train grounding", "Visual-grounding fine-tuning (Shikra-format boxes) with Acc@0.5 evaluation.")
     if nothing_to_train(model_args):
         print(f"mllm train grounding: {nothing_to_train(model_args)}", file=sys.stderr)
         return 2

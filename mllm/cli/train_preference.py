@@ -1,15 +1,18 @@
-"""`mllm train preference`: flags (or a .json / .yaml file of options) -> `mllm.train.preference.train`."""
+"""`mllm train preference`: a config file and/or flags -> `mllm.train.preference.train`."""
 
 from __future__ import annotations
 
-from mllm.cli.train_sft import parse_dataclasses, run_training
+from mllm.cli.train_sft import run_training
+from mllm.cli.training_options import parse_training_options
 from mllm.train import preference
 from mllm.train.sft import ModelArguments
 
 
 def parse_args(argv: list[str] | None = None):
-    return parse_dataclasses((ModelArguments, preference.PreferenceDataArguments,
-                              preference.PreferenceTrainingArguments), argv)
+    return parse_training_options((ModelArguments, preference.PreferenceDataArguments,
+                                   preference.PreferenceTrainingArguments), argv, "train preference",
+                                  "Preference alignment (DPO family) against reference log-probs, computed "
+                                  "first when their cache is absent.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""`mllm train sft`: flags (or a .json / .yaml file of options) -> the typed dataclasses -> `mllm.train.sft.train`."""
+"""`mllm train sft`: a config file and/or flags -> the typed dataclasses -> `mllm.train.sft.train`."""
 
 from __future__ import annotations
 
@@ -6,25 +6,14 @@ import json
 import logging
 import sys
 
-from transformers import HfArgumentParser
-
+from mllm.cli.training_options import parse_training_options
 from mllm.train import sft
 from mllm.train.trainer import RunMismatchError
 
 
-def parse_dataclasses(types: tuple, argv: list[str] | None = None, yaml: bool = True):
-    """Typed arguments from flags, or from a single .json (or, with `yaml`, .yaml) file of options."""
-    parser = HfArgumentParser(types)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0])
-    if yaml and len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0])
-    return parser.parse_args_into_dataclasses(args=argv)
-
-
 def parse_args(argv: list[str] | None = None):
-    return parse_dataclasses((sft.ModelArguments, sft.DataArguments, sft.SFTTrainingArguments), argv)
+    return parse_training_options((sft.ModelArguments, sft.DataArguments, sft.SFTTrainingArguments), argv,
+                                  "train sft", "Supervised fine-tuning (assistant-only loss) of a checkpoint.")
 
 
 def configure_logging(training_args) -> None:

@@ -1,6 +1,5 @@
 """`mllm train preference`: preference alignment (DPO family) against cached reference log-probs.
 
-    mllm logp --model DIR --data_path pairs.json --image_folder IMGS            # once: the reference log-probs
     mllm train preference --model_name_or_path DIR --data_path pairs.json --image_folder IMGS \\
         [--loss_type nca_pair|sigmoid|ipo] [--beta 0.1] [--use_average_logp true] [--sft_weight 0.0] \\
         [--use_lora true] [--output_dir output/mllm_preference_training] ...
@@ -11,7 +10,9 @@ From Python: `train(ModelArguments(...), PreferenceDataArguments(...), Preferenc
 
 Design choices:
 - The reference model never runs during training: its log-probs come from the `mllm logp` cache, refused if
-  its fingerprint (model, data file, dtype, slicing, max length) does not match this run.
+  its fingerprint (model, data file, dtype, slicing, max length) does not match this run. A cache that is absent
+  or unfinished is computed (or finished) first, as `mllm logp` would, by the main process; a stale one is never
+  overwritten: that stays the user's call (`mllm logp --on_stale recompute`).
 - Step-0 check: on the first training batch of a fresh run the policy IS the reference, so its own log-prob
   sums must equal the cached ones; a difference above `reference_check_tolerance` stops training with a message
   (a stale or mismatched cache, another template, dtype or image setting) instead of training on a mismatch.
@@ -42,7 +43,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from mllm.data.preference_dataset import REFERENCE_KEYS, PreferenceCollator, PreferenceDataset
 from mllm.model.modeling_mllm import MLLMModel
 from mllm.model.tokenization import load_tokenizer
-from mllm.train.logp import cache_path, load_reference_logps
+from mllm.train.logp import cache_path, compute_reference_logps, load_reference_logps, read_cache
 from mllm.train.losses import (PREFERENCE_LOSSES, masked_token_mean_nll, preference_loss, token_logps,
                                uses_average_logp)
 from mllm.train.sft import DTYPES, ModelArguments, prepare_model, save_final
@@ -217,6 +218,16 @@ def train(model_args: ModelArguments, data_args: PreferenceDataArguments, traini
     reference_path = Path(data_args.reference_logp_path or cache_path(data_args.data_path, data_args.ref_name))
     settings = {"dtype": model_args.model_dtype, "max_slice_nums": config.slice.max_slice_nums,
                 "model_max_length": data_args.model_max_length}
+    with training_args.main_process_first(desc="reference log-probs"):
+        header, done, _ = read_cache(reference_path)
+        if header is None or len(done) < header.get("pairs", 0):
+            print(f"reference log-probs: {'finishing' if header else 'computing'} {reference_path} with "
+                  f"{model_args.model_name_or_path} (as `mllm logp` would)")
+            compute_reference_logps(model_args.model_name_or_path, data_args.data_path, data_args.image_folder,
+                                    data_args.ref_name, batch_size=training_args.per_device_train_batch_size,
+                                    out=reference_path, max_slice_nums=config.slice.max_slice_nums,
+                                    model_max_length=data_args.model_max_length, dtype=model_args.model_dtype,
+                                    device=str(training_args.device), progress=not training_args.disable_tqdm)
     _, reference = load_reference_logps(reference_path, model_args.model_name_or_path, data_args.data_path, settings)
     dataset = PreferenceDataset.from_config(data_args.data_path, tokenizer, config, data_args.image_folder,
                                             data_args.max_slice_nums, data_args.model_max_length, reference)

@@ -140,3 +140,19 @@ def test_lora_through_the_cli_saves_reloads_and_resumes(tiny_checkpoint, prefere
     assert main(argv + ["--resume_from_checkpoint", "auto"]) == 0
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and [h["step"] for h in state["log_history"] if "loss" in h][-2:] == [3, 4]
+
+
+def test_a_missing_reference_cache_is_computed_first(tiny_checkpoint, preference_data, data, tmp_path):
+    """No `mllm logp` by hand: training computes the cache, and it equals the one `mllm logp` writes."""
+    pairs = tmp_path / "pairs.json"
+    shutil.copy(preference_data / "pairs.json", pairs)
+    result = train(*run_args(tiny_checkpoint, pairs, preference_data, tmp_path / "out", max_steps=1))
+    made = result["reference_path"]
+    assert made.endswith(".logp.jsonl") and (tmp_path / made.split("/")[-1]).is_file()
+    lines = (tmp_path / made.split("/")[-1]).read_text().splitlines()
+    expected = data.parent / made.split("/")[-1]  # the fixture's cache of the same pairs, computed by hand
+    ref = {json.loads(l)["idx"]: json.loads(l) for l in expected.read_text().splitlines()[1:]}
+    got = {json.loads(l)["idx"]: json.loads(l) for l in lines[1:]}
+    assert set(got) == set(ref)
+    for key in ref:
+        assert got[key]["chosen_logp"] == pytest.approx(ref[key]["chosen_logp"], abs=1e-4)
