@@ -13,7 +13,7 @@ from mllm.eval import answer
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllm answer", description=answer.__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the shipped tiny model)")
-    parser.add_argument("--questions", type=Path, required=True, help="question jsonl (Object HalBench format)")
+    parser.add_argument("--questions", type=Path, required=True, help="question jsonl (Object HalBench format: image, question per line) or the exercise's test.json / SFT JSON (the user turn is the question)")
     parser.add_argument("--out", type=output_file, required=True,
                         help="answers jsonl (appended to and resumed; only ever a file of this same run)")
     parser.add_argument("--decoding", choices=["greedy", "sample", "beam"], default="greedy")
@@ -56,4 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     print(f"{stats['answered']} answered now, {stats['already_answered']} already in {args.out}, "
           f"{stats['skipped_lines']} malformed line(s) and {stats['skipped_records']} unusable record(s) skipped")
+    if stats["questions"] and not stats["answered"] and not stats["already_answered"]:
+        print(f"mllm answer: none of the {stats['questions']} question(s) could be answered (see the reasons "
+              f"above)", file=sys.stderr)
+        return 1
+    if not stats["questions"]:
+        print(f"mllm answer: {args.questions} holds no usable question (one JSON object per line with image and "
+              f"question, or the exercise's test.json format)", file=sys.stderr)
+        return 1
     return 0

@@ -51,9 +51,53 @@ def question_key(record: dict) -> str:
     return f"sha1:{digest[:16]}"
 
 
+def conversation_questions(path: Path) -> list[tuple[int, object]]:
+    """(record number, question record) of a JSON list in the exercise's test.json / SFT format: the first user turn
+    (without its `<image>` marker) is the question, the assistant turn after it the target; the image, the id and
+    the category (or the image's folder) are kept, so `mllm eval yesno` can score the answers alone."""
+    items = json.loads(path.read_text())
+    if not isinstance(items, list):
+        raise AnswersFileError(f"{path}: a JSON question file holds a list of records (the exercise's test.json "
+                               f"format), not a {type(items).__name__}")
+    out = []
+    for number, item in enumerate(items, start=1):
+        turns = item.get("conversations") if isinstance(item, dict) else None
+        user = next((t for t in turns or [] if isinstance(t, dict) and t.get("role") == "user"), None)
+        if user is None or "image" not in item:
+            out.append((number, {"_problem": f"{path}: record {number}: expected image and conversations with a "
+                                             f"user turn (keys: {sorted(item) if isinstance(item, dict) else item!r})"}))
+            continue
+        after = turns[turns.index(user) + 1:]
+        target = next((t.get("content") for t in after if isinstance(t, dict) and t.get("role") == "assistant"), None)
+        image = item["image"] if isinstance(item["image"], str) else next(iter(item["image"].values()), None)
+        record = {"image": image, "question": str(user.get("content", "")).replace("<image>", "").strip()}
+        if "id" in item:
+            record["id"] = item["id"]
+        if target is not None:
+            record["target"] = target
+        category = item.get("category") or Path(image or "").parent.name
+        if category:
+            record["category"] = category
+        out.append((number, record))
+    return out
+
+
 def read_questions(path: Path) -> tuple[list[dict], list[str]]:
-    """Records (with `idx` = line number - 1 and a unique `qid`) and one message per malformed line."""
+    """Records (with `idx` = line number - 1, or record number - 1 in a JSON list, and a unique `qid`) and one
+    message per malformed line. A JSON-lines file holds one question per line ({image, question, ...}); a file
+    whose text starts with `[` is the exercise's test.json / SFT format (`conversation_questions`)."""
     records, problems, seen = [], [], {}
+    head = path.read_bytes()[:4096].lstrip()
+    if head.startswith(b"["):
+        for number, record in conversation_questions(path):
+            if "_problem" in record:
+                problems.append(record["_problem"])
+                continue
+            key = question_key(record)
+            seen[key] = seen.get(key, 0) + 1
+            qid = key if seen[key] == 1 else f"{key}#{seen[key]}"
+            records.append({"idx": number - 1, "record": record, "line": number, "qid": qid})
+        return records, problems
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:

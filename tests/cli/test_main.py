@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 
@@ -69,3 +70,28 @@ def test_flash_attention_without_flash_attn_or_a_gpu_is_a_usage_error(capsys, tm
     assert stop.value.code == 2 and "needs the flash-attn package and a CUDA GPU" in capsys.readouterr().err
     with pytest.raises(ValueError, match="choose one of"):
         check_attention("flashy", "cpu", None)
+
+
+def test_answer_takes_the_exercise_test_json_and_eval_yesno_scores_it_alone(tmp_path, tiny_checkpoint, capsys):
+    """`mllm synth`'s yesno_test.json -> `mllm answer` -> `mllm eval yesno` without --test: the whole loop."""
+    from mllm.world.synth import generate
+
+    world = tmp_path / "world"
+    generate(world, n_train=0, n_test=3, seed=2, caption_noise=0.0, progress=False)
+    items = json.loads((world / "yesno_test.json").read_text())
+    answers = tmp_path / "answers.jsonl"
+    assert main(["answer", "--model", str(tiny_checkpoint), "--questions", str(world / "yesno_test.json"),
+                 "--out", str(answers), "--max-new-tokens", "3"]) == 0
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert len(rows) == len(items) > 0
+    assert rows[0]["question"] == items[0]["conversations"][0]["content"].replace("<image>", "").strip()
+    assert main(["eval", "yesno", "--answers", str(answers), "--out", str(tmp_path / "yesno.json")]) == 0
+    assert json.loads((tmp_path / "yesno.json").read_text())["overall"]["n_questions"] == len(items)
+
+
+def test_answer_exits_non_zero_when_it_answered_nothing(tmp_path, tiny_checkpoint, capsys):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"image": "missing.png", "question": "Is it red?"}\n')
+    assert main(["answer", "--model", str(tiny_checkpoint), "--questions", str(questions),
+                 "--out", str(tmp_path / "a.jsonl")]) == 1
+    assert "none of the 1 question(s) could be answered" in capsys.readouterr().err
