@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         line_of.append(line_no)
     for entry in io_skipped:
         print(f"chair: skipped line {entry['line']}: {entry['reason']}", file=sys.stderr)
+    if records and not any(isinstance(c["caption"], str) for c in captions):
+        keys = sorted({k for _, record in records if isinstance(record, dict) for k in record})
+        print(f"mllm eval chair: no record of {args.answers} has the caption key {args.caption_key!r}; its records "
+              f"have {keys}: pass the right one with --caption-key", file=sys.stderr)
+        return 2
     try:
         result = chair.score(captions, gt, vocab)
     except ValueError as err:  # unknown image ids, or nothing to score

@@ -3,11 +3,16 @@
 Each verb names the `mllm.cli` module whose `main(argv)` parses its arguments and calls the library; modules
 are imported only when their verb runs, so `mllm --help` stays fast and a verb's heavy imports never slow down
 another.
+
+A user's mistake (a missing or unreadable file, a malformed record, a stale cache, a bad value) surfaces from the
+library as an OSError or a ValueError with a message naming the file and field; here it becomes one line,
+`mllm <verb>: <message>`, and exit status 1, never a Python traceback. `MLLM_DEBUG=1` shows the traceback.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # verb -> (module, one-line help). A verb with sub-verbs maps "verb sub" keys.
@@ -60,8 +65,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, _ = VERBS[key]
     module = importlib.import_module(module_name)
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except (OSError, ValueError) as err:
+        if os.environ.get("MLLM_DEBUG"):
+            raise
+        print(f"mllm {key}: {user_message(err)}\n(set MLLM_DEBUG=1 to see where it came from)", file=sys.stderr)
+        return 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def user_message(err: BaseException) -> str:
+    """The message of a user-facing error: `path: reason` for a file the system could not open, the message
+    itself for this project's errors, the exception's type beside any other message."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        return f"{err.filename}: {err.strerror.lower()}"
+    text = str(err).strip()
+    if not text:
+        return type(err).__name__
+    if type(err) in (ValueError, OSError) or type(err).__module__.startswith("mllm"):
+        return text
+    return f"{type(err).__name__}: {text}"
