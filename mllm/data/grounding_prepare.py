@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from mllm.data.boxes import format_box, pixel_to_grid
+from mllm.data.formats import read_conversations
 
 GRID = 1000  # the 0..1000 grid of the exercise and of Qwen-VL
 CLIP_TOLERANCE = 2.0  # px: annotation tools round box edges outwards by a pixel or two; more is an error
@@ -434,7 +435,8 @@ def prepare(out: Path, rec_files: Iterable[Path] = (), flickr_files: Iterable[Pa
             builder.add_flickr_file(path)
     builder.records = group_turns(builder.records, options.turns_per_image, builder.rng)
     if mix is not None and mix_ratio > 0:
-        builder.mix_in(json.loads(Path(mix).read_text()), mix_ratio)
+        # any SFT format (llava, sharegpt, datasets...) mixes in, written out in the project's own records
+        builder.mix_in(read_conversations(mix, image_cache=Path(out).parent / "data_images")[0], mix_ratio)
     records = builder.shuffled() if shuffle else builder.records
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

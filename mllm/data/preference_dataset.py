@@ -6,6 +6,9 @@ A data file is a JSON list of records (facts sheet §8.3)
      "image_path": "images/train/x.png"   (relative to `image_folder`)  |  "image": "<base64 bytes>",
      "metainfos": {...} (optional)}
 
+as JSON or JSON lines, or the RLAIF-V parquet layout (a datasets folder or .parquet file(s), image bytes written
+to `image_cache`, see `mllm.data.formats.read_preference_pairs`).
+
 Each record gives two conversations sharing the prompt and the image: user "<image>\\n{question}", then the
 chosen (or the rejected) answer as the assistant reply, each turned into input_ids / pre-shifted labels /
 image_bound by `conversation_to_ids` (the SFT conventions). `idx` identifies a pair (the reference-log-prob
@@ -32,7 +35,7 @@ from torch.utils.data import Dataset
 
 from mllm.data.collate import SupervisedCollator
 from mllm.data.conversation import conversation_to_ids, place_images
-from mllm.jsonio import read_json_records
+from mllm.data.formats import read_preference_pairs
 from mllm.model.image_processing import ImageProcessor
 from mllm.model.tokenization import special_token_ids
 
@@ -49,8 +52,9 @@ def pair_key(idx) -> str:
 class PreferenceDataset(Dataset):
     def __init__(self, data_path: str | os.PathLike, tokenizer, image_processor: ImageProcessor, query_num: int,
                  image_folder: str | os.PathLike = ".", model_max_length: int | None = 2048,
-                 reference: dict[str, dict] | None = None):
+                 reference: dict[str, dict] | None = None, image_cache: str | os.PathLike | None = None):
         self.data_path = Path(data_path)
+        self.image_cache = image_cache
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.query_num = query_num
@@ -71,15 +75,17 @@ class PreferenceDataset(Dataset):
 
     @classmethod
     def from_config(cls, data_path, tokenizer, config, image_folder=".", max_slice_nums: int | None = None,
-                    model_max_length: int | None = 2048, reference: dict | None = None) -> "PreferenceDataset":
+                    model_max_length: int | None = 2048, reference: dict | None = None,
+                    image_cache=None) -> "PreferenceDataset":
         """Slicing and query count from an MLLMConfig; `max_slice_nums` overrides the config's."""
         processor = ImageProcessor.from_config(config.slice)
         if max_slice_nums is not None:
             processor.max_slice_nums = max_slice_nums
-        return cls(data_path, tokenizer, processor, config.query_num, image_folder, model_max_length, reference)
+        return cls(data_path, tokenizer, processor, config.query_num, image_folder, model_max_length, reference,
+                   image_cache)
 
     def _read(self) -> list[dict]:
-        records = read_json_records(self.data_path, "preference records")
+        records, self.format_name = read_preference_pairs(self.data_path, self.image_cache)
         for i, r in enumerate(records):
             bad = [k for k in ("question", "chosen", "rejected") if not isinstance(r.get(k), str)]
             if bad:

@@ -1,6 +1,7 @@
 """`SupervisedDataset`: the exercise's `data/train.json` format -> training samples (facts sheet §9.5).
 
-A data file is a JSON list of records
+A data file is read by `mllm.data.formats.read_conversations` (JSON, JSON lines or Hugging Face datasets data;
+the minicpmv, llava or sharegpt record layouts, see there) into the project's records
 
     {"id": ..., "image": "relative/path.jpg" | {"<image_00>": path, "<image_01>": path} (optional),
      "conversations": [{"role": "user", "content": "<image>\\nIs there ...?"}, {"role": "assistant", ...}]}
@@ -32,7 +33,7 @@ from torch.utils.data import Dataset
 
 from mllm.data.conversation import (NoTargetError, TruncationError, conversation_to_ids, normalize_conversation,
                                     place_images)
-from mllm.jsonio import read_json_records
+from mllm.data.formats import describe, read_conversations
 from mllm.model.image_processing import MAX_IMAGE_PIXELS, ImageProcessor, get_sliced_grid
 from mllm.model.tokenization import special_token_ids
 
@@ -69,8 +70,12 @@ def oriented_size(path: Path) -> tuple[int, int]:
 class SupervisedDataset(Dataset):
     def __init__(self, data_path: str | os.PathLike, tokenizer, image_processor: ImageProcessor, query_num: int,
                  image_folder: str | os.PathLike = ".", model_max_length: int | None = 2048,
-                 skip_bad_images: bool = False):
+                 skip_bad_images: bool = False, data_format: str = "auto",
+                 image_cache: str | os.PathLike | None = None):
         self.data_path = Path(data_path)
+        self.data_format = data_format
+        self.image_cache = image_cache  # where image bytes of datasets data are written (formats.image_file)
+        self.format_name = None
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.query_num = query_num
@@ -87,20 +92,19 @@ class SupervisedDataset(Dataset):
 
     @classmethod
     def from_config(cls, data_path, tokenizer, config, image_folder=".", max_slice_nums: int | None = None,
-                    model_max_length: int | None = 2048, skip_bad_images: bool = False) -> "SupervisedDataset":
+                    model_max_length: int | None = 2048, skip_bad_images: bool = False, data_format: str = "auto",
+                    image_cache=None) -> "SupervisedDataset":
         """Slicing and query count from an MLLMConfig; `max_slice_nums` overrides the config's."""
         processor = ImageProcessor.from_config(config.slice)
         if max_slice_nums is not None:
             processor.max_slice_nums = max_slice_nums
         return cls(data_path, tokenizer, processor, config.query_num, image_folder, model_max_length,
-                   skip_bad_images)
+                   skip_bad_images, data_format, image_cache)
 
     # ---- reading and checking ------------------------------------------------------------------------------
     def _read(self) -> list[dict]:
-        records = read_json_records(self.data_path)
+        records, self.format_name = read_conversations(self.data_path, self.data_format, self.image_cache)
         for i, r in enumerate(records):
-            if "conversations" not in r:
-                raise ValueError(f"{self.data_path}: record {i} has no 'conversations'")
             try:
                 r["conversations"] = normalize_conversation(r["conversations"])
             except ValueError as err:
@@ -167,6 +171,10 @@ class SupervisedDataset(Dataset):
             raise ValueError(f"{self._where(record)}: {err}") from None
         sample["order"] = order
         return sample
+
+    def format_line(self) -> str:
+        """"data: N records, format F (detected|given) from PATH": printed once per file by training."""
+        return describe(self.data_path, self.num_read, self.format_name, self.data_format)
 
     def summary(self) -> str:
         r = self.report

@@ -20,6 +20,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mllm.data.formats import DATA_FORMATS
 from mllm.train.sft import DataArguments, ModelArguments, SFTTrainingArguments
 
 
@@ -28,7 +29,9 @@ class GroundingDataArguments:
     rec: list[str] = field(default_factory=list, metadata={"help": "one or more Shikra REC jsonl files"})
     flickr: list[str] = field(default_factory=list,
                               metadata={"help": "one or more Flickr30k-entities jsonl files (gc task)"})
-    data_path: str | None = field(default=None, metadata={"help": "an already prepared conversations JSON"})
+    data_path: str | None = field(default=None, metadata={"help": "already prepared conversations (any SFT format)"})
+    data_format: str = field(default="auto", metadata={"help": "record format of --data_path / --eval_data_path",
+                                                       "choices": list(DATA_FORMATS)})
     image_folder: str = field(default=".", metadata={"help": "folder the image paths are relative to"})
     tasks: str = field(default="rec", metadata={"help": "comma-separated: rec, reg, gc"})
     style: str = field(default="plain", metadata={"help": "box text: plain [x0,y0,x1,y1] or qwen <box>",
@@ -82,6 +85,7 @@ def train_grounding(model_args: ModelArguments, data_args: GroundingDataArgument
         data_path = prepare_data(data_args, output_dir, training_args.seed, training_args.process_index == 0)
     result = train(model_args, DataArguments(data_path=data_path, eval_data_path=data_args.eval_data_path,
                                              image_folder=data_args.image_folder,
+                                             data_format=data_args.data_format if data_args.data_path else "auto",
                                              max_slice_nums=data_args.max_slice_nums,
                                              model_max_length=data_args.model_max_length),
                    training_args, callbacks)

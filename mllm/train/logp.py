@@ -52,10 +52,16 @@ def cache_path(data_path: str | os.PathLike, ref_name: str = "ref") -> Path:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of a folder's files (a datasets folder): their relative names and contents."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(FINGERPRINT_CHUNK), b""):
-            digest.update(block)
+    for file in files:
+        if path.is_dir():
+            digest.update(f"{file.relative_to(path)}\0".encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(FINGERPRINT_CHUNK), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 

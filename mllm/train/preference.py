@@ -238,7 +238,8 @@ def train(model_args: ModelArguments, data_args: PreferenceDataArguments, traini
                                            *(callbacks or [])])
     if trainer.is_world_process_zero():
         print(f"trainable parameters of {model_args.model_name_or_path}:\n{trainable_parameter_table(model)}")
-        print(f"{data_args.data_path}: {len(dataset)} pairs; reference log-probs from {reference_path}")
+        print(f"data: {len(dataset):,} pairs, format {dataset.format_name} (detected) from {data_args.data_path}; "
+              f"reference log-probs from {reference_path}")
     resume, completion = resume_point(training_args, run_identity(
         model_args, data_args, training_args, data_paths=(data_args.data_path,)))
     trainer.add_callback(completion)

@@ -39,6 +39,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from mllm.data.collate import SupervisedCollator
+from mllm.data.formats import DATA_FORMATS
 from mllm.data.sft_dataset import SupervisedDataset
 from mllm.model import checkpoint
 from mllm.model.modeling_mllm import MLLMModel
@@ -74,8 +75,12 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str = field(metadata={"help": "training JSON (the exercise's train.json format)"})
-    eval_data_path: str | None = field(default=None, metadata={"help": "evaluation JSON, same format"})
+    data_path: str = field(metadata={"help": "training data: JSON / JSON lines (minicpmv, llava or sharegpt records) "
+                                             "or a datasets save_to_disk folder / .parquet file(s)"})
+    eval_data_path: str | None = field(default=None, metadata={"help": "evaluation data, any accepted format"})
+    data_format: str = field(default="auto", metadata={
+        "help": "record format of the data files; auto detects it per file from the first record",
+        "choices": list(DATA_FORMATS)})
     image_folder: str = field(default=".", metadata={"help": "folder the records' image paths are relative to"})
     max_slice_nums: int | None = field(default=None, metadata={
         "help": "max slices per image; overrides (and is saved into) the model config"})
@@ -155,9 +160,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
     model = prepare_model(model, model_args)
 
     def dataset(path):
+        # image bytes of datasets data are written next to the run (content-hashed, shared by ranks and reruns)
         return SupervisedDataset.from_config(path, tokenizer, config, data_args.image_folder,
                                              data_args.max_slice_nums, data_args.model_max_length,
-                                             data_args.skip_bad_images)
+                                             data_args.skip_bad_images, data_args.data_format,
+                                             Path(training_args.output_dir) / "data_images")
 
     train_ds = dataset(data_args.data_path)
     if len(train_ds) == 0:
@@ -176,6 +183,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: S
         print(f"trainable parameters of {model_args.model_name_or_path}:\n{trainable_parameter_table(model)}")
         for ds in (train_ds, eval_ds):
             if ds is not None:
+                print(ds.format_line())
                 print(ds.summary())
 
     resume, completion = resume_point(training_args, run_identity(

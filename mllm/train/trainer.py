@@ -139,10 +139,12 @@ def _file_identity(path: str | os.PathLike) -> dict:
     from mllm.model.checkpoint import hash_file_ends
 
     path = Path(path)
-    if not path.is_file():
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]  # a datasets folder
+    if not path.exists() or not files:
         return {"path": str(path.resolve()), "missing": True}
     digest = hashlib.sha256()
-    hash_file_ends(path, digest)
+    for file in files:
+        hash_file_ends(file, digest)
     return {"path": str(path.resolve()), "sha256_ends": digest.hexdigest()[:16]}
 
 
