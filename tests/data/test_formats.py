@@ -209,7 +209,8 @@ def test_mixed_formats_and_a_wrong_flag_are_refused(folder):
 
 
 def test_data_format_is_a_flag_of_the_training_verbs(tmp_path):
-    from mllm.cli.train_sft import parse_args, parse_dataclasses
+    from mllm.cli.train_sft import parse_args
+    from mllm.cli.training_options import parse_training_options
     from mllm.train import grounding
     from mllm.train.sft import ModelArguments
 
@@ -219,8 +220,8 @@ def test_data_format_is_a_flag_of_the_training_verbs(tmp_path):
     with pytest.raises(SystemExit):
         parse_args(["--model_name_or_path", "m", "--data_path", "d", "--data_format", "alpaca"])
     types = (ModelArguments, grounding.GroundingDataArguments, grounding.GroundingTrainingArguments)
-    assert parse_dataclasses(types, ["--model_name_or_path", "m", "--data_path", "d", "--data_format", "llava",
-                                     "--output_dir", str(tmp_path)])[1].data_format == "llava"
+    assert parse_training_options(types, ["--model_name_or_path", "m", "--data_path", "d", "--data_format", "llava",
+                                          "--output_dir", str(tmp_path)], "train grounding")[1].data_format == "llava"
 
 
 # ---- preference --------------------------------------------------------------------------------------------------
