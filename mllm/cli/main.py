@@ -35,6 +35,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "course": ("mllm.cli.course", "run the exercise's arc on the tiny model, stage by stage"),
     "init": ("mllm.cli.init", "write a randomly initialised checkpoint of a preset"),
     "merge": ("mllm.cli.merge", "fold a LoRA adapter into its base model and write a plain checkpoint"),
+    "serve": ("mllm.cli.serve", "an OpenAI-compatible HTTP API (chat completions, streaming) for a model"),
 }
 
 
