@@ -86,3 +86,7 @@ def user_message(err: BaseException) -> str:
     if type(err) in (ValueError, OSError) or type(err).__module__.startswith("mllm"):
         return text
     return f"{type(err).__name__}: {text}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
