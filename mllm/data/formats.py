@@ -174,15 +174,14 @@ def layout_of(record) -> str | None:
         return None
     if isinstance(record.get("messages"), list):
         return "sharegpt"
-    turns = record.get("conversations")
-    if isinstance(turns, list) and not turns:
-        return "minicpmv"  # the project's own records; validation says what is missing
-    if isinstance(turns, list) and isinstance(turns[0], dict):
-        if "role" in turns[0]:
-            return "minicpmv"
-        if "from" in turns[0]:
-            return "llava"
-    return None
+    if "conversations" not in record:
+        return None
+    turns = record["conversations"]
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict) and "from" in turns[0]:
+        return "llava"
+    # the project's own records, also malformed ones: its validation names what is wrong (not a list, no user
+    # turn, an unknown role) more precisely than "fits no format" would
+    return "minicpmv"
 
 
 def number_images(conversation: list[dict], images: list[str]) -> tuple[list[dict], dict[str, str] | str | None]:
@@ -273,6 +272,12 @@ def no_format_error(path, where: str, record) -> DataFormatError:
     return DataFormatError(f"{path}: {where} fits no accepted data format; its keys: {keys}\n{FORMAT_TABLE}")
 
 
+def family(layout: str) -> str:
+    """minicpmv and llava records differ only in their turns' keys, which the conversation reader maps turn by
+    turn, so one file may mix them; sharegpt records are built differently."""
+    return "conversations" if layout in ("minicpmv", "llava") else layout
+
+
 def read_conversations(path: str | os.PathLike, data_format: str = "auto",
                        image_cache: str | os.PathLike | None = None) -> tuple[list[dict], str]:
     """(records in the project's own format, format name) of an SFT / grounding data file.
@@ -299,7 +304,7 @@ def read_conversations(path: str | os.PathLike, data_format: str = "auto",
             if wanted is not None and layout != wanted:
                 raise DataFormatError(f"{path}: --data_format {wanted}, but {where} is {layout} (keys "
                                       f"{sorted(raw)})\n{FORMAT_TABLE}")
-        elif layout != first[1]:
+        elif family(layout) != family(first[1]):
             raise DataFormatError(f"{path}: mixed formats: {where} is {layout} (keys {sorted(raw)}), but "
                                   f"{first[0]} is {first[1]}; one file holds one format")
         try:

@@ -196,8 +196,11 @@ def test_a_record_that_fits_no_format_names_file_record_line_and_formats(folder)
 
 
 def test_mixed_formats_and_a_wrong_flag_are_refused(folder):
-    with pytest.raises(DataFormatError, match=r"mixed formats: record 1 is llava .* record 0 is minicpmv"):
-        read_conversations(write_json(folder / "mixed.json", [MINICPMV[0], llava_records()[1]]))
+    with pytest.raises(DataFormatError, match=r"mixed formats: record 1 is sharegpt .* record 0 is minicpmv"):
+        read_conversations(write_json(folder / "mixed.json", [MINICPMV[0], sharegpt_records()[1]]))
+    # minicpmv and llava differ only in their turns' keys: one file may mix them (read turn by turn)
+    records, _ = read_conversations(write_json(folder / "both.json", [MINICPMV[0], llava_records()[1]]))
+    assert len(records) == 2
     with pytest.raises(DataFormatError, match="--data_format llava, but record 0 is sharegpt"):
         read_conversations(write_json(folder / "s.json", sharegpt_records()), "llava")
     with pytest.raises(DataFormatError, match="needs a datasets save_to_disk folder"):
