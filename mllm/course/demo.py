@@ -152,10 +152,11 @@ def report_html(cases: list[dict], rows: list[dict], model_dir: Path, seconds: f
         blocks.append(f"<div class='case'><img src='{c['picture']}' alt='scene {html.escape(str(c['image_id']))}'>"
                       f"<div><p><i>{html.escape(c['question'])}</i></p><p>{description}</p><ul>{qa}</ul>{ground}"
                       f"</div></div>")
-    table = "".join(f"<tr><td>{html.escape(r['metric'])}</td><td><b>{html.escape(r['value'])}</b></td>"
-                    f"<td>{r['n']}</td><td>{html.escape(r['chance'])}</td>"
-                    f"<td class='{'chance' if r['verdict'].startswith('AT CHANCE') else ''}'>{html.escape(r['verdict'])}"
-                    f"</td></tr>" for r in rows)
+    table = "".join(f"<tr><td data-label='metric'>{html.escape(r['metric'])}</td>"
+                    f"<td data-label='model'><b>{html.escape(r['value'])}</b></td>"
+                    f"<td data-label='n'>{r['n']}</td><td data-label='chance'>{html.escape(r['chance'])}</td>"
+                    f"<td data-label='verdict' class='{'chance' if r['verdict'].startswith('AT CHANCE') else ''}'>"
+                    f"{html.escape(r['verdict'])}</td></tr>" for r in rows)
     at_chance = [r["metric"] for r in rows if r["verdict"].startswith("AT CHANCE")]
     warning = (f"<p class='warn'>At chance: {html.escape(', '.join(at_chance))}. On these the model does no better "
                f"than guessing.</p>") if at_chance else ""
@@ -168,6 +169,10 @@ body{{font-family:sans-serif;max-width:1000px;margin:1em auto;padding:0 .8em;lin
 vertical-align:top;border-bottom:1px solid #eee}} mark{{background:#fdd;color:#a00;padding:0 .1em}}
 .ok{{color:#1a7a3a;font-weight:bold}} .no{{color:#c0262d;font-weight:bold}} .chance{{color:#c0262d}}
 .warn{{background:#fff4e5;border-left:4px solid #f0a020;padding:.5em .8em}} code{{word-break:break-all}}
+@media (max-width:600px){{table,tbody,tr,td{{display:block}} tr:first-child{{display:none}}
+tr{{border:1px solid #ddd;border-radius:6px;margin:.6em 0;padding:.3em}} td{{border:0;padding:.15em .4em}}
+td::before{{content:attr(data-label) ": ";color:#666}} td[data-label=metric]{{font-weight:bold}}
+td[data-label=metric]::before{{content:""}}}}
 </style></head><body><h1>mllm demo</h1>
 <p>Model: <code>{html.escape(str(model_dir))}</code>. Fresh synthetic scenes (never seen in training); {seconds:.0f} s.</p>
 <h2>Held-out scores</h2>{warning}<div class='scroll'><table><tr><th>metric</th><th>model</th><th>n</th>
