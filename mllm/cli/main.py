@@ -36,6 +36,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "init": ("mllm.cli.init", "write a randomly initialised checkpoint of a preset"),
     "merge": ("mllm.cli.merge", "fold a LoRA adapter into its base model and write a plain checkpoint"),
     "serve": ("mllm.cli.serve", "an OpenAI-compatible HTTP API (chat completions, streaming) for a model"),
+    "web": ("mllm.cli.web", "a web demo (gradio): chat about images, ground expressions, try fresh synthetic scenes"),
 }
 
 
