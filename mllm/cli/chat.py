@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         if not line:
             break
         if line.startswith("/image "):
+            from mllm.model.image_processing import load_image
+
             try:
                 images = [load_image(line.split(" ", 1)[1].strip())]
                 msgs = []

@@ -95,3 +95,19 @@ def test_answer_exits_non_zero_when_it_answered_nothing(tmp_path, tiny_checkpoin
     assert main(["answer", "--model", str(tiny_checkpoint), "--questions", str(questions),
                  "--out", str(tmp_path / "a.jsonl")]) == 1
     assert "none of the 1 question(s) could be answered" in capsys.readouterr().err
+
+
+def test_interactive_chat_switches_images(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    """`/image FILE` in the interactive chat loads the new image and restarts the conversation (it raised a
+    NameError before: `load_image` was never imported there)."""
+    import io
+
+    from PIL import Image
+
+    Image.new("RGB", (56, 56), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (56, 56), "blue").save(tmp_path / "b.png")
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"Is it red?\n/image {tmp_path / 'b.png'}\nIs it blue?\n\n"))
+    assert main(["chat", "--model", str(tiny_checkpoint), "--image", str(tmp_path / "a.png"),
+                 "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "(new image; conversation restarted)" in err and "error:" not in err
