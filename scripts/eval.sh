@@ -9,6 +9,7 @@ MODEL=${MODEL:-}
 QUESTIONS=${QUESTIONS:-}
 COCO=${COCO:-}                      # folder with instances_/captions_{train,val}2014.json (real bench only)
 CHAIR_PKL=${CHAIR_PKL:-}            # or an existing chair_300.pkl (converted through a restricted unpickler)
+CHAIR_VOCABULARY=${CHAIR_VOCABULARY:-original}  # COCO tables: original (published CHAIR) or mllm (revised)
 OUT=${OUT:-output/eval}
 DECODING=${DECODING:-sample}        # the exercise samples; greedy and beam give steadier numbers
 MLLM=${MLLM:-mllm}
@@ -22,9 +23,9 @@ if [[ -z "$QUESTIONS" ]]; then
     QUESTIONS="$OUT/world/bench.jsonl"
     gt_args=(--chair-gt "$OUT/world/chair_gt.json")
 elif [[ -n "$CHAIR_PKL" ]]; then
-    gt_args=(--chair-pkl "$CHAIR_PKL" --trust-pickle)
+    gt_args=(--chair-pkl "$CHAIR_PKL" --trust-pickle --vocabulary "$CHAIR_VOCABULARY")
 else
-    gt_args=(--coco-annotations "$COCO")
+    gt_args=(--coco-annotations "$COCO" --vocabulary "$CHAIR_VOCABULARY")
 fi
 
 "$MLLM" answer "${model_args[@]}" --questions "$QUESTIONS" --out "$OUT/answers.jsonl" --decoding "$DECODING"

@@ -20,7 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--chair-gt", help="chair_gt.json: vocabulary, double_words and image objects")
     source.add_argument("--coco-annotations", help="directory with instances_/captions_{train,val}2014.json")
     source.add_argument("--chair-pkl", help="the exercise's chair_300.pkl (needs --trust-pickle)")
-    p.add_argument("--cache", help="JSON ground-truth cache (default: next to the annotations or the pickle)")
+    p.add_argument("--vocabulary", choices=chair.COCO_VOCABULARIES, default=None,
+                   help="COCO synonym tables for --coco-annotations/--chair-pkl: 'original' (default; the CHAIR "
+                        "paper's list and rules, quirks included, comparable with published numbers) or 'mllm' "
+                        "(this project's revised table); a --chair-gt file carries its own")
+    p.add_argument("--cache", help="JSON ground-truth cache (default: next to the annotations or the pickle, "
+                                   "one per vocabulary)")
     p.add_argument("--trust-pickle", action="store_true", help="allow reading --chair-pkl (restricted unpickler)")
     p.add_argument("--out", required=True, help="result JSON")
     return p
@@ -28,12 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_ground_truth(args: argparse.Namespace) -> tuple[chair.Vocabulary, dict]:
     if args.chair_gt:
+        if args.vocabulary:  # silently ignoring it would report numbers under tables the user did not ask for
+            raise ValueError(f"--vocabulary applies to COCO ground truth; {args.chair_gt} carries its own vocabulary")
         return chair.load_chair_gt(args.chair_gt)
+    name = args.vocabulary or chair.COCO_VOCABULARIES[0]
+    vocab = chair.Vocabulary.coco(name)
     if args.coco_annotations:
-        cache = args.cache or Path(args.coco_annotations) / "chair_gt_coco2014.json"
-        return chair.Vocabulary.coco(), chair.build_coco_gt(args.coco_annotations, chair.Vocabulary.coco(), cache)
-    cache = Path(args.cache) if args.cache else Path(args.chair_pkl).with_suffix(".chair_gt.json")
-    return chair.Vocabulary.coco(), chair.convert_chair_pickle(args.chair_pkl, cache, args.trust_pickle)
+        # one default cache per vocabulary: caption objects depend on the tables, so switching would rebuild
+        cache = args.cache or Path(args.coco_annotations) / f"chair_gt_coco2014_{name}.json"
+        return vocab, chair.build_coco_gt(args.coco_annotations, vocab, cache)
+    cache = Path(args.cache) if args.cache else Path(args.chair_pkl).with_suffix(f".chair_gt_{name}.json")
+    return vocab, chair.convert_chair_pickle(args.chair_pkl, cache, args.trust_pickle, name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,10 +10,20 @@ Metrics (the exercise's variant, eval_facts §1.5), reported as raw fractions in
 - Recall = sum over captions of distinct GT classes mentioned / sum of GT class counts (micro-averaged).
 - Len    = mean number of tokens per caption after phrase merging, punctuation included (not scaled).
 
+COCO vocabularies (`Vocabulary.coco(name)`, CLI `--vocabulary`):
+- "original" (default): the original CHAIR's synonym list and double-word rules word for word, quirks included
+  (`mllm.eval.coco_vocab_original`), matched literally as its code does, so numbers compare with published ones.
+- "mllm": this project's revised table (`mllm.eval.coco_vocab`, whose docstring lists every difference).
+- Remaining difference from the original code under "original": tokens come from the regex tokenizer and the
+  rule-based singularizer below, not nltk `word_tokenize` + pattern's `singularize` (nor the exercise's WordNet
+  lemmatiser). Entries our singularizer never produces ("skis", "oxen", "children", "people", the phrase
+  "sports ball") never match as written, but a singular on the same line does ("ski", "ox", "child", "person",
+  "ball"), so no class is lost; "wine glass" merges directly where pattern needed the "wine glas" rule.
+
 Design choices:
 - No nltk / pattern dependency: a small regex tokenizer and a rule-based singularizer (like
-  pattern.en.singularize, so "men" -> "man", unlike WordNet which keeps "men"). Synonym tables pass through
-  the same normalisation, so a table may list "skis" or "ski".
+  pattern.en.singularize, so "men" -> "man", unlike WordNet which keeps "men"). Normalized tables (not the
+  literal "original" one) pass through the same normalisation, so such a table may list "skis" or "ski".
 - Unknown image ids raise `UnknownImageIdError` listing them (the exercise's pickle silently scores them as
   all-hallucinated); empty captions are skipped and listed under `skipped`, never scored silently.
 - Ground truth comes from a `chair_gt.json` file (synthetic world), COCO annotations (built once and cached as
@@ -37,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from mllm.eval.coco_vocab import COCO_DOUBLE_WORDS, COCO_SYNONYMS
+from mllm.eval.coco_vocab_original import ORIGINAL_DOUBLE_WORDS, ORIGINAL_SYNONYMS
 from mllm.jsonio import read_jsonl, write_json_atomic
 
 # ----------------------------------------------------------------------------------------------- text
@@ -126,43 +137,70 @@ def normalize_phrase(phrase: str) -> str:
 # ----------------------------------------------------------------------------------------- vocabulary
 
 
+COCO_VOCABULARIES = ("original", "mllm")  # names for `Vocabulary.coco`; the first is the default
+
+
 @dataclass
 class Vocabulary:
-    """Object classes for CHAIR: canonical node word -> synonyms, plus multi-word merge rules."""
+    """Object classes for CHAIR: canonical node word -> synonyms, plus multi-word merge rules.
+
+    Two ways of matching a caption against the tables:
+    - normalized (default; the `mllm` COCO table and synthetic worlds): synonyms are tokenized and singularized like
+      captions, every multi-word synonym merges, and merges of any length are matched longest first.
+    - literal (`literal=True`; the `original` COCO table): the original CHAIR code's matching. Entries are compared
+      exactly as written, so " motor bike" and "iPhone" never match; only `double_words` merge, and only as pairs of
+      adjacent tokens, their result kept as written ("wine glas" -> "wine glass").
+    `name` labels the tables in results; it is not part of the fingerprint.
+    """
 
     synonyms: dict[str, list[str]]
     double_words: dict[str, str] = field(default_factory=dict)
+    literal: bool = False
+    name: str = "custom"
 
     def __post_init__(self) -> None:
-        self.node_of: dict[str, str] = {}  # normalized synonym -> canonical node word
+        key_of = (lambda word: word) if self.literal else normalize_phrase
+        self.node_of: dict[str, str] = {}  # synonym (normalized unless literal) -> canonical node word
         for canonical, words in self.synonyms.items():
             for word in [canonical, *words]:
-                key = normalize_phrase(word)
+                key = key_of(word)
                 if not key:
                     continue
                 if self.node_of.get(key, canonical) != canonical:
                     raise ValueError(f"synonym {word!r} belongs to both {self.node_of[key]!r} and {canonical!r}")
                 self.node_of[key] = canonical
-        self.merges: dict[tuple[str, ...], str] = {}  # normalized token run -> merged token
-        for key in self.node_of:  # every multi-word synonym is one token
-            if " " in key:
-                self.merges[tuple(key.split(" "))] = key
+        self.merges: dict[tuple[str, ...], str] = {}  # token run -> merged token
+        if not self.literal:
+            for key in self.node_of:  # every multi-word synonym is one token
+                if " " in key:
+                    self.merges[tuple(key.split(" "))] = key
         for phrase, merged in self.double_words.items():  # explicit rules win
-            self.merges[tuple(normalize_phrase(phrase).split(" "))] = normalize_phrase(merged)
-        self.longest_merge = max((len(k) for k in self.merges), default=1)
+            self.merges[tuple(key_of(phrase).split(" "))] = key_of(merged)
+        # the original looks at pairs only, so its three-word "stove top oven" never merges
+        self.longest_merge = 2 if self.literal else max((len(k) for k in self.merges), default=1)
 
     @classmethod
-    def coco(cls) -> Vocabulary:
-        return cls(COCO_SYNONYMS, COCO_DOUBLE_WORDS)
+    def coco(cls, name: str = "original") -> Vocabulary:
+        """The COCO 80-category tables by name: "original" (the CHAIR paper's, matched literally) or "mllm"."""
+        if name == "original":
+            return cls(ORIGINAL_SYNONYMS, ORIGINAL_DOUBLE_WORDS, literal=True, name="original")
+        if name == "mllm":
+            return cls(COCO_SYNONYMS, COCO_DOUBLE_WORDS, name="mllm")
+        raise ValueError(f"unknown COCO vocabulary {name!r}; choose one of {', '.join(COCO_VOCABULARIES)}")
 
     @classmethod
     def from_chair_gt(cls, path: str | Path) -> Vocabulary:
-        data = json.loads(Path(path).read_text())
-        return cls(data["vocabulary"], data.get("double_words", {}))
+        return _vocabulary_of_document(json.loads(Path(path).read_text()), Path(path).name)
+
+    def node_of_phrase(self, phrase: str) -> str | None:
+        """Node word of a whole phrase such as a COCO category name, looked up the way this vocabulary matches."""
+        return self.node_of.get(phrase if self.literal else normalize_phrase(phrase))
 
     def fingerprint(self) -> str:
         """Hash of the tables: a GT cache built with other tables must be rebuilt."""
-        blob = json.dumps([self.synonyms, self.double_words], sort_keys=True)
+        # "literal" only when set, so caches of normalized tables written before the flag existed stay valid
+        tables = [self.synonyms, self.double_words] + (["literal"] if self.literal else [])
+        blob = json.dumps(tables, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def merge_phrases(self, tokens: list[str]) -> list[str]:
@@ -283,6 +321,7 @@ def score(captions: list[dict], gt: dict[Any, list[str]], vocab: Vocabulary) -> 
         },
         "variant": "rule-based CHAIR; CHAIRs over all scored captions; every mention counted; "
                    "Len = tokens after phrase merging, punctuation included",
+        "vocabulary": vocab.name,
         "skipped": skipped,
         "sentences": sentences,
     }
@@ -299,21 +338,30 @@ def _images_from_json(images: dict[str, list[str]]) -> dict[Any, list[str]]:
     return {int(k) if k.isdigit() else k: list(v) for k, v in images.items()}
 
 
+def _vocabulary_of_document(data: dict, file_name: str) -> Vocabulary:
+    """The tables of a `chair_gt.json`; a synthetic world's file has no `literal`/`vocabulary_name` keys."""
+    return Vocabulary(data["vocabulary"], data.get("double_words", {}), literal=bool(data.get("literal", False)),
+                      name=data.get("vocabulary_name") or file_name)
+
+
 def load_chair_gt(path: str | Path) -> tuple[Vocabulary, dict[Any, list[str]]]:
     """Vocabulary and image id -> objects from a `chair_gt.json` (also the format of every cache written here)."""
     data = json.loads(Path(path).read_text())
-    return Vocabulary(data["vocabulary"], data.get("double_words", {})), _images_from_json(data["images"])
+    return _vocabulary_of_document(data, Path(path).name), _images_from_json(data["images"])
 
 
 def _chair_gt_document(vocab: Vocabulary, images: dict[Any, set | list], source: str) -> dict:
-    return {"source": source, "vocabulary_fingerprint": vocab.fingerprint(), "vocabulary": vocab.synonyms,
-            "double_words": vocab.double_words, "images": {str(k): sorted(v) for k, v in images.items()}}
+    return {"source": source, "vocabulary_name": vocab.name, "vocabulary_fingerprint": vocab.fingerprint(),
+            "literal": vocab.literal, "vocabulary": vocab.synonyms, "double_words": vocab.double_words,
+            "images": {str(k): sorted(v) for k, v in images.items()}}
 
 
 def build_coco_gt(annotations_dir: str | Path, vocab: Vocabulary | None = None,
-                  cache: str | Path | None = None) -> dict[int, list[str]]:
-    """COCO 2014 train+val image id -> node words of its instance categories and of objects in its captions."""
-    vocab = vocab or Vocabulary.coco()
+                  cache: str | Path | None = None, vocabulary: str = "original") -> dict[int, list[str]]:
+    """COCO 2014 train+val image id -> node words of its instance categories and of objects in its captions.
+
+    `vocab` defaults to `Vocabulary.coco(vocabulary)`; the ground truth depends on it (caption objects)."""
+    vocab = vocab or Vocabulary.coco(vocabulary)
     if cache is not None and Path(cache).exists():
         data = json.loads(Path(cache).read_text())
         if data.get("vocabulary_fingerprint") == vocab.fingerprint():
@@ -335,7 +383,7 @@ def build_coco_gt(annotations_dir: str | Path, vocab: Vocabulary | None = None,
         if name.startswith("instances"):
             category_names = {c["id"]: c["name"] for c in coco.dataset["categories"]}
             for ann in coco.dataset["annotations"]:
-                node = vocab.node_of.get(normalize_phrase(category_names[ann["category_id"]]))
+                node = vocab.node_of_phrase(category_names[ann["category_id"]])
                 if node is None:
                     raise ValueError(f"COCO category {category_names[ann['category_id']]!r} is not in the vocabulary")
                 objects[ann["image_id"]].add(node)
@@ -385,11 +433,14 @@ def load_chair_pickle(path: str | Path, trust_pickle: bool = False) -> dict[int,
     return {int(k): sorted(v) for k, v in imid_to_objects.items()}
 
 
-def convert_chair_pickle(pkl_path: str | Path, out_json: str | Path,
-                         trust_pickle: bool = False) -> dict[int, list[str]]:
-    """Write the pickle's ground truth as a COCO-vocabulary `chair_gt.json`; returns image id -> objects."""
+def convert_chair_pickle(pkl_path: str | Path, out_json: str | Path, trust_pickle: bool = False,
+                         vocabulary: str = "original") -> dict[int, list[str]]:
+    """Write the pickle's ground truth as a COCO-vocabulary `chair_gt.json`; returns image id -> objects.
+
+    The pickle's objects were found with the tables frozen inside it (the original's, for the exercise's file);
+    `vocabulary` names the tables stored next to them, which then score captions."""
     images = load_chair_pickle(pkl_path, trust_pickle)
-    vocab = Vocabulary.coco()
+    vocab = Vocabulary.coco(vocabulary)
     foreign = sorted({o for objs in images.values() for o in objs} - set(vocab.synonyms))
     if foreign:
         print(f"chair: warning: pickle objects outside the COCO vocabulary: {foreign[:10]}", file=sys.stderr)
@@ -417,6 +468,7 @@ def read_answers(path: str | Path) -> tuple[list[tuple[int, dict]], list[dict]]:
 
 def format_table(result: dict) -> str:
     m, c = result["overall_metrics"], result["counts"]
-    return (f"CHAIR  captions={c['captions']}  skipped={c['skipped']}  mentions={c['mentions']}\n"
+    return (f"CHAIR  vocabulary={result.get('vocabulary', 'custom')}  captions={c['captions']}  "
+            f"skipped={c['skipped']}  mentions={c['mentions']}\n"
             f"{'CHAIRs':>8}{'CHAIRi':>8}{'Recall':>8}{'Len':>8}\n"
             f"{100 * m['CHAIRs']:>8.1f}{100 * m['CHAIRi']:>8.1f}{100 * m['Recall']:>8.1f}{m['Len']:>8.1f}")
