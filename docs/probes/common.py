@@ -133,6 +133,7 @@ def slots_of(scene):
 
 
 MIX = args.get("mix", "base")
+STMT_LAST = args.get("stmt_last", "0") == "1"
 
 
 def lookup_qa(scene, rng):
@@ -245,6 +246,9 @@ def turns_of(scene, rng, n):
         turn = rng.choices(makers, weights)[0](scene, rng)
         if turn is not None:
             turns.append(turn)
+    if STMT_LAST and first:
+        # the statements turn after the questions: a question can no longer be answered by copying a statement
+        turns = turns[1:] + turns[:1]
     return turns
 
 TEXT = args.get("text", "0") == "1"  # control: the scene written as words instead of slot vectors
