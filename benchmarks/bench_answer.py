@@ -15,7 +15,6 @@ core's peak. The answers of the two variants are checked equal.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import tempfile
@@ -26,7 +25,7 @@ import torch
 
 import mllm.model.loading as loading
 from bench_decode import TINY, qwen2_twin
-from harness import fmt_ratio, interleaved, pin, ratio
+from harness import benchmark_arguments, fmt_ratio, interleaved, pin, ratio
 from mllm.eval import answer
 from mllm.world import scenes
 
@@ -60,10 +59,7 @@ def variants() -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = benchmark_arguments(__doc__)
     cores = pin(args.threads)
     n, rounds = (16, 3) if args.quick else (64, 5)
     start = time.perf_counter()

@@ -18,13 +18,12 @@ produced (so every call makes exactly N new tokens without forcing `min_new_toke
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from harness import difference, dram_bandwidth, fmt_ratio, interleaved, pin, ratio
+from harness import benchmark_arguments, difference, dram_bandwidth, fmt_ratio, interleaved, pin, ratio
 from mllm.model.configuration import LLMConfig
 from mllm.model.decode import decode
 from mllm.model.llm import LLMForCausalLM
@@ -113,10 +112,7 @@ def bf16_against_fp32(ours: LLMForCausalLM, batch: int, new: int, rounds: int) -
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="few rounds and tokens: a smoke test")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = benchmark_arguments(__doc__)
     cores = pin(args.threads)
     rounds, new = (3, 8) if args.quick else (7, 32)
     start = time.perf_counter()

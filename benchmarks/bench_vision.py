@@ -16,7 +16,6 @@ pinned thread.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -25,7 +24,7 @@ from PIL import Image
 from transformers.models.idefics2.configuration_idefics2 import Idefics2VisionConfig
 from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransformer
 
-from harness import fmt_ratio, interleaved, pin, ratio
+from harness import benchmark_arguments, fmt_ratio, interleaved, pin, ratio
 from mllm.model.configuration import VisionConfig
 from mllm.model.image_processing import ImageProcessor
 from mllm.model.vision import SiglipVisionTransformer, pack_patch_strips
@@ -71,10 +70,7 @@ def preprocessing_case(rounds: int) -> tuple:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    args = benchmark_arguments(__doc__)
     cores = pin(args.threads)
     rounds = 3 if args.quick else 9
     start = time.perf_counter()

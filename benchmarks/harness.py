@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
@@ -17,6 +18,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+
+def benchmark_arguments(doc: str) -> argparse.Namespace:
+    """--quick (few rounds: a smoke test) and --threads (default 1) of every benchmark script."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few rounds and tokens: a smoke test")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, pinned to as many cores")
+    return parser.parse_args()
 
 
 def pin(threads: int = 1) -> list[int]:
