@@ -47,6 +47,17 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
                        help="a PEFT (LoRA) adapter folder merged into --model, e.g. a LoRA run's checkpoint-N")
 
 
+def add_listen_arguments(parser: argparse.ArgumentParser, what: str, port: int, any_port: bool) -> None:
+    """--model, --host and --port of a verb that serves a model over the network (`serve`, `web`): loopback by
+    default, since neither has authentication."""
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the shipped tiny model)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help=f"address to listen on (default: loopback only; 0.0.0.0 exposes the {what} to the "
+                             "network, which has no authentication)")
+    parser.add_argument("--port", type=non_negative_int if any_port else positive_int, default=port,
+                        help=f"port (default {port}{'; 0: any free one' if any_port else ''})")
+
+
 def device_and_dtype(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, str]:
     """(`cuda:0`-style device, dtype name) of --device/--dtype; one that cannot be had, or an --attn this device
     and dtype cannot run, is a usage error."""

@@ -6,16 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from mllm.cli.arguments import add_device_arguments, load_model, non_negative_int, positive_int
+from mllm.cli.arguments import add_device_arguments, add_listen_arguments, load_model, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllm serve", description=__doc__.split("\n")[0].split(": ", 1)[1])
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the shipped tiny model)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: loopback only; 0.0.0.0 exposes the server to the "
-                             "network, which has no authentication)")
-    parser.add_argument("--port", type=non_negative_int, default=8000, help="port (0: any free one)")
+    add_listen_arguments(parser, "server", 8000, any_port=True)
     parser.add_argument("--served-model-name", default=None,
                         help="the model id clients send and /v1/models lists (default: the model folder's name)")
     parser.add_argument("--max-batch", type=positive_int, default=8,

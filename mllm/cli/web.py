@@ -10,16 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mllm.cli.arguments import add_device_arguments, load_model, positive_int
+from mllm.cli.arguments import add_device_arguments, add_listen_arguments, load_model, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllm web", description=__doc__.split("\n")[0].split(": ", 1)[1])
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the shipped tiny model)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: loopback only; 0.0.0.0 exposes the demo to the "
-                             "network, which has no authentication)")
-    parser.add_argument("--port", type=positive_int, default=7860, help="port (default 7860)")
+    add_listen_arguments(parser, "demo", 7860, any_port=False)
     parser.add_argument("--share", action="store_true",
                         help="also open a public link through gradio's share service (anyone with it can use the "
                              "model)")
