@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mllm.cli.arguments import add_device_arguments, add_listen_arguments, load_model, positive_int
+from mllm.cli.arguments import add_device_arguments, add_listen_arguments, load_model
 
 
 def build_parser() -> argparse.ArgumentParser:
