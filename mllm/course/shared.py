@@ -82,14 +82,16 @@ def describe_and_score(model_dir: Path, world: Path, out_dir: Path, decoding: st
 
 
 def yesno_questions(test_json: Path, out: Path) -> Path:
-    """The exercise's yes/no test file -> an `mllm answer` question file (target and category kept)."""
-    items = json.loads(test_json.read_text())
+    """The exercise's yes/no test file -> an `mllm answer` question file (target and category kept), read the way
+    `mllm answer` reads such a file itself (`conversation_questions`); `image_path` repeats the image so that it
+    survives into the answers' metainfos."""
+    from mllm.eval.answer import conversation_questions
+
     with open(out, "w") as f:
-        for item in items:
-            user, assistant = item["conversations"][0]["content"], item["conversations"][1]["content"]
-            f.write(json.dumps({"image": item["image"], "image_path": item["image"],
-                                "question": user.replace("<image>", "").strip(),
-                                "id": item["id"], "category": item.get("category"), "target": assistant}) + "\n")
+        for _, record in conversation_questions(test_json):
+            if "_problem" in record:
+                raise ValueError(record["_problem"])
+            f.write(json.dumps({**record, "image_path": record["image"]}) + "\n")
     return out
 
 
