@@ -88,9 +88,9 @@ def yesno_questions(test_json: Path, out: Path) -> Path:
     from mllm.eval.answer import conversation_questions
 
     with open(out, "w") as f:
-        for _, record in conversation_questions(test_json):
-            if "_problem" in record:
-                raise ValueError(record["_problem"])
+        for _, record, problem in conversation_questions(test_json):
+            if problem is not None:
+                raise ValueError(problem)
             f.write(json.dumps({**record, "image_path": record["image"]}) + "\n")
     return out
 

@@ -52,7 +52,8 @@ def question_key(record: dict) -> str:
 
 
 def conversation_questions(path: Path) -> list[tuple[int, object]]:
-    """(record number, question record) of a JSON list in the exercise's test.json / SFT format: the first user turn
+    """(record number, question record, None) -- or (record number, None, what is wrong) -- of each record of a JSON
+    list in the exercise's test.json / SFT format: the first user turn
     (without its `<image>` marker) is the question, the assistant turn after it the target; the image, the id and
     the category (or the image's folder) are kept, so `mllm eval yesno` can score the answers alone."""
     items = json.loads(path.read_text())
@@ -64,8 +65,8 @@ def conversation_questions(path: Path) -> list[tuple[int, object]]:
         turns = item.get("conversations") if isinstance(item, dict) else None
         user = next((t for t in turns or [] if isinstance(t, dict) and t.get("role") == "user"), None)
         if user is None or "image" not in item:
-            out.append((number, {"_problem": f"{path}: record {number}: expected image and conversations with a "
-                                             f"user turn (keys: {sorted(item) if isinstance(item, dict) else item!r})"}))
+            out.append((number, None, f"{path}: record {number}: expected image and conversations with a user turn "
+                                      f"(keys: {sorted(item) if isinstance(item, dict) else item!r})"))
             continue
         after = turns[turns.index(user) + 1:]
         target = next((t.get("content") for t in after if isinstance(t, dict) and t.get("role") == "assistant"), None)
@@ -78,7 +79,32 @@ def conversation_questions(path: Path) -> list[tuple[int, object]]:
         category = item.get("category") or Path(image or "").parent.name
         if category:
             record["category"] = category
-        out.append((number, record))
+        out.append((number, record, None))
+    return out
+
+
+def jsonl_questions(path: Path) -> list[tuple[int, dict | None, str | None]]:
+    """The same triples for a JSON-lines question file: one {image, question, ...} object per line."""
+    out = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                out.append((number, None, f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start})"))
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                out.append((number, None, f"{path}:{number}: not valid JSON ({err.msg})"))
+                continue
+            missing = [k for k in ("image", "question") if not isinstance(record, dict) or k not in record]
+            if missing:
+                out.append((number, None, f"{path}:{number}: missing field(s) {missing}"))
+                continue
+            out.append((number, record, None))
     return out
 
 
@@ -87,39 +113,15 @@ def read_questions(path: Path) -> tuple[list[dict], list[str]]:
     message per malformed line. A JSON-lines file holds one question per line ({image, question, ...}); a file
     whose text starts with `[` is the exercise's test.json / SFT format (`conversation_questions`)."""
     records, problems, seen = [], [], {}
-    head = path.read_bytes()[:4096].lstrip()
-    if head.startswith(b"["):
-        for number, record in conversation_questions(path):
-            if "_problem" in record:
-                problems.append(record["_problem"])
-                continue
-            key = question_key(record)
-            seen[key] = seen.get(key, 0) + 1
-            qid = key if seen[key] == 1 else f"{key}#{seen[key]}"
-            records.append({"idx": number - 1, "record": record, "line": number, "qid": qid})
-        return records, problems
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                problems.append(f"{path}:{number}: not UTF-8 text ({err.reason} at byte {err.start})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                problems.append(f"{path}:{number}: not valid JSON ({err.msg})")
-                continue
-            missing = [k for k in ("image", "question") if not isinstance(record, dict) or k not in record]
-            if missing:
-                problems.append(f"{path}:{number}: missing field(s) {missing}")
-                continue
-            key = question_key(record)
-            seen[key] = seen.get(key, 0) + 1
-            qid = key if seen[key] == 1 else f"{key}#{seen[key]}"  # identical records: one answer each
-            records.append({"idx": number - 1, "record": record, "line": number, "qid": qid})
+    is_list = path.read_bytes()[:4096].lstrip().startswith(b"[")
+    for number, record, problem in (conversation_questions(path) if is_list else jsonl_questions(path)):
+        if problem is not None:
+            problems.append(problem)
+            continue
+        key = question_key(record)
+        seen[key] = seen.get(key, 0) + 1
+        qid = key if seen[key] == 1 else f"{key}#{seen[key]}"  # identical records: one answer each
+        records.append({"idx": number - 1, "record": record, "line": number, "qid": qid})
     return records, problems
 
 
