@@ -11,20 +11,33 @@ from safetensors.torch import load_file
 CKPT = args.get("ckpt", "runs/probe/s1a.pt")
 state = torch.load(CKPT)
 llm.load_state_dict(state["llm"]); oracle.load_state_dict(state["oracle"])
+LLM_LR = float(args.get("llm_lr", 0.0))  # > 0: the LLM is trained too (end to end), at this learning-rate multiple
+AUX2 = float(args.get("aux2", 0.0))  # weight of the next-token loss on question tokens (with ellm)
 for p in list(llm.parameters()) + list(oracle.parameters()):
     p.requires_grad_(False)
-llm.eval()
+if LLM_LR:
+    for p in llm.parameters():
+        p.requires_grad_(True)
+else:
+    llm.eval()
 
 mcfg = MLLMConfig.from_preset("tiny")
 mcfg.llm.vocab_size = len(tok)
 mcfg.query_num = Q
 mcfg.slice.max_slice_nums = 1
+mcfg.slice.scale_resolution = int(args.get("res", 112))  # the side of a view's area in pixels
 mm = MLLMModel(mcfg)
 base = load_file("mllm/assets/tiny-base/model.safetensors")
 vpm_state = {k[4:]: v for k, v in base.items() if k.startswith("vpm.")}
 print(mm.vpm.load_state_dict(vpm_state, strict=False))
 vpm, res = mm.vpm, mm.resampler
+if args.get("init2"):  # continue from an earlier stage-2 probe's vision tower and resampler
+    s2 = torch.load(args["init2"])
+    vpm.load_state_dict(s2["vpm"]); res.load_state_dict(s2["res"])
+    if "llm" in s2:  # an end-to-end probe also trained the LLM
+        llm.load_state_dict(s2["llm"])
 proc = ImageProcessor.from_config(mcfg.slice)
+MSEW = float(args.get("msew", 1.0))  # weight of the slot regression
 ELLM = float(args.get("ellm", 0.0))  # weight of the frozen-LLM loss on the text tasks
 
 
@@ -37,10 +50,44 @@ def views_of(scenes_images):
     return strips, torch.tensor(sizes, dtype=torch.int32)
 
 
-def image_tokens(images):
+ATTNW = float(args.get("attnw", 0.0))  # weight of the attention prior: query i looks at the patches of cell i
+
+
+def cell_masks(sizes, L):
+    """(B, Q, L) 1 where patch t of view b lies in grid cell i (by its centre), else 0."""
+    out = torch.zeros(len(sizes), Q, L)
+    for b, (h, w) in enumerate(sizes.tolist()):
+        r = torch.arange(h)[:, None].expand(h, w)
+        c = torch.arange(w)[None, :].expand(h, w)
+        cell = ((GRID * (2 * r + 1)) // (2 * h)) * GRID + (GRID * (2 * c + 1)) // (2 * w)  # (h, w)
+        out[b, cell.reshape(-1), torch.arange(h * w)] = 1.0
+    return out
+
+
+def resample(x, sizes):
+    """The resampler's own forward, also returning its head-averaged attention (B, Q, L)."""
+    B, L, _ = x.shape
+    hw = [(int(h), int(w)) for h, w in sizes.tolist()]
+    res._adjust_pos_cache(max(h for h, _ in hw), max(w for _, w in hw), x.device)
+    pos = torch.zeros(B, L, res.embed_dim, dtype=x.dtype)
+    for b, (h, w) in enumerate(hw):
+        pos[b, : h * w] = res.pos_embed[:h, :w].reshape(h * w, res.embed_dim).to(x.dtype)
+    pad = torch.arange(L)[None, :] >= torch.tensor([h * w for h, w in hw])[:, None]
+    kv = res.ln_kv(res.kv_proj(x))
+    q = res.ln_q(res.query)
+    out, weights = res.attn(q.unsqueeze(1).repeat(1, B, 1), (kv + pos).transpose(0, 1), kv.transpose(0, 1),
+                            key_padding_mask=pad, need_weights=True, average_attn_weights=True)
+    return res.ln_post(out.transpose(0, 1)) @ res.proj, weights  # (B, Q, D), (B, Q, L)
+
+
+def image_tokens(images, with_attention=False):
     strips, sizes = views_of(images)
     packed, mask = pack_patch_strips(strips)
-    return res(vpm(packed, mask, sizes), sizes)  # (B, Q, D)
+    toks, weights = resample(vpm(packed, mask, sizes), sizes)
+    if not with_attention:
+        return toks  # (B, Q, D)
+    on_cell = (weights.float() * cell_masks(sizes, weights.shape[-1])).sum(-1)  # (B, Q) attention mass on the cell
+    return toks, -torch.log(on_cell + 1e-6).mean()
 
 
 def render(rng):
@@ -67,7 +114,7 @@ for _ in range(300):
 
 @torch.no_grad()
 def evaluate_img():
-    vpm.eval(); res.eval()
+    vpm.eval(); res.eval(); llm.eval()
     hits = defaultdict(list)
     mse = []
     for k in range(0, len(EVAL2), 100):
@@ -84,6 +131,8 @@ def evaluate_img():
             pred = "Yes" if logits[i, pos, YES] > logits[i, pos, NO] else "No"
             hits[kind].append(pred == a)
     vpm.train(); res.train()
+    if LLM_LR:
+        llm.train()
     r = {k: sum(v) / len(v) for k, v in sorted(hits.items())}
     r["all"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
     r["nmse"] = sum(mse) / len(mse)
@@ -92,6 +141,11 @@ def evaluate_img():
 
 params = list(vpm.parameters()) + list(res.parameters())
 opt, sched = optimizer(params, 0.98, 50)
+if LLM_LR:
+    opt.add_param_group({"params": list(llm.parameters()), "lr": LR * LLM_LR, "initial_lr": LR * LLM_LR})
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, [sched.lr_lambdas[0]] * 2)
+    params = params + list(llm.parameters())
 rng = random.Random("train/stage2")
 log = open(OUT + ".log", "a")
 t0 = time.process_time()
@@ -99,22 +153,26 @@ print(json.dumps({"step": 0, **evaluate_img()}), file=log, flush=True)
 for step in range(1, STEPS + 1):
     pairs = [render(rng) for _ in range(BATCH)]
     with torch.autocast("cpu", torch.bfloat16, enabled=BF16):
-        toks = image_tokens([img for img, _ in pairs]).float()
+        toks, attn_loss = image_tokens([img for img, _ in pairs], with_attention=True)
+    toks = toks.float()
     tgt = oracle([slots_of(sc) for _, sc in pairs])
-    loss = ((toks - tgt) ** 2).mean() / tgt.var()
+    loss = MSEW * ((toks - tgt) ** 2).mean() / tgt.var() + ATTNW * attn_loss
     if ELLM:
         items = [encode(turns_of(sc, rng, TURNS)) for _, sc in pairs]
         ids, lab, aux, att, starts = batch_of(items)
         with torch.autocast("cpu", torch.bfloat16, enabled=BF16):
             logits = forward_img(ids, att, starts, toks).float()
         loss = loss + ELLM * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab.reshape(-1), ignore_index=-100)
+        if AUX2:
+            loss = loss + AUX2 * F.cross_entropy(logits.reshape(-1, logits.shape[-1]), aux.reshape(-1), ignore_index=-100)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step(); sched.step()
     if step % 50 == 0:
-        print(f"step {step} loss {loss.item():.4f} cpu {time.process_time() - t0:.0f}s", file=log, flush=True)
+        print(f"step {step} loss {loss.item():.4f} attn {attn_loss.item():.3f} cpu {time.process_time() - t0:.0f}s", file=log, flush=True)
     if step % 250 == 0 or step == STEPS:
         print(json.dumps({"step": step, "cpu_min": round((time.process_time() - t0) / 60, 2),
                           **{k: round(v, 3) for k, v in evaluate_img().items()}}), file=log, flush=True)
-        torch.save({"vpm": vpm.state_dict(), "res": res.state_dict(), "step": step}, OUT + ".pt")
+        torch.save({"vpm": vpm.state_dict(), "res": res.state_dict(), "step": step,
+                    **({"llm": llm.state_dict(), "oracle": oracle.state_dict()} if LLM_LR else {})}, OUT + ".pt")

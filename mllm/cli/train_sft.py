@@ -31,6 +31,16 @@ def nothing_to_train(model_args) -> str | None:
     return None
 
 
+def leave_process_group() -> None:
+    """Destroy the torchrun process group before the interpreter exits. Left to the exit handlers, a gloo or
+    DeepSpeed communication thread can still be running when its owner is destroyed, and the process then aborts
+    ("terminate called without an active exception") after the run finished; this was seen once in CI under load."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run_training(verb: str, train, arguments: tuple, summary_keys: tuple) -> int:
     """Refuse flags that train nothing, train, refuse another run's output_dir, print the summary."""
     model_args, data_args, training_args = arguments
@@ -44,6 +54,8 @@ def run_training(verb: str, train, arguments: tuple, summary_keys: tuple) -> int
     except RunMismatchError as err:
         print(f"mllm {verb}: {err}", file=sys.stderr)
         return 2
+    finally:
+        leave_process_group()
     if training_args.process_index == 0:
         print(json.dumps({k: result[k] for k in summary_keys}, indent=2, default=str))
     return 0
