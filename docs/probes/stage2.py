@@ -139,7 +139,23 @@ def evaluate_img():
     return r
 
 
+HEADW = float(args.get("headw", 0.0))  # weight of throwaway linear heads reading count and 3x3 place off each token
+count_head, place_head = torch.nn.Linear(D, 6), torch.nn.Linear(D, 9)
+
+
+def head_targets(scenes):
+    """(B, Q) count index and 3x3 place index of the object whose centre lies in each cell (-100: empty cell)."""
+    count = torch.full((len(scenes), Q), -100, dtype=torch.long)
+    place = torch.full((len(scenes), Q), -100, dtype=torch.long)
+    for b, sc in enumerate(scenes):
+        for o in slots_of(sc):
+            count[b, o[0]], place[b, o[0]] = o[-1], o[-2]
+    return count, place
+
+
 params = list(vpm.parameters()) + list(res.parameters())
+if HEADW:
+    params += list(count_head.parameters()) + list(place_head.parameters())
 opt, sched = optimizer(params, 0.98, 50)
 if LLM_LR:
     opt.add_param_group({"params": list(llm.parameters()), "lr": LR * LLM_LR, "initial_lr": LR * LLM_LR})
@@ -157,6 +173,10 @@ for step in range(1, STEPS + 1):
     toks = toks.float()
     tgt = oracle([slots_of(sc) for _, sc in pairs])
     loss = MSEW * ((toks - tgt) ** 2).mean() / tgt.var() + ATTNW * attn_loss
+    if HEADW:
+        count_t, place_t = head_targets([sc for _, sc in pairs])
+        loss = loss + HEADW * (F.cross_entropy(count_head(toks).reshape(-1, 6), count_t.reshape(-1), ignore_index=-100)
+                               + F.cross_entropy(place_head(toks).reshape(-1, 9), place_t.reshape(-1), ignore_index=-100))
     if ELLM:
         items = [encode(turns_of(sc, rng, TURNS)) for _, sc in pairs]
         ids, lab, aux, att, starts = batch_of(items)
