@@ -167,6 +167,11 @@ class Page:
     def find(self, css: str):
         return self.driver.find_element(self.By.CSS_SELECTOR, css)
 
+    def present(self, css: str):
+        """The element once it is on the page: gradio renders its components one after another, so an element
+        next to one already found may not exist yet (a CI run failed on #question right after #images)."""
+        return self.until(f"{css} on the page", lambda: self.find(css))
+
     def text(self, elem_id: str) -> str:
         return self.find(f"#{elem_id}").text
 
@@ -182,12 +187,12 @@ class Page:
         return self.text(elem_id)
 
     def type_into(self, elem_id: str, text: str):
-        field = self.find(f"#{elem_id} textarea, #{elem_id} input")
+        field = self.present(f"#{elem_id} textarea, #{elem_id} input")
         field.clear()
         field.send_keys(text)
 
     def click(self, elem_id: str):
-        self.find(f"#{elem_id}").click()
+        self.present(f"#{elem_id}").click()
 
     def tab(self, label: str):
         self.driver.find_element(self.By.XPATH, f"//button[@role='tab' and normalize-space()='{label}']").click()
