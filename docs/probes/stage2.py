@@ -64,26 +64,15 @@ def cell_masks(sizes, L):
     return out
 
 
-def resample(x, sizes):
-    """The resampler's own forward, also returning its head-averaged attention (B, Q, L)."""
-    B, L, _ = x.shape
-    hw = [(int(h), int(w)) for h, w in sizes.tolist()]
-    res._adjust_pos_cache(max(h for h, _ in hw), max(w for _, w in hw), x.device)
-    pos = torch.zeros(B, L, res.embed_dim, dtype=x.dtype)
-    for b, (h, w) in enumerate(hw):
-        pos[b, : h * w] = res.pos_embed[:h, :w].reshape(h * w, res.embed_dim).to(x.dtype)
-    pad = torch.arange(L)[None, :] >= torch.tensor([h * w for h, w in hw])[:, None]
-    kv = res.ln_kv(res.kv_proj(x))
-    q = res.ln_q(res.query)
-    out, weights = res.attn(q.unsqueeze(1).repeat(1, B, 1), (kv + pos).transpose(0, 1), kv.transpose(0, 1),
-                            key_padding_mask=pad, need_weights=True, average_attn_weights=True)
-    return res.ln_post(out.transpose(0, 1)) @ res.proj, weights  # (B, Q, D), (B, Q, L)
+ATTENTION = {}  # the resampler's head-averaged attention (B, Q, L) of its last call; it computes it anyway
+res.attn.register_forward_hook(lambda module, inputs, output: ATTENTION.update(weights=output[1]))
 
 
 def image_tokens(images, with_attention=False):
     strips, sizes = views_of(images)
     packed, mask = pack_patch_strips(strips)
-    toks, weights = resample(vpm(packed, mask, sizes), sizes)
+    toks = res(vpm(packed, mask, sizes), sizes)
+    weights = ATTENTION["weights"]
     if not with_attention:
         return toks  # (B, Q, D)
     on_cell = (weights.float() * cell_masks(sizes, weights.shape[-1])).sum(-1)  # (B, Q) attention mass on the cell

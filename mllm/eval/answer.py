@@ -51,7 +51,7 @@ def question_key(record: dict) -> str:
     return f"sha1:{digest[:16]}"
 
 
-def conversation_questions(path: Path) -> list[tuple[int, object]]:
+def conversation_questions(path: Path) -> list[tuple[int, dict | None, str | None]]:
     """(record number, question record, None) -- or (record number, None, what is wrong) -- of each record of a JSON
     list in the exercise's test.json / SFT format: the first user turn
     (without its `<image>` marker) is the question, the assistant turn after it the target; the image, the id and
