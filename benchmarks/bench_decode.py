@@ -25,6 +25,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from harness import benchmark_arguments, difference, dram_bandwidth, fmt_ratio, interleaved, pin, ratio
 from mllm.model.configuration import LLMConfig
+from mllm.model.cpu_linear import pack_linears
 from mllm.model.decode import decode
 from mllm.model.llm import LLMForCausalLM
 from mllm.model.loading import cpu_matmul_layout, load_pretrained
@@ -99,6 +100,7 @@ def bf16_against_fp32(ours: LLMForCausalLM, batch: int, new: int, rounds: int) -
     lowp.load_state_dict(ours.state_dict())
     lowp = lowp.to(torch.bfloat16)
     cpu_matmul_layout(lowp)  # leaves bf16 as it is
+    pack_linears(lowp)
     ids, mask = prompts(ours.config.vocab_size, batch)
     never = ours.config.vocab_size
     with torch.inference_mode():
@@ -122,7 +124,8 @@ def main():
     big = benchmark_llm()
     for name, ours in (("shipped tiny model", tiny), ("55 M benchmark LLM", big)):
         theirs = qwen2_twin(ours)
-        cpu_matmul_layout(ours)
+        cpu_matmul_layout(ours)  # as `load_pretrained` leaves it on the CPU (the tiny model is loaded that way)
+        pack_linears(ours)
         for batch in (1, 8):
             row = compare(name, ours, theirs, batch, new, rounds)
             if name.startswith("55") and batch == 1:

@@ -27,6 +27,7 @@ from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionTransfo
 from harness import benchmark_arguments, fmt_ratio, interleaved, pin, ratio
 from mllm.model.configuration import VisionConfig
 from mllm.model.image_processing import ImageProcessor
+from mllm.model.cpu_linear import pack_linears
 from mllm.model.vision import SiglipVisionTransformer, pack_patch_strips
 
 PATCH = 14
@@ -40,6 +41,7 @@ def encoder_case(sizes: dict, views: int = 10, side: int = 32, rounds: int = 5) 
     ours = SiglipVisionTransformer(VisionConfig(**config)).eval()
     theirs = Idefics2VisionTransformer(Idefics2VisionConfig(**config)).eval()
     theirs.load_state_dict(ours.state_dict())
+    pack_linears(ours)  # as `load_pretrained` leaves it on the CPU
     images = torch.randn(views, 3, side * PATCH, side * PATCH)
     grid = images.reshape(views, 3, side, PATCH, side, PATCH)  # (V, C, h, p, w, p)
     strips = grid.permute(0, 1, 3, 2, 4, 5).reshape(views, 3, PATCH, side * side * PATCH)  # patches side by side

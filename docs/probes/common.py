@@ -232,6 +232,9 @@ MIXES = {
     # curriculum step 2: existence and colour statements and questions (start from an existence run: init=)
     "excol": (lambda sc, r: statements(sc, r, ("existence", "color")),
               [(1.0, lambda sc, r: yesno_turn(sc, r, ("existence", "color")))]),
+    # descriptions and grounding weighted up (does the LLM learn to traverse the slots and read their boxes?)
+    "desc": (statements, [(0.35, yesno_turn), (0.1, lookup_qa), (0.1, short_turn), (0.2, detailed_turn),
+                          (0.25, grounding_turn)]),
     "full": (statements, [(0.5, yesno_turn), (0.15, lookup_qa), (0.07, short_turn), (0.08, detailed_turn),
                           (0.2, grounding_turn)]),
 }

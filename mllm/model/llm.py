@@ -23,7 +23,8 @@ Design choices
   (our decode loop). `generate` derives position ids from the attention mask (left padding).
 - Speed: besides the above, a few element-wise ops write into a temporary they just created (`mul_`,
   `addcmul_`), which saves allocating large buffers on CPU; autograd supports all of them. No hooks,
-  decorators or per-layer mask building in the hot path.
+  decorators or per-layer mask building in the hot path. For CPU inference `pack_linears` may route q/k/v and
+  gate/up through one product each (`FUSABLE`: the layers that read the same input); the parameters stay apart.
 - No built-in loss: the MLLM's labels are pre-shifted, use `mllm.train.losses`.
 """
 
@@ -115,15 +116,19 @@ class LLMAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=True)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
+        self.fused_qkv = None  # set for CPU inference by mllm.model.cpu_linear.pack_linears (see FUSABLE)
+
+    FUSABLE = {"fused_qkv": ("q_proj", "k_proj", "v_proj")}  # linears reading the same input, in output order
 
     def forward(self, x, cos, sin, mask, is_causal, cache=None, eager=False):
         """x: (B, T, C); mask: bool (B or 1, 1, T, S) with True = attend, or None (then `is_causal` says
         whether to apply a plain causal mask). Returns the output (B, T, C) and, on the eager path, the
         attention weights (B, nh, T, S)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k, v = self.fused_qkv(x) if self.fused_qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, nkv, S, hd), S = past + T
@@ -175,9 +180,13 @@ class LLMMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fused_gate_up = None  # set for CPU inference by mllm.model.cpu_linear.pack_linears
+
+    FUSABLE = {"fused_gate_up": ("gate_proj", "up_proj")}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)).mul_(self.up_proj(x)))  # in place on silu's output
+        gate, up = self.fused_gate_up(x) if self.fused_gate_up is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate).mul_(up))  # in place on silu's output
 
 
 class LLMDecoderLayer(nn.Module):

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from mllm.model.checkpoint import resolve_model_dir
+from mllm.model.cpu_linear import pack_linears
 from mllm.model.modeling_mllm import MLLMModel
 from mllm.model.processing import processor_for
 from mllm.model.tokenization import load_tokenizer
@@ -70,6 +71,7 @@ def load_pretrained(folder: str | os.PathLike, dtype: torch.dtype | None = None,
         model = merge_adapter(model, adapter)
     if model.device.type == "cpu":
         cpu_matmul_layout(model.llm)
+        pack_linears(model)  # products of several rows through oneDNN (mllm/model/cpu_linear.py)
     tokenizer = load_tokenizer(folder)
     return model.eval(), tokenizer, processor_for(model, tokenizer)
 

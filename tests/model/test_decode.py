@@ -1,12 +1,16 @@
 """Our decode loop (static KV cache) against transformers' `generate` on the same weights."""
 
+import copy
+
 import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from mllm.model.configuration import LLMConfig
+from mllm.model.cpu_linear import pack_linears, packing_available
 from mllm.model.decode import StaticCache, decode
 from mllm.model.llm import LLMForCausalLM
+from mllm.model.loading import cpu_matmul_layout
 
 STOP, PAD = 3, 0
 
@@ -59,6 +63,22 @@ def test_greedy_tokens_equal_transformers(pair, batch, padded):
     with torch.inference_mode():
         ref_ours = theirs_generate(ours, embeds, mask, max_new_tokens=24, do_sample=False)
     assert torch.equal(mine, ref_ours)
+
+
+@pytest.mark.parametrize("batch,padded", [(1, False), (8, True)])
+def test_greedy_tokens_equal_transformers_on_the_cpu_inference_layout(pair, batch, padded):
+    """As `load_pretrained` leaves an LLM on the CPU: weights transposed in memory, products of several rows through
+    oneDNN on packed weights (summed in another order than transformers' MKL products)."""
+    ours, theirs = pair
+    fast = copy.deepcopy(ours)
+    cpu_matmul_layout(fast)
+    assert pack_linears(fast) == (0 if not packing_available() else 2 * 7 + 1)  # 7 linears a layer, lm_head
+    ids, mask = prompts(batch, padded)
+    with torch.inference_mode():
+        embeds = ours.get_input_embeddings()(ids)
+        mine = decode(fast, embeds, mask, max_new_tokens=24, eos_token_id=[STOP], pad_token_id=PAD)
+        ref = theirs_generate(theirs, embeds, mask, max_new_tokens=24, do_sample=False)
+    assert mine.shape[1] > 1 and torch.equal(mine, ref)
 
 
 @pytest.mark.parametrize("padded", [False, True])
