@@ -20,7 +20,7 @@ product, split after.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,32 +52,36 @@ def _version(linears: Sequence[torch.nn.Linear]) -> tuple:
     return tuple((t.data_ptr(), t._version, t.dtype) for m in linears for t in (m.weight, m.bias) if t is not None)
 
 
-def linear_group(linears: Sequence[torch.nn.Linear]) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+class LinearGroup:
     """x -> (linears[0](x), linears[1](x), ...): one oneDNN product on their packed, stacked weights where that is
-    right, each layer's own forward everywhere else. The outputs are views of the one product's result."""
-    linears = list(linears)
-    sizes = [m.out_features for m in linears]
-    state = {"key": None, "weight": None, "bias": None}
+    right, `F.linear` per layer everywhere else. The outputs are views of the one product's result.
 
-    def forward(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if not _takes_packed(x, linears):
-            return tuple(F.linear(x, m.weight, m.bias) for m in linears)
-        key = _version(linears)
-        if state["key"] != key:  # first use, or a weight or bias changed since it was packed
-            with torch.no_grad():
-                state["weight"] = _pack(torch.cat([m.weight for m in linears]))
-                state["bias"] = None if all(m.bias is None for m in linears) else torch.cat(
-                    [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
-            state["key"] = key
-        y = torch.ops.mkldnn._linear_pointwise(x, state["weight"], state["bias"], "none", [], "")
-        return tuple(y.split(sizes, dim=-1))
+    An object rather than a closure so that `copy.deepcopy` of a model points the copy's group at the copy's layers;
+    the packed copy itself is never copied or pickled (it is rebuilt on first use).
+    """
 
-    return forward
+    def __init__(self, linears: Sequence[torch.nn.Linear], single: bool = False):
+        self.linears, self.single = list(linears), single
+        self.sizes = [m.out_features for m in self.linears]
+        self.key = self.weight = self.bias = None
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "key": None, "weight": None, "bias": None}
 
-def _single(linear: torch.nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
-    group = linear_group([linear])
-    return lambda x: group(x)[0]
+    def __call__(self, x: torch.Tensor):
+        if not _takes_packed(x, self.linears):
+            outputs = tuple(F.linear(x, m.weight, m.bias) for m in self.linears)
+        else:
+            key = _version(self.linears)
+            if self.key != key:  # first use, or a weight or bias changed since it was packed
+                with torch.no_grad():
+                    self.weight = _pack(torch.cat([m.weight for m in self.linears]))
+                    self.bias = None if all(m.bias is None for m in self.linears) else torch.cat(
+                        [m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in self.linears])
+                self.key = key
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            outputs = tuple(y.split(self.sizes, dim=-1))
+        return outputs[0] if self.single else outputs
 
 
 def pack_linears(model: torch.nn.Module, max_bytes: int = 2 * 2**30) -> int:
@@ -96,7 +100,7 @@ def pack_linears(model: torch.nn.Module, max_bytes: int = 2 * 2**30) -> int:
             group = [getattr(module, name) for name in names]
             if getattr(module, attribute, None) is None and all(eligible(m) for m in group) \
                     and len({(m.weight.dtype, m.in_features) for m in group}) == 1:
-                setattr(module, attribute, linear_group(group))
+                setattr(module, attribute, LinearGroup(group))
     for module in linears:
-        module.forward = _single(module)  # an instance attribute: state-dict names stay as they are
+        module.forward = LinearGroup([module], single=True)  # an instance attribute: state-dict names stay as they are
     return len(linears)

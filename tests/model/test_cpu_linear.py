@@ -1,5 +1,7 @@
 """oneDNN-packed linear layers: same products as `F.linear`, never stale, never on a path that needs gradients."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -78,3 +80,20 @@ def test_names_kept_and_large_models_left_alone():
     assert pack_linears(model) == 2
     assert pack_linears(model) == 0  # already routed
     assert list(model.state_dict()) == keys
+
+
+def test_a_deep_copy_computes_with_its_own_weights():
+    """A copied model (a frozen reference policy, say) must not keep using the original's layers."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 8))
+    pack_linears(model)
+    x = torch.randn(4, 16)
+    with torch.inference_mode():
+        before = model(x)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[1].weight.mul_(2)
+    with torch.inference_mode():
+        assert torch.allclose(model(x), before)
+        assert torch.allclose(twin(x), F.linear(twin[0](x), twin[1].weight, twin[1].bias), rtol=2e-5, atol=2e-5)
+        assert not torch.allclose(twin(x), before)
