@@ -190,6 +190,22 @@ def statements(scene, rng, kinds=("existence", "color", "count", "position")):
     return "Which of these are in the image?", " " + " , ".join(items) + " ."
 
 
+def box_list(scene, rng):
+    """Dense grounding: every object that an expression picks out alone, each followed by its box."""
+    items = []
+    for i in range(len(scene.objects)):
+        expression = S.referring_expression(scene, i, rng)
+        if expression is not None:
+            box = pixel_to_grid(scene.objects[i].bbox, scene.width, scene.height, square_pad=False)
+            items.append(f"{expression} {format_box(box)}")
+    rng.shuffle(items)
+    return "Where is each object?", " " + " ; ".join(items) + " ."
+
+
+def stmt_and_boxes(scene, rng):
+    return statements(scene, rng) if rng.random() < 0.5 else box_list(scene, rng)
+
+
 def yesno_turn(scene, rng, kinds=None):
     """One question of a yes/no pair (of one of `kinds`, when given)."""
     while True:
@@ -235,6 +251,8 @@ MIXES = {
     # descriptions and grounding weighted up (does the LLM learn to traverse the slots and read their boxes?)
     "desc": (statements, [(0.35, yesno_turn), (0.1, lookup_qa), (0.1, short_turn), (0.2, detailed_turn),
                           (0.25, grounding_turn)]),
+    # grounding weighted up, with a dense box-listing turn (in place of the statements turn half of the time)
+    "ground": (stmt_and_boxes, [(0.3, yesno_turn), (0.1, short_turn), (0.1, detailed_turn), (0.5, grounding_turn)]),
     "full": (statements, [(0.5, yesno_turn), (0.15, lookup_qa), (0.07, short_turn), (0.08, detailed_turn),
                           (0.2, grounding_turn)]),
 }

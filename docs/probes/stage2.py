@@ -34,7 +34,7 @@ vpm, res = mm.vpm, mm.resampler
 if args.get("init2"):  # continue from an earlier stage-2 probe's vision tower and resampler
     s2 = torch.load(args["init2"])
     vpm.load_state_dict(s2["vpm"]); res.load_state_dict(s2["res"])
-    if "llm" in s2:  # an end-to-end probe also trained the LLM
+    if "llm" in s2 and args.get("init2_llm", "1") == "1":  # an end-to-end probe also trained the LLM (init2_llm=0: keep ckpt's)
         llm.load_state_dict(s2["llm"])
 proc = ImageProcessor.from_config(mcfg.slice)
 MSEW = float(args.get("msew", 1.0))  # weight of the slot regression
