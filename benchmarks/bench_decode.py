@@ -25,10 +25,10 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from harness import benchmark_arguments, difference, dram_bandwidth, fmt_ratio, interleaved, pin, ratio
 from mllm.model.configuration import LLMConfig
-from mllm.model.cpu_linear import pack_linears
+from mllm.model.cpu_linear import cpu_matmul_layout, pack_linears
 from mllm.model.decode import decode
 from mllm.model.llm import LLMForCausalLM
-from mllm.model.loading import cpu_matmul_layout, load_pretrained
+from mllm.model.loading import load_pretrained
 
 TINY = "mllm/assets/tiny-base"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from mllm.model.checkpoint import resolve_model_dir
-from mllm.model.cpu_linear import pack_linears
+from mllm.model.cpu_linear import cpu_matmul_layout, pack_linears
 from mllm.model.modeling_mllm import MLLMModel
 from mllm.model.processing import processor_for
 from mllm.model.tokenization import load_tokenizer
@@ -74,28 +74,6 @@ def load_pretrained(folder: str | os.PathLike, dtype: torch.dtype | None = None,
         pack_linears(model)  # products of several rows through oneDNN (mllm/model/cpu_linear.py)
     tokenizer = load_tokenizer(folder)
     return model.eval(), tokenizer, processor_for(model, tokenizer)
-
-
-def cpu_matmul_layout(llm: torch.nn.Module) -> int:
-    """Store the float32 weights of the LLM's linear layers transposed in memory (shape unchanged), for inference
-    on the CPU; returns how many were changed.
-
-    `F.linear` multiplies by the weight's transpose; with an (in, out) memory layout that transpose is a plain
-    row-major matrix and the matrix-vector products of decoding stream it at a higher bandwidth: decode measured
-    1.36-1.40x faster at batch 1 and 1.06-1.12x at batch 8 (benchmarks/bench_decode.py). Products of two or more
-    rows are bit-identical either way; a single row (batch-1 decoding) is summed in another order, differing in
-    the last bits (~1e-6) with the same greedy tokens in every benchmark case. bf16 weights decode faster in the
-    usual layout, so they are left as they are; a tied output layer (the embedding table) too. Saving still
-    writes contiguous tensors of the usual layout.
-    """
-    tied = llm.get_input_embeddings().weight
-    changed = 0
-    for module in llm.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32 \
-                and module.weight is not tied and module.weight.is_contiguous():
-            module.weight.data = module.weight.data.t().contiguous().t()
-            changed += 1
-    return changed
 
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -7,10 +7,9 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from mllm.model.configuration import LLMConfig
-from mllm.model.cpu_linear import pack_linears, packing_available
+from mllm.model.cpu_linear import cpu_matmul_layout, pack_linears, packing_available
 from mllm.model.decode import StaticCache, decode
 from mllm.model.llm import LLMForCausalLM
-from mllm.model.loading import cpu_matmul_layout
 
 STOP, PAD = 3, 0
 
