@@ -1,7 +1,9 @@
 """`mllm course`: the exercise's arc on a 2-core CPU with the tiny model, stage by stage.
 
-    base        synthetic world (with caption noise) -> tokenizer -> tiny model from random init -> SFT on
-                descriptions, counting, dialogues and yes/no -> CHAIR on the bench + yes/no accuracy
+    base        synthetic world (with caption noise) -> tokenizer -> tiny model from random init: vision
+                pretraining on the scenes' labels, then the LLM reads scenes as slot vectors (`read`), the
+                vision side is aligned to them with the LLM frozen (`align`), everything is tuned (`tune`),
+                all on fresh scenes -> CHAIR on the bench, yes/no accuracy per kind, grounding
     sft         SFT of the base model on the yes/no set: test loss and accuracy before and after
     grounding   held-out Acc@IoU>=0.5 of the base model, grounding fine-tuning, Acc@0.5 again
                 (`mllm.course.grounding.course_stage`)

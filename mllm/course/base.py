@@ -1,5 +1,7 @@
-"""`mllm course --stage base`: the tiny model from random init (`stage_base`), starting with its phase 0, the
-supervised pretraining of a from-scratch vision tower and resampler on the synthetic world's scene labels.
+"""`mllm course --stage base`: the tiny model from random init (`stage_base`): phase 0, the supervised
+pretraining of a from-scratch vision tower and resampler on the synthetic world's scene labels, then the three
+stages of `mllm.train.base_recipe` (the LLM reads scenes as slot vectors; vision is aligned to them with the LLM
+frozen; everything is tuned together).
 
 The real MiniCPM-V starts from a SigLIP encoder that was pretrained on billions of image-text pairs; the tiny
 course model has no such start, and a vision tower trained only through the LLM's next-token loss learns
@@ -29,14 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm.course.shared import Budget, answer_yesno, describe_and_score, ground_and_score, world_dir
-from mllm.data.grounding_prepare import rec_conversations
 from mllm.jsonio import write_json_atomic
+from mllm.model.configuration import MLLMConfig
 from mllm.model.image_processing import ImageProcessor
-from mllm.model.random_checkpoint import make_random_checkpoint
+from mllm.model.modeling_mllm import MLLMModel
+from mllm.model.tokenization import build_tokenizer, load_tokenizer
 from mllm.model.vision import pack_patch_strips
-from mllm.train.sft import DataArguments, ModelArguments, SFTTrainingArguments, train
-from mllm.train.trainer import TrainingClock
+from mllm.train.base_recipe import BaseStage, StageSettings
+from mllm.train.scene_slots import SceneSlots
 from mllm.world.corpus import tokenizer_corpus
+from mllm.data.lessons import LessonMix, tokenizer_texts
 from mllm.world.scenes import CATEGORIES, COLOURS
 
 SHAPES = list(CATEGORIES)
@@ -120,7 +124,7 @@ def pretrain(model, world: Path, steps: int = 1500, batch_size: int = 64, lr: fl
     torch.manual_seed(seed)
     model.vpm.train()
     model.resampler.train()
-    log, started = [], time.time()
+    log, started, cpu_started = [], time.time(), time.process_time()
     for step in range(steps):
         batch = rng.sample(examples, min(batch_size, len(examples)))
         packed, patch_mask = pack_patch_strips([e["strip"] for e in batch])  # (B, 3, 14, L), (B, 1, N_max)
@@ -150,7 +154,8 @@ def pretrain(model, world: Path, steps: int = 1500, batch_size: int = 64, lr: fl
                 f1 = 2 * tp / max(1, predicted.sum().item() + (scene_t > 0).sum().item())
             log.append({"step": step + 1, "loss": round(loss.item(), 4), "patch_shape_acc": round(shape_acc, 3),
                         "patch_colour_acc": round(colour_acc, 3),
-                        "scene_f1": round(f1, 3), "minutes": round((time.time() - started) / 60, 2)})
+                        "scene_f1": round(f1, 3), "minutes": round((time.time() - started) / 60, 2),
+                        "cpu_minutes": round((time.process_time() - cpu_started) / 60, 2)})
             print(f"vision pretraining {log[-1]}", flush=True)
     model.vpm.eval()
     model.resampler.eval()
@@ -179,68 +184,112 @@ def plot_log(log: list[dict], path: Path) -> None:
 
 
 # ---- the stage ------------------------------------------------------------------------------------------------
-def stage_base(out: Path, budget: Budget, seed: int) -> dict:
-    """Tiny model from random init, in up to three phases, all but the first on the full mix (descriptions,
-    counting, dialogues, yes/no, one referring expression per image).
+SLOT_GRID = 6  # the base reads an image as 6 x 6 = 36 tokens, one per cell of the slot grid
 
-    Phase 0 pretrains the vision tower and resampler on the scenes' labels (`pretrain` above),
-    standing in for the pretrained SigLIP the real model starts from: through the LLM's loss alone the tower
-    learned colours and counts but barely shapes in 1000 steps, and 3000 pretraining steps describe far better
-    than 1500 (CHAIRi 6.6 against 23.3 after the same phase 1). Phase 1 trains the LLM alone over the frozen
-    pretrained vision side. Training all parts from the first step fails: the LLM first fits the language
-    prior, and meanwhile the vision side collapses to image-independent output (measured: identical answers for
-    every image after 500 steps). Phase 2 (base_steps - base_frozen_steps, off by default: 350 steps changed no
-    metric) trains everything at a tenth of the rate: unfrozen at 5e-4, the vision side collapses again at once,
-    at 1e-4 it keeps what the LLM reads. A finished phase 0 is reused and phases 1-2 resume from their last
-    checkpoint, so a stopped run goes on where it was.
-    """
+
+def base_config(tokenizer) -> MLLMConfig:
+    """The tiny preset as the base uses it: one 112-pixel view per image (no slices, so no image ids) read as
+    SLOT_GRID**2 tokens."""
+    config = MLLMConfig.from_preset("tiny")
+    config.llm.vocab_size = len(tokenizer)
+    config.query_num = SLOT_GRID * SLOT_GRID
+    config.slice.max_slice_nums = 1
+    config.slice.scale_resolution = config.image_size = 112
+    config.use_image_id = False
+    return config
+
+
+def base_stages(budget: Budget, seed: int) -> list[StageSettings]:
+    """read -> align -> tune with the budget's steps and rates (`mllm.train.base_recipe` says what each does)."""
+    common = {"batch": budget.base_batch, "eval_scenes": budget.base_eval_scenes,
+              "eval_every": budget.base_eval_every, "save_every": budget.base_save_every}
+    return [
+        StageSettings(kind="read", steps=budget.read_steps, lr=budget.read_lr, trains={"llm": 1.0, "slots": 1.0},
+                      lm_weight=1.0, warmup=100, beta2=0.95, **common),
+        StageSettings(kind="align", steps=budget.align_steps, lr=budget.align_lr, trains={"vision": 1.0},
+                      slot_weight=1.0, warmup=50, beta2=0.98, **common),
+        StageSettings(kind="tune", steps=budget.tune_steps, lr=budget.tune_lr,
+                      trains={"vision": 1.0, "llm": budget.tune_llm_lr_scale}, lm_weight=0.5, slot_weight=1.0,
+                      warmup=50, beta2=0.98, mix=LessonMix(caption_noise=budget.caption_noise), **common),
+    ]
+
+
+def _fresh_model(world: Path, init: Path, seed: int):
+    """Tokenizer (the world's texts and the lessons') and a random model of `base_config`, saved to `init`;
+    reused when `init` already holds them."""
+    if (init / "config.json").is_file():
+        return MLLMModel.from_pretrained(init), load_tokenizer(init)
+    tokenizer = build_tokenizer(tokenizer_corpus(world) + tokenizer_texts(seed=seed), vocab_size=1024)
+    torch.manual_seed(seed)
+    model = MLLMModel(base_config(tokenizer))
+    model.save_pretrained(init, tokenizer=tokenizer)
+    return model, tokenizer
+
+
+def stage_base(out: Path, budget: Budget, seed: int) -> dict:
+    """Phase 0 (vision pretraining, `pretrain` above), then read, align and tune (`base_stages`); the last
+    stage's model is the base. Every phase resumes: a finished one is reused, a stopped one goes on from its
+    last saved state, so a stopped run goes on where it was."""
     world = world_dir(out, budget, seed)
     stage = out / "base"
-    init = stage / "init"
+    model, tokenizer = _fresh_model(world, stage / "init", seed)
     log_path = stage / "phase0" / "vision_pretrain_log.json"
     if log_path.is_file() and (stage / "phase0" / "model.safetensors").is_file():
         # the phase is deterministic for a seed and written last: a finished one is reused (resume after a stop)
         log = json.loads(log_path.read_text())
+        model = MLLMModel.from_pretrained(stage / "phase0")
         print(f"reusing the finished vision pretraining in {stage / 'phase0'}", flush=True)
     else:
-        model, tokenizer = make_random_checkpoint(init, "tiny", texts=tokenizer_corpus(world), vocab_size=1024,
-                                                  seed=seed)
         log = pretrain(model, world, steps=budget.vision_pretrain_steps, batch_size=budget.vision_pretrain_batch,
                        lr=budget.vision_pretrain_lr, seed=seed)
         model.save_pretrained(stage / "phase0", tokenizer=tokenizer)
         plot_log(log, stage / "phase0" / "vision_pretrain.png")
         write_json_atomic(log_path, log)
-        del model
-    pretrain_minutes = log[-1]["minutes"]
-    mixed = stage / "base_train.json"
-    mixed.write_text(json.dumps(json.loads((world / "sft_train.json").read_text())
-                                + json.loads((world / "yesno_train.json").read_text())
-                                + rec_conversations(world / "rec_train.jsonl", per_image=1)))
-    phases = [("phase1", stage / "phase0", budget.base_frozen_steps, budget.base_lr, False),
-              ("phase2", stage / "phase1", budget.base_steps - budget.base_frozen_steps, budget.base_lr / 10, True)]
-    last, llm_minutes = stage / "phase0", 0.0
-    for name, start_from, steps, lr, tune_vision in phases:
-        if steps <= 0:
-            continue
-        last = stage / name
-        train(ModelArguments(model_name_or_path=str(start_from), tune_vision=tune_vision, tune_resampler=tune_vision),
-              DataArguments(data_path=str(mixed), image_folder=str(world), model_max_length=512),
-              SFTTrainingArguments(output_dir=str(stage / name), max_steps=steps,
-                                   per_device_train_batch_size=budget.base_batch, learning_rate=lr,
-                                   lr_scheduler_type="cosine", warmup_steps=0.05, weight_decay=0.01,
-                                   adam_beta2=0.98, logging_steps=25, save_strategy="steps", save_steps=100,
-                                   save_total_limit=1, report_to="tensorboard", seed=seed,
-                                   dataloader_num_workers=0, yesno_eval_samples=0,
-                                   resume_from_checkpoint="auto"),  # a stopped run goes on from its last save
-              callbacks=[TrainingClock(stage / name)])  # minutes across stops, written at the end of training
-        llm_minutes += json.loads((stage / name / TrainingClock.FILE).read_text())["minutes"]
+    slots = SceneSlots(tokenizer, model.config.llm.hidden_size, SLOT_GRID)
+    summaries, curves = [], []
+    for settings in base_stages(budget, seed):
+        runner = BaseStage(model, tokenizer, slots, settings, stage / settings.kind, seed=seed)
+        summaries.append(runner.run(progress=lambda line: print(line, flush=True)))
+        curves.append((settings.kind, runner.curve()))
     model_dir = stage / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
-    shutil.copytree(last, model_dir, ignore=shutil.ignore_patterns("checkpoint-*", "runs"))
+    shutil.copytree(stage / "tune" / "model", model_dir)
+    plot_base_curves(curves, log[-1].get("cpu_minutes", log[-1]["minutes"]), stage / "base_curves.png")
     chair_metrics = describe_and_score(model_dir, world, stage, limit=budget.eval_limit)
     yesno_metrics = answer_yesno(model_dir, world, stage, limit=budget.eval_limit)
     grounding_metrics = ground_and_score(model_dir, world, stage, limit=budget.eval_limit)
-    return {"stage": "base", "model_dir": str(model_dir), "train_minutes": round(pretrain_minutes + llm_minutes, 1),
-            "vision_pretrain": log[-1],
-            "chair": chair_metrics, "yesno": yesno_metrics, "grounding": grounding_metrics}
+    kinds = json.loads((stage / "yesno.json").read_text()).get("categories", {})
+    cpu_minutes = log[-1].get("cpu_minutes", log[-1]["minutes"]) + sum(s["cpu_minutes"] for s in summaries)
+    return {"stage": "base", "model_dir": str(model_dir), "train_cpu_minutes": round(cpu_minutes, 1),
+            "vision_pretrain": log[-1], "stages": summaries, "curves": str(stage / "base_curves.png"),
+            "chair": chair_metrics, "yesno": yesno_metrics,
+            "yesno_kinds": {k: round(v["acc"], 3) for k, v in kinds.items()}, "grounding": grounding_metrics}
+
+
+def plot_base_curves(curves: list[tuple[str, list[dict]]], start_minutes: float, path: Path) -> None:
+    """Held-out yes/no accuracy per kind against cumulative training CPU-minutes, stage by stage (read: the
+    scene as slot vectors; align and tune: from pixels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    offset, colours = start_minutes, {}
+    for kind, curve in curves:
+        points = [entry for entry in curve if "yesno" in entry]
+        for name in sorted({k for entry in points for k in entry["yesno"]}):
+            line = ax.plot([offset + e["cpu_minutes"] for e in points], [e["yesno"].get(name) for e in points],
+                           marker=".", color=colours.get(name), label=name if name not in colours else None)
+            colours.setdefault(name, line[0].get_color())
+        offset += curve[-1]["cpu_minutes"] if curve else 0.0
+        ax.axvline(offset, color="grey", lw=0.5)
+        ax.text(offset, 0.42, f" {kind} ", ha="right", fontsize=8, color="grey")
+    ax.set_xlabel("training CPU-minutes (vision pretraining first)")
+    ax.set_ylabel("held-out yes/no accuracy")
+    ax.set_ylim(0.4, 1.0)
+    ax.legend(fontsize=8, ncol=5, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -31,6 +31,10 @@ def table(results: dict) -> str:
                  f"| sft | yes/no acc | {b['acc']:.3f} -> {a['acc']:.3f} | 0.81-0.90 |"]
     for extra in results.values():
         rows += extra.get("table_rows", [])
+    smoke = [name for name, result in results.items() if result.get("smoke_test")]
+    if smoke:
+        rows.append(f"\nSmoke run (`--quick`) for {', '.join(smoke)}: budgets of a few minutes; these numbers are "
+                    "not the course's.")
     return "\n".join(rows)
 
 
@@ -42,7 +46,7 @@ def run(out: Path, stage: str, budget, seed: int = 0) -> dict:
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for name in STAGES if stage == "all" else [stage]:
         print(f"== stage {name} ==", flush=True)
-        results[name] = RUNNERS[name](out, budget, seed)
+        results[name] = RUNNERS[name](out, budget, seed) | {"smoke_test": budget.smoke_test}
         tmp = results_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=2, default=str))
         os.replace(tmp, results_path)

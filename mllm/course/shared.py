@@ -22,23 +22,34 @@ class Budget:
     n_train: int = 4000
     n_test: int = 300
     caption_noise: float = 0.25
-    base_steps: int = 650  # phases 1 + 2; phase 2 (everything at a tenth of the rate) gets base_steps - frozen
-    base_frozen_steps: int = 650  # phase 1: the LLM alone, on the full mix, over frozen pretrained vision
-    base_batch: int = 32
-    base_lr: float = 1e-3
-    vision_pretrain_steps: int = 3000
+    vision_pretrain_steps: int = 3000  # phase 0: the vision side on the scenes' labels
     vision_pretrain_batch: int = 64
     vision_pretrain_lr: float = 3e-3
+    read_steps: int = 1500  # the LLM on lessons with the scene as slot vectors
+    read_lr: float = 1e-3
+    align_steps: int = 500  # vision tower + resampler onto the slots, LLM frozen
+    align_lr: float = 1e-3
+    tune_steps: int = 1500  # everything; the LLM at tune_llm_lr_scale x tune_lr
+    tune_lr: float = 3e-4
+    tune_llm_lr_scale: float = 0.5
+    base_batch: int = 32  # scenes per step (4 turns each) in read, align and tune
+    base_eval_scenes: int = 300  # held-out scenes (a yes/no pair each) for the stages' curves
+    base_eval_every: int = 250
+    base_save_every: int = 50
     sft_steps: int = 150
+    grounding_steps: int = 325
     sft_batch: int = 16
     sft_lr: float = 1e-4
     eval_limit: int | None = None  # questions per evaluation (None: all)
     preference_pairs: str = "self"  # "self": pairs from the base's own descriptions; "world": preference_train.json
+    smoke_test: bool = False  # set by quick(): the course table says its numbers are a smoke run's
 
     @classmethod
     def quick(cls) -> "Budget":
-        return cls(n_train=200, n_test=40, base_steps=40, base_frozen_steps=15, base_batch=8,
-                   vision_pretrain_steps=20, vision_pretrain_batch=16, sft_steps=10, sft_batch=8, eval_limit=40)
+        return cls(n_train=200, n_test=40, vision_pretrain_steps=20, vision_pretrain_batch=16, read_steps=30,
+                   align_steps=10, tune_steps=10, base_batch=8, base_eval_scenes=20, base_eval_every=10,
+                   base_save_every=10, sft_steps=10, grounding_steps=20, sft_batch=8, eval_limit=40,
+                   smoke_test=True)
 
 
 def world_dir(out: Path, budget: Budget, seed: int) -> Path:

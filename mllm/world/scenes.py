@@ -246,6 +246,16 @@ def _clutter(rng: random.Random, image: Image.Image) -> None:
 _COVERED = [0] * 64 + [255] * 192  # a pixel belongs to the drawn shape when its coverage is >= 1/4
 
 
+def _drawn_box(scene: Scene, mask: Image.Image, ox: int, oy: int) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = mask.point(_COVERED).getbbox()
+    return max(0, ox + x0), max(0, oy + y0), min(scene.width, ox + x1), min(scene.height, oy + y1)
+
+
+def _in_raster_order(scene: Scene, drawn: list[SceneObject]) -> Scene:
+    drawn.sort(key=lambda o: raster_key(o, scene.width, scene.height))
+    return dataclasses.replace(scene, objects=tuple(drawn))
+
+
 def render_scene(scene: Scene) -> tuple[Image.Image, Scene]:
     """Draw the scene; return the RGB image and the scene with tight boxes, objects in raster order."""
     rng = random.Random(scene.style_seed)
@@ -256,11 +266,14 @@ def render_scene(scene: Scene) -> tuple[Image.Image, Scene]:
         mask, ox, oy = draw_object_mask(obj)
         rgb = tuple(min(255, max(0, c + rng.randint(-6, 6))) for c in COLOURS[obj.colour])
         image.paste(rgb, (ox, oy, ox + mask.width, oy + mask.height), mask)
-        x0, y0, x1, y1 = mask.point(_COVERED).getbbox()
-        box = (max(0, ox + x0), max(0, oy + y0), min(scene.width, ox + x1), min(scene.height, oy + y1))
-        drawn.append(dataclasses.replace(obj, bbox=box))
-    drawn.sort(key=lambda o: raster_key(o, scene.width, scene.height))
-    return image, dataclasses.replace(scene, objects=tuple(drawn))
+        drawn.append(dataclasses.replace(obj, bbox=_drawn_box(scene, mask, ox, oy)))
+    return image, _in_raster_order(scene, drawn)
+
+
+def drawn_scene(scene: Scene) -> Scene:
+    """The scene `render_scene` returns, without painting the image (the shapes' masks give the boxes)."""
+    drawn = [dataclasses.replace(obj, bbox=_drawn_box(scene, *draw_object_mask(obj))) for obj in scene.objects]
+    return _in_raster_order(scene, drawn)
 
 
 # ---- geometry words ----------------------------------------------------------------------------------------------

@@ -1,49 +1,58 @@
-"""The base recipe end to end on a tiny world: phases, evaluations, and a second run that resumes instead of
-training again (a finished vision pretraining is reused, the LLM phases resume at their last checkpoint)."""
+"""The base recipe end to end on a tiny world: vision pretraining, read, align and tune, evaluations, and a second
+run that resumes instead of training again (every finished phase is reused, the model is the same)."""
 
 import json
 
 from safetensors.torch import load_file
 
-from mllm.course.base import stage_base
+from mllm.course.base import SLOT_GRID, stage_base
 from mllm.course.shared import Budget
 
 
+def _budget():
+    return Budget(n_train=8, n_test=4, vision_pretrain_steps=3, vision_pretrain_batch=4, read_steps=4, align_steps=2,
+                  tune_steps=2, base_batch=2, base_eval_scenes=3, base_eval_every=2, base_save_every=2,
+                  eval_limit=4)
+
+
 def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
-    budget = Budget(n_train=16, n_test=4, base_steps=5, base_frozen_steps=3, base_batch=4,
-                    vision_pretrain_steps=4, vision_pretrain_batch=4, eval_limit=4)
-    first = stage_base(tmp_path, budget, seed=0)
+    first = stage_base(tmp_path, _budget(), seed=0)
     base = tmp_path / "base"
-    assert first["vision_pretrain"]["step"] == 4
-    assert json.loads((base / "phase1" / "trainer_state.json").read_text())["global_step"] == 3
-    assert json.loads((base / "phase2" / "trainer_state.json").read_text())["global_step"] == 2
+    assert first["vision_pretrain"]["step"] == 3
+    assert [s["stage"] for s in first["stages"]] == ["read", "align", "tune"]
+    assert [s["steps"] for s in first["stages"]] == [4, 2, 2]
+    for kind in ("read", "align", "tune"):
+        curve = json.loads((base / kind / "log.json").read_text())
+        assert [e["step"] for e in curve if "yesno" in e] == ([2, 4] if kind == "read" else [2])
+        assert not (base / kind / "state.pt").exists()  # a finished stage keeps its model, not its optimiser
+    assert (base / "base_curves.png").stat().st_size > 0
+    config = json.loads((base / "model" / "config.json").read_text())
+    assert config["query_num"] == SLOT_GRID ** 2 and config["use_image_id"] is False
+    assert config["slice_config"]["max_slice_nums"] == 1
     assert set(first["chair"]) == {"CHAIRs", "CHAIRi", "Recall", "Len"} and first["yesno"]["n_questions"] == 4
+    minutes = first["vision_pretrain"]["cpu_minutes"] + sum(s["cpu_minutes"] for s in first["stages"])
+    assert first["train_cpu_minutes"] == round(minutes, 1)
     weights = load_file(base / "model" / "model.safetensors")
-    log = (base / "phase0" / "vision_pretrain_log.json").read_text()
 
-    clocks = {name: json.loads((base / name / "training_minutes.json").read_text()) for name in ("phase1", "phase2")}
-    assert [clocks[name]["global_step"] for name in ("phase1", "phase2")] == [3, 2]
-    assert json.loads((base / "phase1" / "checkpoint-3" / "training_minutes.json").read_text())["global_step"] == 3
-    vision = first["vision_pretrain"]["minutes"]
-    assert first["train_minutes"] == round(vision + clocks["phase1"]["minutes"] + clocks["phase2"]["minutes"], 1)
+    # the tuned stage's weights differ from the read stage's in the LLM and the vision side
+    read = load_file(base / "read" / "model" / "model.safetensors")
+    align = load_file(base / "align" / "model" / "model.safetensors")
+    assert any(not bool((read[k] == align[k]).all()) for k in read if k.startswith("vpm."))
+    assert all(bool((read[k] == align[k]).all()) for k in read if k.startswith("llm."))  # frozen while aligning
+    assert any(not bool((align[k] == weights[k]).all()) for k in align if k.startswith("llm."))
 
-    second = stage_base(tmp_path, budget, seed=0)
-    assert (base / "phase0" / "vision_pretrain_log.json").read_text() == log
-    # the resumed phases trained no step, and their clocks went on from what the checkpoints recorded
-    for name in ("phase1", "phase2"):
-        again = json.loads((base / name / "training_minutes.json").read_text())["minutes"]
-        assert clocks[name]["minutes"] <= again < clocks[name]["minutes"] + 1.0
-    assert second["train_minutes"] >= first["train_minutes"]
+    second = stage_base(tmp_path, _budget(), seed=0)
     again = load_file(base / "model" / "model.safetensors")
     assert all(bool((weights[k] == again[k]).all()) for k in weights)
-    assert second["chair"] == first["chair"]
+    assert second["stages"] == first["stages"] and second["chair"] == first["chair"]
 
 
-def test_phase_two_is_skipped_when_it_has_no_steps(tmp_path):
-    budget = Budget(n_train=8, n_test=2, base_steps=2, base_frozen_steps=2, base_batch=4,
-                    vision_pretrain_steps=2, vision_pretrain_batch=4, eval_limit=2)
-    result = stage_base(tmp_path, budget, seed=0)
-    assert not (tmp_path / "base" / "phase2").exists()
-    phase1 = load_file(tmp_path / "base" / "phase1" / "model.safetensors")
-    shipped = load_file(tmp_path / "base" / "model" / "model.safetensors")
-    assert all(bool((phase1[k] == shipped[k]).all()) for k in phase1) and result["model_dir"].endswith("model")
+def test_the_course_table_says_when_its_numbers_are_a_smoke_run():
+    from mllm.course.runner import table
+
+    base = {"chair": {"CHAIRs": 0.1, "CHAIRi": 0.05, "Recall": 0.7, "Len": 40.0},
+            "yesno": {"acc": 0.9, "acc_plus": 0.8}}
+    assert "Smoke run" not in table({"base": base | {"smoke_test": False}})
+    note = table({"base": base | {"smoke_test": True}}).splitlines()[-1]
+    assert note.startswith("Smoke run (`--quick`) for base") and "not the course's" in note
+    assert Budget.quick().smoke_test and not Budget().smoke_test

@@ -1,0 +1,162 @@
+"""The base model's lessons: conversations about fresh scenes, drawn from a weighted mix of turn makers.
+
+The base is trained on an unbounded stream of scenes (no fixed training set: a 4-layer LLM memorises a few
+thousand scenes long before it learns to look things up). Each conversation is several turns about one scene:
+
+    statements    "Which of these are in the image?" -> "a circle yes , a blue star no , two rings no , ..."
+                  dense lookups shaped like the yes/no questions, each followed by whether it holds; it
+                  supervises at every statement the hop a yes/no question needs (find the named object in the
+                  image) that a single Yes/No token supervises once. It is always the LAST turn: placed first, the
+                  model learns to copy an answer from a statement instead of looking at the image (measured:
+                  held-out accuracy fell from .975 to .53-.57 on counts and existence while the loss fell).
+    yes/no        one question of the exercise's yes/no pairs (existence, colour, count, position)
+    lookup        an open question whose answer is one looked-up attribute (colour, place, count)
+    short, detailed   the world's descriptions; with `caption_noise`, one absent object is added to a share of
+                  them, as in the world's training files (so a model trained on them hallucinates a little)
+    grounding     the exercise's grounding prompt -> the object's box on the 0-1000 grid
+    box list      every uniquely describable object with its box (a dense grounding turn)
+
+Everything is a pure function of a `random.Random`.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from mllm.data.boxes import format_box, pixel_to_grid
+from mllm.data.grounding_prepare import GROUNDING_PROMPT
+from mllm.world import scenes as S
+
+Turn = tuple[str, str]
+
+
+def statements(scene: S.Scene, rng: random.Random) -> Turn:
+    """Up to 2 present and 2 absent categories, 2 (colour, category) pairs with a wrong colour each, 2 right and
+    wrong counts and 2 right and far places, shuffled; each followed by "yes" or "no"."""
+    counts = S._counts(scene)
+    absent = [c for c in S.CATEGORIES if c not in counts]
+    items = [f"a {cat} yes" for cat in rng.sample(sorted(counts), min(2, len(counts)))]
+    items += [f"a {cat} no" for cat in rng.sample(absent, min(2, len(absent)))]
+    for obj in rng.sample(scene.objects, min(2, len(scene.objects))):
+        used = {x.colour for x in scene.objects if x.category == obj.category}
+        other = [c for c in S.COLOURS if c not in used]
+        items.append(f"a {obj.colour} {obj.category} yes")
+        if other:
+            items.append(f"a {rng.choice(other)} {obj.category} no")
+    for cat in rng.sample(sorted(counts), min(2, len(counts))):
+        right = counts[cat]
+        wrong = right + 1 if right == 1 or rng.random() < 0.5 else right - 1
+        items += [f"{S.number_phrase(right, cat)} yes", f"{S.number_phrase(wrong, cat)} no"]
+    uniques = S._unique_colour_category(scene)
+    for obj in rng.sample(uniques, min(2, len(uniques))):
+        row, col = S.grid_cell(obj, scene.width, scene.height)
+        far = rng.choice([cell for cell in S.CELL_PHRASES if cell[0] != row and cell[1] != col])
+        items += [f"the {obj.colour} {obj.category} {S.CELL_PHRASES[(row, col)]} yes",
+                  f"the {obj.colour} {obj.category} {S.CELL_PHRASES[far]} no"]
+    rng.shuffle(items)
+    return "Which of these are in the image?", " " + " , ".join(items) + " ."
+
+
+def yesno_turn(scene: S.Scene, rng: random.Random) -> Turn:
+    return rng.choice(S.yesno_pair(scene, rng)[1])
+
+
+def lookup_turn(scene: S.Scene, rng: random.Random) -> Turn:
+    """The colour of a category the scene holds once, the place of a unique (colour, category), or a count."""
+    counts = S._counts(scene)
+    singles = [o for o in scene.objects if counts[o.category] == 1]
+    uniques = S._unique_colour_category(scene)
+    r = rng.random()
+    if r < 0.35 and singles:
+        obj = rng.choice(singles)
+        return f"What colour is the {obj.category}?", obj.colour
+    if r < 0.7 and uniques:
+        obj = rng.choice(uniques)
+        place = S.CELL_PHRASES[S.grid_cell(obj, scene.width, scene.height)]
+        return f"Where is the {obj.colour} {obj.category}?", f"{place[0].upper()}{place[1:]}."
+    return S.counting_qa(scene, rng)
+
+
+def _noised(scene: S.Scene, mentions: list[S.Mention], rng: random.Random, caption_noise: float) -> list[S.Mention]:
+    if rng.random() >= caption_noise:
+        return mentions
+    return S.with_extra_mention(mentions, S.absent_mention(scene, rng, mentions), rng)
+
+
+def short_turn(scene: S.Scene, rng: random.Random, caption_noise: float = 0.0) -> Turn:
+    prompt = rng.choice(S.SHORT_PROMPTS)
+    return prompt, S.short_description(_noised(scene, S.scene_mentions(scene, rng), rng, caption_noise))
+
+
+def detailed_turn(scene: S.Scene, rng: random.Random, caption_noise: float = 0.0) -> Turn:
+    prompt, variant = rng.choice(S.DETAILED_PROMPTS), rng.randrange(2)
+    mentions = _noised(scene, S.scene_mentions(scene, rng, S.SYNONYM_P), rng, caption_noise)
+    return prompt, S.detailed_description(mentions, variant)
+
+
+def grounding_turn(scene: S.Scene, rng: random.Random) -> Turn | None:
+    """None when the drawn object has no expression that picks it out alone."""
+    index = rng.randrange(len(scene.objects))
+    expression = S.referring_expression(scene, index, rng)
+    if expression is None:
+        return None
+    box = pixel_to_grid(scene.objects[index].bbox, scene.width, scene.height, square_pad=False)
+    return GROUNDING_PROMPT.format(expression=expression), format_box(box)
+
+
+def box_list(scene: S.Scene, rng: random.Random) -> Turn:
+    items = []
+    for index, obj in enumerate(scene.objects):
+        expression = S.referring_expression(scene, index, rng)
+        if expression is not None:
+            items.append(f"{expression} {format_box(pixel_to_grid(obj.bbox, scene.width, scene.height, square_pad=False))}")
+    rng.shuffle(items)
+    return "Where is each object?", " " + " ; ".join(items) + " ."
+
+
+@dataclass(frozen=True)
+class LessonMix:
+    """Weights of the turn makers; `statements` is a last turn added to every conversation when True."""
+
+    yesno: float = 0.35
+    lookup: float = 0.10
+    short: float = 0.10
+    detailed: float = 0.20
+    grounding: float = 0.25
+    statements: bool = True
+    caption_noise: float = 0.0  # share of descriptions with one absent object added
+
+    def turns(self, scene: S.Scene, rng: random.Random, n: int) -> list[Turn]:
+        """n turns about the scene: n - 1 (or n without statements) drawn from the weights, statements last."""
+        makers = [(self.yesno, yesno_turn), (self.lookup, lookup_turn),
+                  (self.short, lambda sc, r: short_turn(sc, r, self.caption_noise)),
+                  (self.detailed, lambda sc, r: detailed_turn(sc, r, self.caption_noise)),
+                  (self.grounding, grounding_turn)]
+        makers = [(w, m) for w, m in makers if w > 0]
+        if not makers:
+            raise ValueError("a LessonMix needs at least one turn maker with a positive weight")
+        drawn = n - 1 if self.statements else n
+        out: list[Turn] = []
+        while len(out) < drawn:
+            turn = rng.choices([m for _, m in makers], [w for w, _ in makers])[0](scene, rng)
+            if turn is not None:
+                out.append(turn)
+        return out + ([statements(scene, rng)] if self.statements else [])
+
+
+def fresh_scene(rng: random.Random) -> S.Scene:
+    """A new scene with its drawn (tight) boxes, objects in raster order, without painting it."""
+    return S.drawn_scene(S.sample_scene(rng, "lesson"))
+
+
+def tokenizer_texts(n_scenes: int = 400, seed: int = 0) -> list[str]:
+    """Every kind of lesson text, for training a tokenizer that holds the lessons' words whole."""
+    rng = random.Random(f"lessons/tokenizer/{seed}")
+    mix = LessonMix(caption_noise=0.5)
+    texts = []
+    for _ in range(n_scenes):
+        scene = fresh_scene(rng)
+        for question, answer in mix.turns(scene, rng, 5) + [box_list(scene, rng)]:
+            texts += [question, answer]
+    return texts

@@ -1,0 +1,317 @@
+"""The tiny base's training, the way real MLLMs are built: the LLM learns to read scenes first, vision second.
+
+    read    the LLM (and the slot tables of `scene_slots`) on lessons about fresh scenes, each scene handed
+            over as slot vectors in the image-token positions; answer loss + next-token loss on every text
+            token (the questions too: it is what teaches a fresh LLM to attend to the context)
+    align   the vision tower and resampler, LLM frozen: their Q tokens regress the slot vectors of the rendered
+            scene (normalised MSE) while the frozen LLM's answer loss reads them
+    tune    everything: vision at `lr`, the LLM at `llm_lr_scale` x `lr`, slot regression kept as an anchor
+
+Every batch is fresh scenes (rendering costs a few ms a scene); held-out yes/no accuracy per kind is read from
+the Yes-vs-No logit of single-question conversations about scenes of a held-out stream. A stage saves its full
+state (weights, optimiser, schedule, random streams, CPU time, curve) every `save_every` steps and resumes from
+it; a finished stage writes `model/` (an ordinary checkpoint folder) and `slots.safetensors`, then `done.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from mllm.data.conversation import conversation_to_ids, place_images
+from mllm.jsonio import write_json_atomic
+from mllm.model.checkpoint import load_state_dict
+from mllm.model.image_processing import ImageProcessor
+from mllm.model.tokenization import special_token_ids
+from mllm.train.scene_slots import SceneSlots
+from mllm.world import scenes as S
+from mllm.data.lessons import LessonMix, fresh_scene
+
+PARTS = ("llm", "slots", "vision")  # what a stage may train; vision = vision tower + resampler
+
+
+@dataclass
+class StageSettings:
+    kind: str  # "read" (slots in the image positions) | "align" / "tune" (rendered images through the vision side)
+    steps: int
+    lr: float
+    trains: dict = field(default_factory=dict)  # part -> learning-rate multiple (absent: frozen)
+    batch: int = 32
+    turns: int = 4
+    answer_weight: float = 1.0  # cross-entropy on the assistants' tokens
+    lm_weight: float = 0.0  # next-token cross-entropy on every text token (answers included)
+    slot_weight: float = 0.0  # normalised MSE between the image tokens and the scene's slot vectors
+    warmup: int = 100
+    beta2: float = 0.95
+    bf16: bool = True  # autocast on the CPU (bf16 matmuls run 2.5-7x faster than fp32 on CPUs with AVX-512 bf16)
+    log_every: int = 25
+    save_every: int = 50
+    eval_every: int = 250
+    eval_scenes: int = 300  # held-out scenes; one yes/no pair each
+    mix: LessonMix = field(default_factory=LessonMix)
+
+    def __post_init__(self):
+        if self.kind not in ("read", "align", "tune"):
+            raise ValueError(f"StageSettings.kind must be read, align or tune, got {self.kind!r}")
+        unknown = set(self.trains) - set(PARTS)
+        if unknown or not self.trains:
+            raise ValueError(f"StageSettings.trains must map some of {PARTS} to learning-rate multiples, "
+                             f"got {self.trains}")
+
+
+# ---- batches ---------------------------------------------------------------------------------------------------
+def encode(turns: list[tuple[str, str]], tokenizer, token_ids: dict, query_num: int) -> dict:
+    """A conversation about one image (placed before the first question) -> ids, labels, image_bound."""
+    conversation = []
+    for k, (question, answer) in enumerate(turns):
+        conversation += [{"role": "user", "content": ("<image>\n" if k == 0 else "") + question},
+                         {"role": "assistant", "content": answer}]
+    conversation, _ = place_images(conversation, {"<image>": None}, query_num)
+    return conversation_to_ids(conversation, tokenizer, query_num=query_num, token_ids=token_ids)
+
+
+def collate(items: list[dict], pad_id: int) -> dict:
+    """Right-padded to a multiple of 32 (few distinct shapes: oneDNN caches its kernels per shape).
+    lm_labels: the next token at every real position, except into and inside the image span."""
+    length = -(-max(len(x["input_ids"]) for x in items) // 32) * 32
+    batch = len(items)
+    ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    labels = torch.full((batch, length), -100, dtype=torch.long)
+    lm_labels = torch.full((batch, length), -100, dtype=torch.long)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    starts = []
+    for i, x in enumerate(items):
+        n = len(x["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = x["input_ids"], x["labels"], 1
+        start, end = (int(v) for v in x["image_bound"][0])
+        lm_labels[i, :n - 1] = x["input_ids"][1:]
+        lm_labels[i, start - 1:end] = -100  # image positions are inputs, never targets
+        starts.append(start)
+    return {"input_ids": ids, "labels": labels, "lm_labels": lm_labels, "attention_mask": mask,
+            "image_starts": torch.tensor(starts)}
+
+
+def with_image_tokens(model, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """Text embeddings [B, T, D] with tokens [B, Q, D] in each sample's image span."""
+    embeds = model.llm.get_input_embeddings()(batch["input_ids"])
+    query_num = tokens.shape[1]
+    rows = torch.arange(len(tokens))[:, None].expand(-1, query_num)
+    cols = batch["image_starts"][:, None] + torch.arange(query_num)  # (B, Q)
+    return embeds.index_put((rows, cols), tokens.to(embeds.dtype))
+
+
+def vision_tokens(model, processor: ImageProcessor, images: list) -> torch.Tensor:
+    """One view per image (the base does not slice) -> [B, Q, D]."""
+    strips, sizes = [], []
+    for image in images:
+        views = processor(image)
+        if len(views["pixel_values"]) != 1:
+            raise ValueError("the base recipe expects one view per image (slice.max_slice_nums = 1)")
+        strips.append(views["pixel_values"][0])
+        sizes.append([int(v) for v in views["tgt_sizes"][0]])
+    return model.get_vision_embedding(strips, torch.tensor(sizes, dtype=torch.int32))
+
+
+# ---- the stage ------------------------------------------------------------------------------------------------
+class BaseStage:
+    """One stage of the recipe over a model, its tokenizer and the slot tables; `run` trains, resumes, saves."""
+
+    def __init__(self, model, tokenizer, slots: SceneSlots, settings: StageSettings, folder: Path, seed: int = 0):
+        self.model, self.tokenizer, self.slots, self.settings = model, tokenizer, slots, settings
+        self.folder, self.seed = Path(folder), seed
+        self.token_ids = special_token_ids(tokenizer)
+        self.pad_id = tokenizer.pad_token_id or 0
+        self.query_num = model.config.query_num
+        if slots.grid ** 2 != self.query_num:
+            raise ValueError(f"{slots.grid}x{slots.grid} slots for {self.query_num} image tokens")
+        self.processor = ImageProcessor.from_config(model.config.slice)
+        self.yes_no = [tokenizer.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No")]
+        self.heldout = self._heldout()
+
+    # the parts and what they compute
+    def _modules(self, part: str) -> list[torch.nn.Module]:
+        return {"llm": [self.model.llm], "slots": [self.slots],
+                "vision": [self.model.vpm, self.model.resampler]}[part]
+
+    def _set_trainable(self) -> list[dict]:
+        groups = []
+        for part in PARTS:
+            trains = part in self.settings.trains
+            params = [p for m in self._modules(part) for p in m.parameters()]
+            for p in params:
+                p.requires_grad_(trains)
+            for m in self._modules(part):
+                m.train(trains)
+            if trains:
+                lr = self.settings.lr * self.settings.trains[part]
+                groups.append({"params": params, "lr": lr, "initial_lr": lr})
+        return groups
+
+    def _scenes(self, rng: random.Random, n: int) -> tuple[list[S.Scene], list]:
+        if self.settings.kind == "read":
+            return [fresh_scene(rng) for _ in range(n)], []
+        pairs = [S.render_scene(S.sample_scene(rng, "lesson")) for _ in range(n)]
+        return [scene for _, scene in pairs], [image for image, _ in pairs]
+
+    def _image_tokens(self, scenes, images) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens the LLM reads [B, Q, D], slot vectors [B, Q, D])."""
+        slot_vectors = self.slots(scenes, self.model.llm.get_input_embeddings().weight)
+        if self.settings.kind == "read":
+            return slot_vectors, slot_vectors
+        return vision_tokens(self.model, self.processor, images), slot_vectors
+
+    def _logits(self, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
+        embeds = with_image_tokens(self.model, batch, tokens)
+        return self.model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+
+    def loss(self, scenes, images, rng: random.Random) -> dict:
+        s = self.settings
+        items = [encode(s.mix.turns(scene, rng, s.turns), self.tokenizer, self.token_ids, self.query_num)
+                 for scene in scenes]
+        batch = collate(items, self.pad_id)
+        with torch.autocast("cpu", torch.bfloat16, enabled=s.bf16):
+            tokens, slot_vectors = self._image_tokens(scenes, images)
+            logits = self._logits(batch, tokens).float().flatten(0, 1)  # (B*T, V)
+        parts = {"answer": F.cross_entropy(logits, batch["labels"].flatten(), ignore_index=-100)}
+        if s.lm_weight:
+            parts["lm"] = F.cross_entropy(logits, batch["lm_labels"].flatten(), ignore_index=-100)
+        if s.slot_weight:
+            tokens, slot_vectors = tokens.float(), slot_vectors.float()
+            parts["slots"] = ((tokens - slot_vectors) ** 2).mean() / slot_vectors.var()
+        parts["total"] = (s.answer_weight * parts["answer"] + s.lm_weight * parts.get("lm", 0.0)
+                          + s.slot_weight * parts.get("slots", 0.0))
+        return parts
+
+    # held-out yes/no
+    def _heldout(self) -> list[tuple]:
+        rng = random.Random(f"base/heldout/{self.seed}")
+        out = []
+        for _ in range(self.settings.eval_scenes):
+            if self.settings.kind == "read":
+                scene, image = fresh_scene(rng), None
+            else:
+                image, scene = S.render_scene(S.sample_scene(rng, "heldout"))
+            kind, pair = S.yesno_pair(scene, rng)
+            out += [(kind, scene, image, question, answer) for question, answer in pair]
+        return out
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Accuracy per yes/no kind and overall, from the Yes-vs-No logit at the answer position."""
+        was_training = {m: m.training for part in PARTS for m in self._modules(part)}
+        for m in was_training:
+            m.eval()
+        hits = defaultdict(list)
+        for k in range(0, len(self.heldout), 100):
+            chunk = self.heldout[k:k + 100]
+            items = [encode([(q, a)], self.tokenizer, self.token_ids, self.query_num) for _, _, _, q, a in chunk]
+            batch = collate(items, self.pad_id)
+            with torch.autocast("cpu", torch.bfloat16, enabled=self.settings.bf16):
+                tokens, _ = self._image_tokens([c[1] for c in chunk], [c[2] for c in chunk])
+                logits = self._logits(batch, tokens).float()
+            for i, (kind, _, _, _, answer) in enumerate(chunk):
+                position = int(torch.isin(batch["labels"][i], torch.tensor(self.yes_no)).nonzero()[0])
+                yes, no = logits[i, position, self.yes_no]
+                hits[kind].append(("Yes" if yes > no else "No") == answer)
+        for m, training in was_training.items():
+            m.train(training)
+        result = {kind: round(sum(v) / len(v), 4) for kind, v in sorted(hits.items())}
+        result["all"] = round(sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values()), 4)
+        return result
+
+    # training
+    def _schedule(self, optimizer):
+        s = self.settings
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / s.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / s.steps))))
+
+    def _save(self, state: dict) -> None:
+        temporary = self.folder / "state.pt.tmp"
+        torch.save(state, temporary)
+        os.replace(temporary, self.folder / "state.pt")
+        write_json_atomic(self.folder / "log.json", state["log"])
+
+    def run(self, progress=print) -> dict:
+        """Train to `steps` (resuming from `state.pt`), write the model and `done.json`; return the summary.
+        A finished stage (done.json present) only loads its weights."""
+        s, folder = self.settings, self.folder
+        folder.mkdir(parents=True, exist_ok=True)
+        if (folder / "done.json").is_file():
+            self.load_finished()
+            return json.loads((folder / "done.json").read_text())
+        optimizer = torch.optim.AdamW(self._set_trainable(), betas=(0.9, s.beta2), weight_decay=0.01)
+        schedule = self._schedule(optimizer)
+        rng = random.Random(f"base/{s.kind}/{self.seed}")
+        torch.manual_seed(self.seed)
+        step, cpu_seconds, log = 0, 0.0, []
+        if (folder / "state.pt").is_file():  # our own file, read with the restricted unpickler all the same
+            state = torch.load(folder / "state.pt", weights_only=True)
+            self.model.load_state_dict(state["model"])
+            self.slots.load_state_dict(state["slots"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            rng.setstate(_as_rng_state(state["rng"]))
+            torch.set_rng_state(state["torch_rng"])
+            step, cpu_seconds, log = state["step"], state["cpu_seconds"], state["log"]
+            progress(f"{s.kind}: resuming at step {step} of {s.steps}")
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        started = time.process_time() - cpu_seconds
+        while step < s.steps:
+            scenes, images = self._scenes(rng, s.batch)
+            parts = self.loss(scenes, images, rng)
+            optimizer.zero_grad(set_to_none=True)
+            parts["total"].backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            cpu_minutes = round((time.process_time() - started) / 60, 2)
+            if step % s.log_every == 0 or step == s.steps:
+                log.append({"step": step, "cpu_minutes": cpu_minutes,
+                            **{f"loss_{k}": round(float(v.detach()), 4) for k, v in parts.items()}})
+            if step % s.eval_every == 0 or step == s.steps:
+                log.append({"step": step, "cpu_minutes": cpu_minutes, "yesno": self.evaluate()})
+                progress(f"{s.kind} step {step}/{s.steps} ({cpu_minutes} CPU-min): {log[-1]['yesno']}")
+            if step % s.save_every == 0 or step == s.steps:
+                self._save({"model": self.model.state_dict(), "slots": self.slots.state_dict(),
+                            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                            "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "step": step,
+                            "cpu_seconds": time.process_time() - started, "log": log})
+        self.model.save_pretrained(folder / "model", tokenizer=self.tokenizer)
+        save_file(self.slots.state_dict(), str(folder / "slots.safetensors"))
+        evaluations = [entry for entry in log if "yesno" in entry]
+        summary = {"stage": s.kind, "steps": s.steps, "cpu_minutes": log[-1]["cpu_minutes"],
+                   "yesno": evaluations[-1]["yesno"], "settings": _jsonable(s)}
+        write_json_atomic(folder / "done.json", summary)
+        (folder / "state.pt").unlink()  # the finished weights are in model/ and slots.safetensors
+        return summary
+
+    def load_finished(self) -> None:
+        self.model.load_state_dict(load_state_dict(self.folder / "model"))
+        self.slots.load_state_dict(load_file(str(self.folder / "slots.safetensors")))
+
+    def curve(self) -> list[dict]:
+        return json.loads((self.folder / "log.json").read_text())
+
+
+def _as_rng_state(state) -> tuple:
+    """random.Random's state comes back from torch.save as nested lists or tuples; setstate wants tuples."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def _jsonable(settings: StageSettings) -> dict:
+    out = dataclasses.asdict(settings)
+    out["mix"] = dataclasses.asdict(settings.mix)
+    return out

@@ -1,0 +1,149 @@
+"""The base recipe's parts: scenes as slot vectors (hand-worked), lesson batches, and the stages' training loop
+(loss falls, the right parts change, a stopped stage resumes to the very weights of an uninterrupted one)."""
+
+import random
+
+import pytest
+import torch
+
+from mllm.model.configuration import MLLMConfig
+from mllm.model.modeling_mllm import MLLMModel
+from mllm.model.tokenization import build_tokenizer
+from mllm.train import base_recipe
+from mllm.train.base_recipe import BaseStage, StageSettings, collate, encode
+from mllm.train.scene_slots import BOX_BINS, SceneSlots, place_words, slot_features
+from mllm.world import scenes as S
+from mllm.data.lessons import LessonMix, tokenizer_texts
+from mllm.model.tokenization import special_token_ids
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(tokenizer_texts(60), vocab_size=1024)
+
+
+def _model(tokenizer, seed=0):
+    config = MLLMConfig.from_preset("tiny")
+    config.llm.vocab_size = len(tokenizer)
+    config.query_num = 4
+    config.slice.max_slice_nums = 1
+    config.use_image_id = False
+    torch.manual_seed(seed)
+    return MLLMModel(config)
+
+
+def _scene():
+    # 120 x 120: two red circles (top left, bottom right) and a blue star (centre of the middle row)
+    objs = (S.SceneObject("circle", "red", 20, 20, 20, 0, (10, 10, 30, 30)),
+            S.SceneObject("star", "blue", 60, 60, 30, 0, (45, 45, 75, 75)),
+            S.SceneObject("circle", "red", 100, 100, 20, 0, (90, 90, 110, 110)))
+    return S.Scene("t", 120, 120, objs, 0)
+
+
+def test_slot_features_by_hand():
+    feats = slot_features(_scene(), grid=2)
+    # cell in the 2x2 grid, colour, category, size, 4 box bins of 25 over 0-1000, 3x3 place, count - 1
+    colours, cats, cells = list(S.COLOURS), list(S.CATEGORIES), sorted(S.CELL_PHRASES)
+    assert feats[0] == (0, colours.index("red"), cats.index("circle"), 0,
+                        10 * 1000 // 120 * BOX_BINS // 1000, 2, 6, 6, cells.index((0, 0)), 1)
+    assert feats[1][0] == 3 and feats[1][8] == cells.index((1, 1)) and feats[1][9] == 0  # one star
+    assert feats[2][0] == 3 and feats[2][9] == 1  # the second circle also says "two"
+    assert place_words((0, 0)) == ("top", "left")
+
+
+def test_slot_vectors_are_the_llm_word_embeddings_plus_learnt_parts(tokenizer):
+    slots = SceneSlots(tokenizer, 8, grid=2)
+    embedding = torch.randn(len(tokenizer), 8)
+    scene = S.Scene("t", 120, 120, _scene().objects[:1], 0)
+    out = slots([scene], embedding)
+
+    def word(w):
+        return embedding[tokenizer.encode(" " + w, add_special_tokens=False)].sum(0)
+
+    f = slot_features(scene, 2)[0]
+    expected = (slots.cell.weight[0] + word("red") + word("circle") + word("small") + word("top") + word("left")
+                + word("one") + slots.colour_category.weight[f[1] * len(S.CATEGORIES) + f[2]]
+                + sum(slots.box.weight[f[4 + k] + k * BOX_BINS] for k in range(4)))
+    assert torch.allclose(out[0, 0], expected, atol=1e-5)
+    assert torch.equal(out[0, 1:], slots.cell.weight[1:])  # empty cells say only where they are
+
+
+def test_lessons_end_with_the_statements_and_noise_adds_an_absent_object():
+    rng = random.Random(0)
+    scene = S.drawn_scene(S.sample_scene(rng, "x"))
+    turns = LessonMix().turns(scene, rng, 4)
+    assert len(turns) == 4 and turns[-1][0] == "Which of these are in the image?"
+    assert all(q != "Which of these are in the image?" for q, _ in turns[:-1])
+    present = {o.category for o in scene.objects}
+    noisy = LessonMix(yesno=0, lookup=0, short=1, detailed=0, grounding=0, statements=False, caption_noise=1.0)
+    for _ in range(5):
+        (_, text), = noisy.turns(scene, rng, 1)
+        assert len(set(S.mentioned_categories(text)) - present) == 1
+
+
+def test_collate_masks_the_image_span_from_the_next_token_targets(tokenizer):
+    ids = special_token_ids(tokenizer)
+    items = [encode([("Is there a circle in the image?", "Yes")], tokenizer, ids, 4),
+             encode([("Describe the image briefly.", "a red circle.")] * 2, tokenizer, ids, 4)]
+    batch = collate(items, 0)
+    assert batch["input_ids"].shape[1] % 32 == 0
+    for i, item in enumerate(items):
+        start, end = (int(v) for v in item["image_bound"][0])
+        assert int(batch["image_starts"][i]) == start and end - start == 4
+        assert (batch["lm_labels"][i, start - 1:end] == -100).all()
+        n = len(item["input_ids"])
+        assert torch.equal(batch["lm_labels"][i, end:n - 1], item["input_ids"][end + 1:n])
+        assert torch.equal(batch["labels"][i, :n], item["labels"])
+
+
+def _read(tmp_path, tokenizer, steps=4, **kw):
+    model = _model(tokenizer)
+    slots = SceneSlots(tokenizer, model.config.llm.hidden_size, grid=2)
+    settings = StageSettings(kind="read", steps=steps, lr=2e-3, trains={"llm": 1.0, "slots": 1.0}, batch=4,
+                             lm_weight=1.0, warmup=2, save_every=2, eval_every=100, eval_scenes=2, **kw)
+    return BaseStage(model, tokenizer, slots, settings, tmp_path), model
+
+
+def test_read_stage_lowers_the_loss_and_trains_only_the_llm_and_slots(tmp_path, tokenizer):
+    stage, model = _read(tmp_path, tokenizer, steps=30, log_every=1)
+    vision = {k: v.clone() for k, v in model.vpm.state_dict().items()}
+    embedding = model.llm.get_input_embeddings().weight.detach().clone()
+    stage.run(progress=lambda line: None)
+    losses = [e["loss_total"] for e in stage.curve() if "loss_total" in e]
+    assert len(losses) == 30 and max(losses[-3:]) < 0.6 * losses[0]
+    assert all(torch.equal(v, model.vpm.state_dict()[k]) for k, v in vision.items())
+    assert not torch.equal(embedding, model.llm.get_input_embeddings().weight)
+    assert (tmp_path / "done.json").is_file() and (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def test_a_stopped_stage_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, tokenizer, monkeypatch):
+    straight, straight_model = _read(tmp_path / "straight", tokenizer)
+    straight.run(progress=lambda line: None)
+
+    save = BaseStage._save
+
+    def save_then_stop(self, state):
+        save(self, state)
+        if state["step"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(BaseStage, "_save", save_then_stop)
+    stopped, _ = _read(tmp_path / "stopped", tokenizer)
+    with pytest.raises(KeyboardInterrupt):
+        stopped.run(progress=lambda line: None)
+    monkeypatch.setattr(BaseStage, "_save", save)
+    resumed, resumed_model = _read(tmp_path / "stopped", tokenizer)  # a new process: fresh model and slots
+    lines = []
+    resumed.run(progress=lines.append)
+    assert lines[0].startswith("read: resuming at step 2")
+    for (name, a), (_, b) in zip(straight_model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert torch.equal(straight.slots.box.weight, resumed.slots.box.weight)
+
+
+def test_stage_settings_name_what_is_wrong():
+    with pytest.raises(ValueError, match="kind"):
+        StageSettings(kind="pretrain", steps=1, lr=1e-3, trains={"llm": 1.0})
+    with pytest.raises(ValueError, match="trains"):
+        StageSettings(kind="read", steps=1, lr=1e-3, trains={"decoder": 1.0})
+    assert base_recipe.PARTS == ("llm", "slots", "vision")
