@@ -251,6 +251,9 @@ MIXES = {
     # descriptions and grounding weighted up (does the LLM learn to traverse the slots and read their boxes?)
     "desc": (statements, [(0.35, yesno_turn), (0.1, lookup_qa), (0.1, short_turn), (0.2, detailed_turn),
                           (0.25, grounding_turn)]),
+    # as desc with the questions weighted up
+    "desc2": (statements, [(0.5, yesno_turn), (0.15, lookup_qa), (0.05, short_turn), (0.15, detailed_turn),
+                           (0.15, grounding_turn)]),
     # grounding weighted up, with a dense box-listing turn (in place of the statements turn half of the time)
     "ground": (stmt_and_boxes, [(0.3, yesno_turn), (0.1, short_turn), (0.1, detailed_turn), (0.5, grounding_turn)]),
     "full": (statements, [(0.5, yesno_turn), (0.15, lookup_qa), (0.07, short_turn), (0.08, detailed_turn),
@@ -270,7 +273,24 @@ def turns_of(scene, rng, n):
     if STMT_LAST and first:
         # the statements turn after the questions: a question can no longer be answered by copying a statement
         turns = turns[1:] + turns[:1]
+    if ORDER == "ask_first":
+        # turns that ask about the scene, then the statements, then the turns that write it out (descriptions,
+        # boxes): no lookup can be answered by copying words an earlier turn revealed
+        turns = sorted(turns, key=_turn_rank)
     return turns
+
+
+ORDER = args.get("order", "mix")
+_REVEALS = set(S.SHORT_PROMPTS) | set(S.DETAILED_PROMPTS)
+
+
+def _turn_rank(turn):
+    question = turn[0]
+    if question in ("Which of these are in the image?", "Which shapes are in the image?"):
+        return 1
+    if question in _REVEALS or question.startswith(GROUNDING_PROMPT.split("{")[0]) or question == "Where is each object?":
+        return 2
+    return 0
 
 TEXT = args.get("text", "0") == "1"  # control: the scene written as words instead of slot vectors
 

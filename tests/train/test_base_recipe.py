@@ -68,12 +68,18 @@ def test_slot_vectors_are_the_llm_word_embeddings_plus_learnt_parts(tokenizer):
     assert torch.equal(out[0, 1:], slots.cell.weight[1:])  # empty cells say only where they are
 
 
-def test_lessons_end_with_the_statements_and_noise_adds_an_absent_object():
+def test_lessons_ask_before_the_statements_and_write_after_them_and_noise_adds_an_absent_object():
     rng = random.Random(0)
     scene = S.drawn_scene(S.sample_scene(rng, "x"))
-    turns = LessonMix().turns(scene, rng, 4)
-    assert len(turns) == 4 and turns[-1][0] == "Which of these are in the image?"
-    assert all(q != "Which of these are in the image?" for q, _ in turns[:-1])
+    writing = set(S.SHORT_PROMPTS) | set(S.DETAILED_PROMPTS)
+    orders = set()
+    for _ in range(40):
+        turns = LessonMix().turns(scene, rng, 4)
+        kinds = [1 if q == "Which of these are in the image?" else 2 if q in writing or q.startswith("Where is the")
+                 and "format" in q else 0 for q, _ in turns]
+        assert len(turns) == 4 and kinds.count(1) == 1 and kinds == sorted(kinds)
+        orders.add(tuple(kinds))
+    assert (0, 0, 0, 1) in orders and (1, 2, 2, 2) in orders and len(orders) >= 4
     present = {o.category for o in scene.objects}
     noisy = LessonMix(yesno=0, lookup=0, short=1, detailed=0, grounding=0, statements=False, caption_noise=1.0)
     for _ in range(5):

@@ -210,3 +210,9 @@ def test_referring_expression_adds_position_only_when_needed():
     assert S.referring_expression(scene, 0, rng) is None
     with pytest.raises(ValueError):
         S.parse_referring_expression("the red star somewhere")
+
+
+def test_drawn_scene_gives_the_boxes_and_order_of_the_rendered_one():
+    for i in range(20):
+        scene = S.sample_scene(random.Random(f"drawn/{i}"), f"d{i}", 0.3)
+        assert S.drawn_scene(scene) == S.render_scene(scene)[1]
