@@ -261,9 +261,9 @@ MIXES = {
 }
 
 
-def turns_of(scene, rng, n):
-    """n (question, answer) turns about one scene, drawn from the mix named by `mix=`."""
-    first, table = MIXES[MIX]
+def turns_of(scene, rng, n, mix=None):
+    """n (question, answer) turns about one scene, drawn from the mix named by `mix=` (or `mix`)."""
+    first, table = MIXES[mix or MIX]
     turns = [first(scene, rng)] if first else []
     weights, makers = [w for w, _ in table], [m for _, m in table]
     while len(turns) < n:

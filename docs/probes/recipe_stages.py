@@ -44,6 +44,12 @@ if not (read / "done.json").is_file():
     save_file(slots.state_dict(), str(read / "slots.safetensors"))
     (read / "done.json").write_text(json.dumps({"stage": "read", "from_probe": args["read"], "step": state["step"],
                                                 "cpu_minutes": float(args.get("read_cpu_minutes", 0.0))}))
+if args.get("vision_stage") and not (out / "align" / "done.json").is_file():
+    # the vision side of another run's finished align stage (aligned to an earlier stage-1 LLM), no align here
+    aligned = load_file(str(Path(args["vision_stage"]) / "model" / "model.safetensors"))
+    model.load_state_dict({**model.state_dict(), **{k: v for k, v in aligned.items() if not k.startswith("llm.")}})
+    model.save_pretrained(read / "model", tokenizer=tokenizer)
+    args["align"] = "0"
 common = {"batch": int(args.get("batch", 32)), "eval_scenes": int(args.get("eval_scenes", 300)),
           "eval_every": int(args.get("eval_every", 250)), "save_every": 50}
 stages = [

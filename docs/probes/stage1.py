@@ -11,9 +11,14 @@ opt, sched = optimizer(params, 0.95, 100)
 rng = random.Random("train/stage1")
 log = open(OUT + ".log", "a")
 t0 = time.process_time(); w0 = time.time()
+# curriculum=exinv:500 -> the first 500 steps draw their conversations from mix exinv, then from mix=
+FIRST_MIX, FIRST_STEPS = (args["curriculum"].split(":") if args.get("curriculum") else (None, 0))
 for step in range(1, STEPS + 1):
     scs = [make_scene(rng) for _ in range(BATCH)]
-    items = [encode(turns_of(sc, rng, TURNS), sc) for sc in scs]
+    if step <= int(FIRST_STEPS):
+        items = [encode(turns_of(sc, rng, TURNS, FIRST_MIX), sc) for sc in scs]
+    else:
+        items = [encode(turns_of(sc, rng, TURNS), sc) for sc in scs]
     ids, lab, aux, att, starts = batch_of(items)
     with torch.autocast("cpu", torch.bfloat16, enabled=BF16):
         logits = forward(ids, att, starts, [slots_of(sc) for sc in scs])

@@ -40,7 +40,7 @@ from mllm.model.vision import pack_patch_strips
 from mllm.train.base_recipe import BaseStage, StageSettings
 from mllm.train.scene_slots import SceneSlots
 from mllm.world.corpus import tokenizer_corpus
-from mllm.data.lessons import LessonMix, tokenizer_texts
+from mllm.data.lessons import EXISTENCE_FIRST, LessonMix, tokenizer_texts
 from mllm.world.scenes import CATEGORIES, COLOURS
 
 SHAPES = list(CATEGORIES)
@@ -205,7 +205,8 @@ def base_stages(budget: Budget, seed: int) -> list[StageSettings]:
               "eval_every": budget.base_eval_every, "save_every": budget.base_save_every}
     return [
         StageSettings(kind="read", steps=budget.read_steps, lr=budget.read_lr, trains={"llm": 1.0, "slots": 1.0},
-                      lm_weight=1.0, warmup=100, beta2=0.95, **common),
+                      lm_weight=1.0, warmup=100, beta2=0.95, first_mix=EXISTENCE_FIRST,
+                      first_mix_steps=budget.read_existence_steps, **common),
         StageSettings(kind="align", steps=budget.align_steps, lr=budget.align_lr, trains={"vision": 1.0},
                       slot_weight=1.0, warmup=50, beta2=0.98, **common),
         StageSettings(kind="tune", steps=budget.tune_steps, lr=budget.tune_lr,

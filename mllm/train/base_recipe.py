@@ -60,6 +60,8 @@ class StageSettings:
     eval_every: int = 250
     eval_scenes: int = 300  # held-out scenes; one yes/no pair each
     mix: LessonMix = field(default_factory=LessonMix)
+    first_mix: LessonMix | None = None  # a curriculum: the first `first_mix_steps` steps draw from this mix
+    first_mix_steps: int = 0
 
     def __post_init__(self):
         if self.kind not in ("read", "align", "tune"):
@@ -175,9 +177,15 @@ class BaseStage:
         embeds = with_image_tokens(self.model, batch, tokens)
         return self.model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
 
-    def loss(self, scenes, images, rng: random.Random) -> dict:
+    def mix_at(self, step: int) -> LessonMix:
+        """The lesson mix of training step `step` (1-based)."""
         s = self.settings
-        items = [encode(s.mix.turns(scene, rng, s.turns), self.tokenizer, self.token_ids, self.query_num)
+        return s.first_mix if s.first_mix is not None and step <= s.first_mix_steps else s.mix
+
+    def loss(self, scenes, images, rng: random.Random, mix: LessonMix | None = None) -> dict:
+        s = self.settings
+        mix = mix or s.mix
+        items = [encode(mix.turns(scene, rng, s.turns), self.tokenizer, self.token_ids, self.query_num)
                  for scene in scenes]
         batch = collate(items, self.pad_id)
         with torch.autocast("cpu", torch.bfloat16, enabled=s.bf16):
@@ -269,7 +277,7 @@ class BaseStage:
         started = time.process_time() - cpu_seconds
         while step < s.steps:
             scenes, images = self._scenes(rng, s.batch)
-            parts = self.loss(scenes, images, rng)
+            parts = self.loss(scenes, images, rng, self.mix_at(step + 1))
             optimizer.zero_grad(set_to_none=True)
             parts["total"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -312,6 +320,4 @@ def _as_rng_state(state) -> tuple:
 
 
 def _jsonable(settings: StageSettings) -> dict:
-    out = dataclasses.asdict(settings)
-    out["mix"] = dataclasses.asdict(settings.mix)
-    return out
+    return json.loads(json.dumps(dataclasses.asdict(settings)))  # the mixes too; as done.json gives it back

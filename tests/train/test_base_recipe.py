@@ -2,6 +2,7 @@
 (loss falls, the right parts change, a stopped stage resumes to the very weights of an uninterrupted one)."""
 
 import random
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from mllm.train import base_recipe
 from mllm.train.base_recipe import BaseStage, StageSettings, collate, encode
 from mllm.train.scene_slots import BOX_BINS, SceneSlots, place_words, slot_features
 from mllm.world import scenes as S
-from mllm.data.lessons import LessonMix, tokenizer_texts
+from mllm.data.lessons import EXISTENCE_FIRST, LessonMix, tokenizer_texts
 from mllm.model.tokenization import special_token_ids
 
 
@@ -153,3 +154,15 @@ def test_stage_settings_name_what_is_wrong():
     with pytest.raises(ValueError, match="trains"):
         StageSettings(kind="read", steps=1, lr=1e-3, trains={"decoder": 1.0})
     assert base_recipe.PARTS == ("llm", "slots", "vision")
+
+
+def test_the_existence_curriculum_comes_first_then_the_full_mix(tmp_path, tokenizer):
+    rng = random.Random(3)
+    scene = S.drawn_scene(S.sample_scene(rng, "x"))
+    for _ in range(10):
+        *questions, (dense, answer) = EXISTENCE_FIRST.turns(scene, rng, 4)
+        assert dense == "Which shapes are in the image?" and len(answer.split(",")) == len(S.CATEGORIES)
+        assert all(q.startswith("Is there") and a in ("Yes", "No") for q, a in questions)
+        assert all(re.fullmatch(r"Is there an? \w+ in the image\? Please answer yes or no\.", q) for q, _ in questions)
+    stage, _ = _read(tmp_path, tokenizer, first_mix=EXISTENCE_FIRST, first_mix_steps=2)
+    assert [stage.mix_at(step) is EXISTENCE_FIRST for step in (1, 2, 3)] == [True, True, False]
