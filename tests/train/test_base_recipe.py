@@ -166,3 +166,23 @@ def test_the_existence_curriculum_comes_first_then_the_full_mix(tmp_path, tokeni
         assert all(re.fullmatch(r"Is there an? \w+ in the image\? Please answer yes or no\.", q) for q, _ in questions)
     stage, _ = _read(tmp_path, tokenizer, first_mix=EXISTENCE_FIRST, first_mix_steps=2)
     assert [stage.mix_at(step) is EXISTENCE_FIRST for step in (1, 2, 3)] == [True, True, False]
+
+
+def test_slot_regression_alone_never_runs_the_llm(tmp_path, tokenizer):
+    model = _model(tokenizer)
+    slots = SceneSlots(tokenizer, model.config.llm.hidden_size, grid=2)
+    settings = StageSettings(kind="align", steps=1, lr=1e-3, trains={"vision": 1.0}, answer_weight=0.0,
+                             slot_weight=1.0, batch=2, eval_scenes=1)
+    stage = BaseStage(model, tokenizer, slots, settings, tmp_path)
+
+    def no_llm(*args, **kwargs):
+        raise AssertionError("the LLM ran")
+
+    stage._logits = no_llm
+    rng = random.Random(0)
+    scenes, images = stage._scenes(rng, 2)
+    parts = stage.loss(scenes, images, rng)
+    assert set(parts) == {"slots", "total"} and torch.equal(parts["total"], parts["slots"])
+    tokens = base_recipe.vision_tokens(model, stage.processor, images).float()
+    target = slots(scenes, model.llm.get_input_embeddings().weight).float()
+    assert torch.allclose(parts["slots"], ((tokens - target) ** 2).mean() / target.var(), rtol=0.05)
