@@ -28,7 +28,7 @@ class Budget:
     read_steps: int = 1500  # the LLM on lessons with the scene as slot vectors
     read_existence_steps: int = 500  # ... the first of them on existence alone (a curriculum)
     read_lr: float = 1e-3
-    align_steps: int = 3000  # vision tower + resampler regress the slots (no LLM in the step: ~0.25 s a step)
+    align_steps: int = 1500  # vision + resampler regress the slots (no LLM in the step; the fit plateaus by ~1,500)
     align_lr: float = 1e-3
     tune_steps: int = 1500  # everything; the LLM at tune_llm_lr_scale x tune_lr
     tune_lr: float = 3e-4
