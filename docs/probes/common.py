@@ -14,6 +14,9 @@ from mllm.world import scenes as S
 from mllm.data.boxes import format_box, pixel_to_grid
 from mllm.data.conversation import conversation_to_ids, place_images
 from mllm.data.grounding_prepare import GROUNDING_PROMPT
+# turn makers the product's lessons share with these probes (same texts, same random draws)
+from mllm.data.lessons import box_list, grounding_turn
+from mllm.data.lessons import lookup_turn as lookup_qa
 from mllm.model.configuration import MLLMConfig
 from mllm.model.llm import LLMForCausalLM
 from mllm.model.tokenization import load_tokenizer, special_token_ids
@@ -136,22 +139,6 @@ MIX = args.get("mix", "base")
 STMT_LAST = args.get("stmt_last", "0") == "1"
 
 
-def lookup_qa(scene, rng):
-    """An open question whose answer is one looked-up attribute (colour, place or count)."""
-    counts = S._counts(scene)
-    r = rng.random()
-    singles = [o for o in scene.objects if counts[o.category] == 1]
-    uniques = S._unique_colour_category(scene)
-    if r < 0.35 and singles:
-        o = rng.choice(singles)
-        return f"What colour is the {o.category}?", o.colour
-    if r < 0.7 and uniques:
-        o = rng.choice(uniques)
-        place = S.CELL_PHRASES[S.grid_cell(o, scene.width, scene.height)]
-        return f"Where is the {o.colour} {o.category}?", f"{place[0].upper()}{place[1:]}."
-    return S.counting_qa(scene, rng)
-
-
 def inventory(scene, rng):
     """Dense lookups: each category word is followed by whether the scene holds it."""
     counts = S._counts(scene)
@@ -190,18 +177,6 @@ def statements(scene, rng, kinds=("existence", "color", "count", "position")):
     return "Which of these are in the image?", " " + " , ".join(items) + " ."
 
 
-def box_list(scene, rng):
-    """Dense grounding: every object that an expression picks out alone, each followed by its box."""
-    items = []
-    for i in range(len(scene.objects)):
-        expression = S.referring_expression(scene, i, rng)
-        if expression is not None:
-            box = pixel_to_grid(scene.objects[i].bbox, scene.width, scene.height, square_pad=False)
-            items.append(f"{expression} {format_box(box)}")
-    rng.shuffle(items)
-    return "Where is each object?", " " + " ; ".join(items) + " ."
-
-
 def stmt_and_boxes(scene, rng):
     return statements(scene, rng) if rng.random() < 0.5 else box_list(scene, rng)
 
@@ -221,15 +196,6 @@ def short_turn(scene, rng):
 def detailed_turn(scene, rng):
     return (rng.choice(S.DETAILED_PROMPTS),
             S.detailed_description(S.scene_mentions(scene, rng, S.SYNONYM_P), rng.randrange(2)))
-
-
-def grounding_turn(scene, rng):
-    i = rng.randrange(len(scene.objects))
-    expression = S.referring_expression(scene, i, rng)
-    if expression is None:
-        return None
-    box = pixel_to_grid(scene.objects[i].bbox, scene.width, scene.height, square_pad=False)
-    return GROUNDING_PROMPT.format(expression=expression), format_box(box)
 
 
 def dialogue_turn(scene, rng):
