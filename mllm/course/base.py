@@ -208,9 +208,10 @@ def base_stages(budget: Budget, seed: int) -> list[StageSettings]:
                       lm_weight=1.0, warmup=100, beta2=0.95, first_mix=EXISTENCE_FIRST,
                       first_mix_steps=budget.read_existence_steps, **common),
         StageSettings(kind="align", steps=budget.align_steps, lr=budget.align_lr, trains={"vision": 1.0},
-                      answer_weight=0.0, slot_weight=1.0, warmup=50, beta2=0.98, **common),
+                      answer_weight=0.0, slot_weight=1.0, readout_weight=1.0, warmup=50, beta2=0.98, **common),
         StageSettings(kind="tune", steps=budget.tune_steps, lr=budget.tune_lr,
                       trains={"vision": 1.0, "llm": budget.tune_llm_lr_scale}, lm_weight=0.5, slot_weight=1.0,
+                      readout_weight=1.0,
                       warmup=50, beta2=0.98, mix=LessonMix(caption_noise=budget.caption_noise), **common),
     ]
 

@@ -186,3 +186,26 @@ def test_slot_regression_alone_never_runs_the_llm(tmp_path, tokenizer):
     tokens = base_recipe.vision_tokens(model, stage.processor, images).float()
     target = slots(scenes, model.llm.get_input_embeddings().weight).float()
     assert torch.allclose(parts["slots"], ((tokens - target) ** 2).mean() / target.var(), rtol=0.05)
+
+
+def test_readout_loss_by_hand_and_it_prefers_the_true_slots(tokenizer):
+    from mllm.train.scene_slots import READOUT_SCALE
+
+    torch.manual_seed(0)
+    slots = SceneSlots(tokenizer, 8, grid=2)
+    embedding = torch.randn(len(tokenizer), 8)
+    scene = S.Scene("t", 120, 120, _scene().objects[:1], 0)  # one small red circle, top left, cell 0
+    tokens = torch.randn(1, 4, 8)
+    content = tokens[0, 0] - slots.cell.weight[0]
+    expected = []
+    for table, index in ((slots.colours, list(S.COLOURS).index("red")),
+                         (slots.categories, list(S.CATEGORIES).index("circle")), (slots.counts, 0)):
+        words = table(torch.arange(len(table.ids)), embedding)
+        logits = READOUT_SCALE * (words @ content) / words.pow(2).sum(-1).mean()
+        expected.append(-torch.log_softmax(logits, 0)[index])
+    assert torch.allclose(slots.readout_loss([scene], tokens, embedding), torch.stack(expected).mean(), atol=1e-5)
+    # wide enough for a sum of a slot's ~8 word vectors to keep each readable, the true slots read back well
+    wide, embedding = SceneSlots(tokenizer, 64, grid=6), torch.randn(len(tokenizer), 64)
+    scenes = [S.drawn_scene(S.sample_scene(random.Random(i), "x")) for i in range(8)]
+    true = wide(scenes, embedding).detach()
+    assert wide.readout_loss(scenes, true, embedding) < 0.5 * wide.readout_loss(scenes, torch.randn_like(true), embedding)
