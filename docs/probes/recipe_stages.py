@@ -2,7 +2,8 @@
 probe's LLM continues through the very code `mllm course --stage base` runs.
 
     .venv/bin/python docs/probes/recipe_stages.py read=runs/probe/d1b.pt out=runs/probe/r1 align=500 tune=1000 \
-        [align_lr=1e-3 tune_lr=3e-4 llm_scale=0.5 batch=32 threads=1 vision=mllm/assets/tiny-base noise=0.25]
+        [align_lr=1e-3 tune_lr=3e-4 llm_scale=0.5 batch=32 threads=1 vision=mllm/assets/tiny-base noise=0.25
+         readout=1 align_answer=0 (r2: align_answer=1 readout=0) vision_stage=ANOTHER_RUN/align]
 
 The probe's LLM and oracle tables become a finished `read` stage folder (model/, slots.safetensors, done.json);
 the vision tower comes from `vision=` (the shipped base's: the course's phase-0 stand-in, trained).
@@ -55,9 +56,11 @@ common = {"batch": int(args.get("batch", 32)), "eval_scenes": int(args.get("eval
 stages = [
     StageSettings(kind="read", steps=0, lr=0.0, trains={"llm": 1.0}),  # finished above: loads its weights
     StageSettings(kind="align", steps=int(args.get("align", 500)), lr=float(args.get("align_lr", 1e-3)),
-                  trains={"vision": 1.0}, slot_weight=1.0, warmup=50, beta2=0.98, **common),
+                  trains={"vision": 1.0}, answer_weight=float(args.get("align_answer", 0.0)), slot_weight=1.0,
+                  readout_weight=float(args.get("readout", 1.0)), warmup=50, beta2=0.98, **common),
     StageSettings(kind="tune", steps=int(args.get("tune", 1000)), lr=float(args.get("tune_lr", 3e-4)),
                   trains={"vision": 1.0, "llm": float(args.get("llm_scale", 0.5))}, lm_weight=0.5, slot_weight=1.0,
+                  readout_weight=float(args.get("readout", 1.0)),
                   warmup=50, beta2=0.98, mix=LessonMix(caption_noise=float(args.get("noise", 0.25))), **common),
 ]
 for settings in stages:
