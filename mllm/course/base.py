@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm.course.shared import Budget, answer_yesno, describe_and_score, ground_and_score, world_dir
+from mllm.data.lessons import EXISTENCE_FIRST, LessonMix, tokenizer_texts
 from mllm.jsonio import write_json_atomic
 from mllm.model.configuration import MLLMConfig
 from mllm.model.image_processing import ImageProcessor
@@ -40,7 +41,6 @@ from mllm.model.vision import pack_patch_strips
 from mllm.train.base_recipe import BaseStage, StageSettings
 from mllm.train.scene_slots import SceneSlots
 from mllm.world.corpus import tokenizer_corpus
-from mllm.data.lessons import EXISTENCE_FIRST, LessonMix, tokenizer_texts
 from mllm.world.scenes import CATEGORIES, COLOURS
 
 SHAPES = list(CATEGORIES)
@@ -199,7 +199,7 @@ def base_config(tokenizer) -> MLLMConfig:
     return config
 
 
-def base_stages(budget: Budget, seed: int) -> list[StageSettings]:
+def base_stages(budget: Budget) -> list[StageSettings]:
     """read -> align -> tune with the budget's steps and rates (`mllm.train.base_recipe` says what each does)."""
     common = {"batch": budget.base_batch, "eval_scenes": budget.base_eval_scenes,
               "eval_every": budget.base_eval_every, "save_every": budget.base_save_every}
@@ -234,14 +234,14 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
     last saved state, so a stopped run goes on where it was."""
     world = world_dir(out, budget, seed)
     stage = out / "base"
-    model, tokenizer = _fresh_model(world, stage / "init", seed)
     log_path = stage / "phase0" / "vision_pretrain_log.json"
     if log_path.is_file() and (stage / "phase0" / "model.safetensors").is_file():
         # the phase is deterministic for a seed and written last: a finished one is reused (resume after a stop)
         log = json.loads(log_path.read_text())
-        model = MLLMModel.from_pretrained(stage / "phase0")
+        model, tokenizer = MLLMModel.from_pretrained(stage / "phase0"), load_tokenizer(stage / "phase0")
         print(f"reusing the finished vision pretraining in {stage / 'phase0'}", flush=True)
     else:
+        model, tokenizer = _fresh_model(world, stage / "init", seed)
         log = pretrain(model, world, steps=budget.vision_pretrain_steps, batch_size=budget.vision_pretrain_batch,
                        lr=budget.vision_pretrain_lr, seed=seed)
         model.save_pretrained(stage / "phase0", tokenizer=tokenizer)
@@ -249,7 +249,7 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
         write_json_atomic(log_path, log)
     slots = SceneSlots(tokenizer, model.config.llm.hidden_size, SLOT_GRID)
     summaries, curves = [], []
-    for settings in base_stages(budget, seed):
+    for settings in base_stages(budget):
         runner = BaseStage(model, tokenizer, slots, settings, stage / settings.kind, seed=seed)
         summaries.append(runner.run(progress=lambda line: print(line, flush=True)))
         curves.append((settings.kind, runner.curve()))
@@ -257,12 +257,13 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
     if model_dir.exists():
         shutil.rmtree(model_dir)
     shutil.copytree(stage / "tune" / "model", model_dir)
-    plot_base_curves(curves, log[-1].get("cpu_minutes", log[-1]["minutes"]), stage / "base_curves.png")
+    pretrain_cpu_minutes = log[-1].get("cpu_minutes", log[-1]["minutes"])  # logs before CPU time was kept
+    plot_base_curves(curves, pretrain_cpu_minutes, stage / "base_curves.png")
     chair_metrics = describe_and_score(model_dir, world, stage, limit=budget.eval_limit)
     yesno_metrics = answer_yesno(model_dir, world, stage, limit=budget.eval_limit)
     grounding_metrics = ground_and_score(model_dir, world, stage, limit=budget.eval_limit)
     kinds = json.loads((stage / "yesno.json").read_text()).get("categories", {})
-    cpu_minutes = log[-1].get("cpu_minutes", log[-1]["minutes"]) + sum(s["cpu_minutes"] for s in summaries)
+    cpu_minutes = pretrain_cpu_minutes + sum(s["cpu_minutes"] for s in summaries)
     return {"stage": "base", "model_dir": str(model_dir), "train_cpu_minutes": round(cpu_minutes, 1),
             "vision_pretrain": log[-1], "stages": summaries, "curves": str(stage / "base_curves.png"),
             "chair": chair_metrics, "yesno": yesno_metrics,

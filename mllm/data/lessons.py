@@ -114,14 +114,18 @@ def detailed_turn(scene: S.Scene, rng: random.Random, caption_noise: float = 0.0
     return prompt, S.detailed_description(mentions, variant)
 
 
+def _box_text(scene: S.Scene, obj: S.SceneObject) -> str:
+    """The object's drawn box on the unpadded 0-1000 grid, as the exercise writes it."""
+    return format_box(pixel_to_grid(obj.bbox, scene.width, scene.height, square_pad=False))
+
+
 def grounding_turn(scene: S.Scene, rng: random.Random) -> Turn | None:
     """None when the drawn object has no expression that picks it out alone."""
     index = rng.randrange(len(scene.objects))
     expression = S.referring_expression(scene, index, rng)
     if expression is None:
         return None
-    box = pixel_to_grid(scene.objects[index].bbox, scene.width, scene.height, square_pad=False)
-    return GROUNDING_PROMPT.format(expression=expression), format_box(box)
+    return GROUNDING_PROMPT.format(expression=expression), _box_text(scene, scene.objects[index])
 
 
 def box_list(scene: S.Scene, rng: random.Random) -> Turn:
@@ -129,7 +133,7 @@ def box_list(scene: S.Scene, rng: random.Random) -> Turn:
     for index, obj in enumerate(scene.objects):
         expression = S.referring_expression(scene, index, rng)
         if expression is not None:
-            items.append(f"{expression} {format_box(pixel_to_grid(obj.bbox, scene.width, scene.height, square_pad=False))}")
+            items.append(f"{expression} {_box_text(scene, obj)}")
     rng.shuffle(items)
     return "Where is each object?", " " + " ; ".join(items) + " ."
 

@@ -10,7 +10,7 @@ G x G grid (Q = G*G), and each object adds to the cell holding its centre the su
 
 So a yes/no question's content word (" circle", " two", " left") meets the same embedding in the image: the
 lookup a fresh LLM otherwise finds slowly. The vision tower and resampler are then trained to produce these
-vectors from pixels (`base_recipe.align_vision`). Count and place words are global facts about the scene; they
+vectors from pixels (the align stage of `base_recipe`). Count and place words are global facts about the scene; they
 are in the slot because the LLM reads them there directly (with rank words instead, count questions stayed
 at .53-.72 held-out after 1,000 steps; with the category's count, .96 after 250).
 """
@@ -94,13 +94,23 @@ class SceneSlots(nn.Module):
         self.places = WordTable(tokenizer, [w for cell in CELLS for w in place_words(cell)])  # 2 per place
         self.counts = WordTable(tokenizer, list(COUNT_WORDS))
 
+    def _objects(self, scenes: list[S.Scene]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scene index [N], `slot_features` [N, 10]) of every object of the batch."""
+        rows, feats = [], []
+        for i, scene in enumerate(scenes):
+            for f in slot_features(scene, self.grid):
+                rows.append(i)
+                feats.append(f)
+        device = self.cell.weight.device
+        return (torch.tensor(rows, dtype=torch.long, device=device),
+                torch.tensor(feats, dtype=torch.long, device=device).reshape(-1, 10))
+
     def readout_loss(self, scenes: list[S.Scene], tokens: torch.Tensor, word_embedding: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of reading each object's colour, category and count word back from its cell's token
         ([B, Q, D], the cell's own vector removed) by dot products with the candidate words' embeddings: the
         parts of a slot the questions read, which a plain regression of the whole slot leaves out (measured)."""
-        rows, feats = zip(*[(i, f) for i, scene in enumerate(scenes) for f in slot_features(scene, self.grid)])
-        f = torch.tensor(feats, device=tokens.device)
-        content = tokens[torch.tensor(rows, device=tokens.device), f[:, 0]] - self.cell.weight[f[:, 0]]  # (N, D)
+        rows, f = self._objects(scenes)
+        content = tokens[rows, f[:, 0]] - self.cell.weight[f[:, 0]]  # (N, D)
         losses = []
         for table, column in ((self.colours, 1), (self.categories, 2), (self.counts, 9)):
             words = table(torch.arange(len(table.ids), device=f.device), word_embedding)  # (n, D)
@@ -113,19 +123,13 @@ class SceneSlots(nn.Module):
     def forward(self, scenes: list[S.Scene], word_embedding: torch.Tensor) -> torch.Tensor:
         batch = len(scenes)
         out = self.cell.weight[None].repeat(batch, 1, 1)  # (B, Q, D)
-        rows, feats = [], []
-        for i, scene in enumerate(scenes):
-            for f in slot_features(scene, self.grid):
-                rows.append(i)
-                feats.append(f)
-        if not rows:
+        rows, f = self._objects(scenes)
+        if not len(rows):
             return out
-        f = torch.tensor(feats, device=self.cell.weight.device)  # (N, 10)
         vectors = (self.colours(f[:, 1], word_embedding) + self.categories(f[:, 2], word_embedding)
                    + self.sizes(f[:, 3], word_embedding)
                    + self.places(2 * f[:, 8:9] + torch.arange(2, device=f.device), word_embedding).sum(1)
                    + self.counts(f[:, 9], word_embedding)
                    + self.colour_category(f[:, 1] * len(CATEGORIES) + f[:, 2])
                    + self.box(f[:, 4:8] + torch.arange(4, device=f.device) * BOX_BINS).sum(1))  # (N, D)
-        index = (torch.tensor(rows, device=f.device), f[:, 0])
-        return out.index_put(index, vectors.to(out.dtype), accumulate=True)
+        return out.index_put((rows, f[:, 0]), vectors.to(out.dtype), accumulate=True)
