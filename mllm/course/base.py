@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
 import random
 import shutil
 import time
@@ -228,26 +230,63 @@ def _fresh_model(world: Path, init: Path, seed: int):
     return model, tokenizer
 
 
-def stage_base(out: Path, budget: Budget, seed: int) -> dict:
-    """Phase 0 (vision pretraining, `pretrain` above), then read, align and tune (`base_stages`); the last
-    stage's model is the base. Every phase resumes: a finished one is reused, a stopped one goes on from its
-    last saved state, so a stopped run goes on where it was."""
-    world = world_dir(out, budget, seed)
-    stage = out / "base"
+def _slots(tokenizer, model, seed: int) -> SceneSlots:
+    torch.manual_seed(seed)  # the same starting tables whether read runs beside phase 0 or after it
+    return SceneSlots(tokenizer, model.config.llm.hidden_size, SLOT_GRID)
+
+
+def _read_beside(out: Path, budget: Budget, seed: int) -> None:
+    """The read stage in its own process on one core (phase 0 has the other); its finished stage hands on
+    only the LLM and the slots (`BaseStage.load_finished`)."""
+    torch.set_num_threads(1)
+    model, tokenizer = _fresh_model(out / "world", out / "base" / "init", seed)
+    settings = base_stages(budget)[0]
+    BaseStage(model, tokenizer, _slots(tokenizer, model, seed), settings, out / "base" / settings.kind,
+              seed=seed).run(progress=lambda line: print(line, flush=True))
+
+
+def vision_phase(stage: Path, world: Path, budget: Budget, seed: int):
+    """Phase 0 under `stage/phase0`: the fresh model's vision side pretrained on the world's labels; a finished
+    one is reused (the phase is deterministic for a seed and its log is written last). Returns (model, tokenizer,
+    log). It touches neither the LLM nor the slots, so the read stage may run beside it."""
     log_path = stage / "phase0" / "vision_pretrain_log.json"
     if log_path.is_file() and (stage / "phase0" / "model.safetensors").is_file():
-        # the phase is deterministic for a seed and written last: a finished one is reused (resume after a stop)
-        log = json.loads(log_path.read_text())
-        model, tokenizer = MLLMModel.from_pretrained(stage / "phase0"), load_tokenizer(stage / "phase0")
         print(f"reusing the finished vision pretraining in {stage / 'phase0'}", flush=True)
-    else:
-        model, tokenizer = _fresh_model(world, stage / "init", seed)
-        log = pretrain(model, world, steps=budget.vision_pretrain_steps, batch_size=budget.vision_pretrain_batch,
-                       lr=budget.vision_pretrain_lr, seed=seed)
-        model.save_pretrained(stage / "phase0", tokenizer=tokenizer)
-        plot_log(log, stage / "phase0" / "vision_pretrain.png")
-        write_json_atomic(log_path, log)
-    slots = SceneSlots(tokenizer, model.config.llm.hidden_size, SLOT_GRID)
+        return (MLLMModel.from_pretrained(stage / "phase0"), load_tokenizer(stage / "phase0"),
+                json.loads(log_path.read_text()))
+    model, tokenizer = _fresh_model(world, stage / "init", seed)
+    log = pretrain(model, world, steps=budget.vision_pretrain_steps, batch_size=budget.vision_pretrain_batch,
+                   lr=budget.vision_pretrain_lr, seed=seed)
+    model.save_pretrained(stage / "phase0", tokenizer=tokenizer)
+    plot_log(log, stage / "phase0" / "vision_pretrain.png")
+    write_json_atomic(log_path, log)
+    return model, tokenizer, log
+
+
+def stage_base(out: Path, budget: Budget, seed: int) -> dict:
+    """Phase 0 (vision pretraining, `pretrain` above), then read, align and tune (`base_stages`); the last
+    stage's model is the base. With two cores or more, phase 0 and read (which share no parameters) run side by
+    side, one core each. Every phase resumes: a finished one is reused, a stopped one goes on from its last
+    saved state, so a stopped run goes on where it was."""
+    world = world_dir(out, budget, seed)
+    stage = out / "base"
+    _fresh_model(world, stage / "init", seed)
+    reader = None
+    if len(os.sched_getaffinity(0)) >= 2 and not (stage / "read" / "done.json").is_file() \
+            and not (stage / "phase0" / "vision_pretrain_log.json").is_file():
+        # phase 0 trains only the vision side and read only the LLM and slots: one core each, side by side
+        reader = multiprocessing.get_context("spawn").Process(target=_read_beside, args=(out, budget, seed))
+        reader.start()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+    model, tokenizer, log = vision_phase(stage, world, budget, seed)
+    if reader is not None:
+        torch.set_num_threads(threads)
+        reader.join()
+        if reader.exitcode != 0:
+            raise RuntimeError(f"the read stage beside the vision pretraining failed (exit {reader.exitcode}); "
+                               f"rerun to resume it from {stage / 'read'}")
+    slots = _slots(tokenizer, model, seed)
     summaries, curves = [], []
     for settings in base_stages(budget):
         runner = BaseStage(model, tokenizer, slots, settings, stage / settings.kind, seed=seed)

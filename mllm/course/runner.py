@@ -43,11 +43,14 @@ def run(out: Path, stage: str, budget, seed: int = 0) -> dict:
     out/course.md, print the table; returns every stage's results so far."""
     out.mkdir(parents=True, exist_ok=True)
     results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results = {}
     for name in STAGES if stage == "all" else [stage]:
         print(f"== stage {name} ==", flush=True)
-        results[name] = RUNNERS[name](out, budget, seed) | {"smoke_test": budget.smoke_test}
-        tmp = results_path.with_suffix(".tmp")
+        result = RUNNERS[name](out, budget, seed) | {"smoke_test": budget.smoke_test}
+        # read just before writing: stages run as separate processes side by side keep each other's results
+        results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+        results[name] = result
+        tmp = results_path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(results, indent=2, default=str))
         os.replace(tmp, results_path)
         (out / "course.md").write_text(table(results) + "\n")

@@ -44,6 +44,7 @@ from mllm.train.scene_slots import SceneSlots
 from mllm.world import scenes as S
 
 PARTS = ("llm", "slots", "vision")  # what a stage may train; vision = vision tower + resampler
+PART_PREFIXES = {"llm": ("llm.",), "vision": ("vpm.", "resampler.")}  # their names in the model's state dict
 
 
 @dataclass
@@ -321,8 +322,13 @@ class BaseStage:
         return summary
 
     def load_finished(self) -> None:
-        self.model.load_state_dict(load_state_dict(self.folder / "model"))
-        self.slots.load_state_dict(load_file(str(self.folder / "slots.safetensors")))
+        """Take over only the parts this stage trained: the others are the earlier stages' (so a stage that ran
+        beside another, e.g. read beside the vision pretraining, does not bring back its starting vision)."""
+        prefixes = tuple(p for part in self.settings.trains for p in PART_PREFIXES.get(part, ()))
+        trained = {k: v for k, v in load_state_dict(self.folder / "model").items() if k.startswith(prefixes)}
+        self.model.load_state_dict(trained, strict=False)
+        if "slots" in self.settings.trains:
+            self.slots.load_state_dict(load_file(str(self.folder / "slots.safetensors")))
 
     def curve(self) -> list[dict]:
         return json.loads((self.folder / "log.json").read_text())

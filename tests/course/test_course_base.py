@@ -3,6 +3,7 @@ run that resumes instead of training again (every finished phase is reused, the 
 
 import json
 
+import torch
 from safetensors.torch import load_file
 
 from mllm.course.base import SLOT_GRID, stage_base
@@ -56,3 +57,43 @@ def test_the_course_table_says_when_its_numbers_are_a_smoke_run():
     note = table({"base": base | {"smoke_test": True}}).splitlines()[-1]
     assert note.startswith("Smoke run (`--quick`) for base") and "not the course's" in note
     assert Budget.quick().smoke_test and not Budget().smoke_test
+
+
+def test_stages_run_side_by_side_keep_each_others_results(tmp_path, monkeypatch):
+    import json
+
+    from mllm.course import runner
+
+    def sft(out, budget, seed):
+        # another `mllm course --stage grounding` process finishes while this stage trains
+        (out / "results.json").write_text(json.dumps({"grounding": {"accuracy": 0.5}}))
+        return {"stage": "sft", "before": {"test_loss": 0.7, "acc": 0.5}, "after": {"test_loss": 0.1, "acc": 0.9}}
+
+    monkeypatch.setitem(runner.RUNNERS, "sft", sft)
+    results = runner.run(tmp_path, "sft", Budget.quick())
+    assert set(results) == {"grounding", "sft"}
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_read_beside_the_vision_pretraining_gives_the_serial_base(tmp_path, monkeypatch):
+    import os
+
+    from mllm.course import base as course_base
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    side_by_side = stage_base(tmp_path / "two", _budget(), seed=0)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    calls = []
+    monkeypatch.setattr(course_base, "_read_beside", lambda *a: calls.append(a))
+    serial = stage_base(tmp_path / "one", _budget(), seed=0)
+    assert calls == []  # one core: no process beside
+    two = load_file(tmp_path / "two" / "base" / "model" / "model.safetensors")
+    one = load_file(tmp_path / "one" / "base" / "model" / "model.safetensors")
+    assert all(torch.allclose(two[k], one[k], atol=1e-5) for k in one)
+    # the read stage beside phase 0 started from the init's vision, and that vision was not handed on
+    read = load_file(tmp_path / "two" / "base" / "read" / "model" / "model.safetensors")
+    phase0 = load_file(tmp_path / "two" / "base" / "phase0" / "model.safetensors")
+    key = "vpm.embeddings.patch_embedding.weight"
+    assert not torch.equal(read[key], phase0[key])
+    assert side_by_side["stages"][0]["steps"] == serial["stages"][0]["steps"] == 4

@@ -148,6 +148,23 @@ def test_a_stopped_stage_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path
     assert torch.equal(straight.slots.box.weight, resumed.slots.box.weight)
 
 
+def test_a_finished_stage_hands_on_only_the_parts_it_trained(tmp_path, tokenizer):
+    # read ran beside the vision pretraining (from the same init): reusing it must keep the pretrained vision
+    finished, finished_model = _read(tmp_path, tokenizer, steps=2)
+    finished.run(progress=lambda line: None)
+    later = _model(tokenizer, seed=1)  # stands for the model after the vision pretraining
+    vision = {k: v.clone() for k, v in later.vpm.state_dict().items()}
+    slots = SceneSlots(tokenizer, later.config.llm.hidden_size, grid=2)
+    reused = BaseStage(later, tokenizer, slots, finished.settings, tmp_path)
+    reused.run(progress=lambda line: None)
+    assert all(torch.equal(v, later.vpm.state_dict()[k]) for k, v in vision.items())
+    assert not torch.equal(vision["embeddings.patch_embedding.weight"],
+                           finished_model.vpm.embeddings.patch_embedding.weight)
+    for (name, a), (_, b) in zip(finished_model.llm.state_dict().items(), later.llm.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert torch.equal(finished.slots.box.weight, slots.box.weight)
+
+
 def test_stage_settings_name_what_is_wrong():
     with pytest.raises(ValueError, match="kind"):
         StageSettings(kind="pretrain", steps=1, lr=1e-3, trains={"llm": 1.0})
