@@ -54,7 +54,7 @@ if args.get("vision_stage") and not (out / "align" / "done.json").is_file():
 common = {"batch": int(args.get("batch", 32)), "eval_scenes": int(args.get("eval_scenes", 300)),
           "eval_every": int(args.get("eval_every", 250)), "save_every": 50}
 stages = [
-    StageSettings(kind="read", steps=0, lr=0.0, trains={"llm": 1.0}),  # finished above: loads its weights
+    StageSettings(kind="read", steps=0, lr=0.0, trains={"llm": 1.0, "slots": 1.0}),  # finished above: loads them
     StageSettings(kind="align", steps=int(args.get("align", 500)), lr=float(args.get("align_lr", 1e-3)),
                   trains={"vision": 1.0}, answer_weight=float(args.get("align_answer", 0.0)), slot_weight=1.0,
                   readout_weight=float(args.get("readout", 1.0)), warmup=50, beta2=0.98, **common),

@@ -214,7 +214,7 @@ def base_stages(budget: Budget) -> list[StageSettings]:
         StageSettings(kind="tune", steps=budget.tune_steps, lr=budget.tune_lr,
                       trains={"vision": 1.0, "llm": budget.tune_llm_lr_scale}, lm_weight=0.5, slot_weight=1.0,
                       readout_weight=1.0,
-                      warmup=50, beta2=0.98, mix=LessonMix(caption_noise=budget.caption_noise), **common),
+                      warmup=50, beta2=0.98, mix=LessonMix(caption_noise=budget.caption_noise, alone=0.3), **common),
     ]
 
 
@@ -233,6 +233,15 @@ def _fresh_model(world: Path, init: Path, seed: int):
 def _slots(tokenizer, model, seed: int) -> SceneSlots:
     torch.manual_seed(seed)  # the same starting tables whether read runs beside phase 0 or after it
     return SceneSlots(tokenizer, model.config.llm.hidden_size, SLOT_GRID)
+
+
+def _fresh_resampler(model, seed: int) -> None:
+    """Alignment starts from a fresh resampler: phase 0's fed only its throwaway heads, and from it the slot
+    regression and the read-back barely move in 1,000 steps (measured: normalised MSE 1.03 -> 1.05 and read-back
+    loss 1.93 -> 1.66, existence from pixels 0.50), where a fresh one reaches 1.04 and 0.89 by step 600
+    (existence 0.60 at 500). A finished or resumed align stage loads its own resampler over this one."""
+    torch.manual_seed(seed)
+    model.resampler.load_state_dict(MLLMModel(model.config).resampler.state_dict())
 
 
 def _read_beside(out: Path, budget: Budget, seed: int) -> None:
@@ -289,6 +298,8 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
     slots = _slots(tokenizer, model, seed)
     summaries, curves = [], []
     for settings in base_stages(budget):
+        if settings.kind == "align":
+            _fresh_resampler(model, seed)
         runner = BaseStage(model, tokenizer, slots, settings, stage / settings.kind, seed=seed)
         summaries.append(runner.run(progress=lambda line: print(line, flush=True)))
         curves.append((settings.kind, runner.curve()))

@@ -25,12 +25,12 @@ class Budget:
     vision_pretrain_steps: int = 3000  # phase 0: the vision side on the scenes' labels
     vision_pretrain_batch: int = 64
     vision_pretrain_lr: float = 3e-3
-    read_steps: int = 1000  # the LLM on lessons with the scene as slot vectors
+    read_steps: int = 2000  # the LLM on lessons with the scene as slot vectors
     read_existence_steps: int = 500  # ... the first of them on existence alone (a curriculum)
     read_lr: float = 1e-3
     align_steps: int = 1000  # vision + resampler regress the slots and read back words (no LLM in the step)
     align_lr: float = 1e-3
-    tune_steps: int = 750  # everything; the LLM at tune_llm_lr_scale x tune_lr
+    tune_steps: int = 900  # everything; the LLM at tune_llm_lr_scale x tune_lr
     tune_lr: float = 3e-4
     tune_llm_lr_scale: float = 0.5
     base_batch: int = 32  # scenes per step (4 turns each) in read, align and tune

@@ -151,6 +151,7 @@ class LessonMix:
     caption_noise: float = 0.0  # share of descriptions with one absent object added
     yesno_kinds: tuple[str, ...] | None = None  # only these kinds of yes/no question (None: all four)
     dense: str = "statements"  # the dense lookup turn: "statements" (all four kinds) or "inventory" (existence)
+    alone: float = 0.0  # share of conversations that are one writing turn alone, as an evaluation asks it
 
     def turns(self, scene: S.Scene, rng: random.Random, n: int) -> list[Turn]:
         """n turns about the scene (n - 1 drawn from the weights, plus the statements): asking turns first, then
@@ -159,6 +160,14 @@ class LessonMix:
         writing = [(self.short, lambda sc, r: short_turn(sc, r, self.caption_noise)),
                    (self.detailed, lambda sc, r: detailed_turn(sc, r, self.caption_noise)),
                    (self.grounding, grounding_turn)]
+        if self.alone > 0 and rng.random() < self.alone:
+            # measured: a base that only ever wrote after questions and statements answered a description
+            # prompt asked first with "1" (Recall 7.4)
+            alone = [(w, m) for w, m in writing if w > 0]
+            while True:
+                turn = rng.choices([m for _, m in alone], [w for w, _ in alone])[0](scene, rng)
+                if turn is not None:
+                    return [turn]
         makers = [(w, m, rank) for rank, group in ((0, asking), (2, writing)) for w, m in group if w > 0]
         if not makers:
             raise ValueError("a LessonMix needs at least one turn maker with a positive weight")

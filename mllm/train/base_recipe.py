@@ -115,8 +115,8 @@ def with_image_tokens(model, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
     """Text embeddings [B, T, D] with tokens [B, Q, D] in each sample's image span."""
     embeds = model.llm.get_input_embeddings()(batch["input_ids"])
     query_num = tokens.shape[1]
-    rows = torch.arange(len(tokens))[:, None].expand(-1, query_num)
-    cols = batch["image_starts"][:, None] + torch.arange(query_num)  # (B, Q)
+    rows = torch.arange(len(tokens), device=tokens.device)[:, None].expand(-1, query_num)
+    cols = batch["image_starts"][:, None] + torch.arange(query_num, device=tokens.device)  # (B, Q)
     return embeds.index_put((rows, cols), tokens.to(embeds.dtype))
 
 
@@ -147,6 +147,7 @@ class BaseStage:
         self.processor = ImageProcessor.from_config(model.config.slice)
         self.yes_no = [tokenizer.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No")]
         self.heldout = self._heldout()
+        self.device = model.device  # the model and the slots on one device; batches follow them
 
     # the parts and what they compute
     def _modules(self, part: str) -> list[torch.nn.Module]:
@@ -180,6 +181,9 @@ class BaseStage:
             return slot_vectors, slot_vectors
         return vision_tokens(self.model, self.processor, images), slot_vectors
 
+    def _on_device(self, batch: dict) -> dict:
+        return {name: value.to(self.device) for name, value in batch.items()}
+
     def _logits(self, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
         embeds = with_image_tokens(self.model, batch, tokens)
         return self.model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
@@ -194,12 +198,13 @@ class BaseStage:
         needs just the vision side: 12x cheaper steps, measured)."""
         s = self.settings
         parts = {}
-        with torch.autocast("cpu", torch.bfloat16, enabled=s.bf16):
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=s.bf16):
             tokens, slot_vectors = self._image_tokens(scenes, images)
             if s.answer_weight or s.lm_weight:
                 mix = mix or s.mix
-                batch = collate([encode(mix.turns(scene, rng, s.turns), self.tokenizer, self.token_ids,
-                                        self.query_num) for scene in scenes], self.pad_id)
+                batch = self._on_device(collate([encode(mix.turns(scene, rng, s.turns), self.tokenizer,
+                                                        self.token_ids, self.query_num) for scene in scenes],
+                                                self.pad_id))
                 logits = self._logits(batch, tokens).float().flatten(0, 1)  # (B*T, V)
         if s.answer_weight:
             parts["answer"] = F.cross_entropy(logits, batch["labels"].flatten(), ignore_index=-100)
@@ -238,12 +243,12 @@ class BaseStage:
         for k in range(0, len(self.heldout), 100):
             chunk = self.heldout[k:k + 100]
             items = [encode([(q, a)], self.tokenizer, self.token_ids, self.query_num) for _, _, _, q, a in chunk]
-            batch = collate(items, self.pad_id)
-            with torch.autocast("cpu", torch.bfloat16, enabled=self.settings.bf16):
+            batch = self._on_device(collate(items, self.pad_id))
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.settings.bf16):
                 tokens, _ = self._image_tokens([c[1] for c in chunk], [c[2] for c in chunk])
                 logits = self._logits(batch, tokens).float()
             for i, (kind, _, _, _, answer) in enumerate(chunk):
-                position = int(torch.isin(batch["labels"][i], torch.tensor(self.yes_no)).nonzero()[0])
+                position = int(torch.isin(batch["labels"][i].cpu(), torch.tensor(self.yes_no)).nonzero()[0])
                 yes, no = logits[i, position, self.yes_no]
                 hits[kind].append(("Yes" if yes > no else "No") == answer)
         for m, training in was_training.items():

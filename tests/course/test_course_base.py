@@ -2,6 +2,7 @@
 run that resumes instead of training again (every finished phase is reused, the model is the same)."""
 
 import json
+import os
 
 import torch
 from safetensors.torch import load_file
@@ -77,8 +78,6 @@ def test_stages_run_side_by_side_keep_each_others_results(tmp_path, monkeypatch)
 
 
 def test_read_beside_the_vision_pretraining_gives_the_serial_base(tmp_path, monkeypatch):
-    import os
-
     from mllm.course import base as course_base
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
@@ -97,3 +96,29 @@ def test_read_beside_the_vision_pretraining_gives_the_serial_base(tmp_path, monk
     key = "vpm.embeddings.patch_embedding.weight"
     assert not torch.equal(read[key], phase0[key])
     assert side_by_side["stages"][0]["steps"] == serial["stages"][0]["steps"] == 4
+
+
+def test_alignment_starts_from_a_fresh_resampler(tmp_path, monkeypatch):
+    from mllm.course import base as course_base
+    from mllm.model.modeling_mllm import MLLMModel
+
+    seen = []
+    fresh = course_base._fresh_resampler
+
+    def spy(model, seed):
+        before = {k: v.clone() for k, v in model.resampler.state_dict().items()}
+        fresh(model, seed)
+        seen.append((before, {k: v.clone() for k, v in model.resampler.state_dict().items()}))
+
+    monkeypatch.setattr(course_base, "_fresh_resampler", spy)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    stage_base(tmp_path, _budget(), seed=0)
+    assert len(seen) == 1
+    before, after = seen[0]
+    phase0 = load_file(tmp_path / "base" / "phase0" / "model.safetensors")
+    assert all(torch.equal(before[k], phase0["resampler." + k]) for k in before)  # phase 0's, then replaced
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    config = MLLMModel.from_pretrained(tmp_path / "base" / "phase0").config
+    torch.manual_seed(0)
+    reference = MLLMModel(config).resampler.state_dict()
+    assert all(torch.equal(after[k], reference[k]) for k in after)

@@ -88,6 +88,19 @@ def test_lessons_ask_before_the_statements_and_write_after_them_and_noise_adds_a
         assert len(set(S.mentioned_categories(text)) - present) == 1
 
 
+def test_a_share_of_conversations_is_one_writing_turn_alone_as_an_evaluation_asks_it():
+    scene = S.drawn_scene(S.sample_scene(random.Random(5), "x"))
+    rng = random.Random(0)
+    conversations = [LessonMix(alone=0.3).turns(scene, rng, 4) for _ in range(400)]
+    alone = [turns for turns in conversations if len(turns) == 1]
+    assert 90 <= len(alone) <= 150  # 0.3 of 400
+    assert all(answer not in ("Yes", "No") and not question.startswith("Is there") for (question, answer), in alone)
+    assert all(len(turns) == 4 for turns in conversations if len(turns) != 1)
+    # the default mix draws exactly as before the option existed
+    a, b = random.Random(1), random.Random(1)
+    assert LessonMix().turns(scene, a, 4) == LessonMix(alone=0.0).turns(scene, b, 4) and a.random() == b.random()
+
+
 def test_collate_masks_the_image_span_from_the_next_token_targets(tokenizer):
     ids = special_token_ids(tokenizer)
     items = [encode([("Is there a circle in the image?", "Yes")], tokenizer, ids, 4),
