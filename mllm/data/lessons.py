@@ -164,7 +164,7 @@ class LessonMix:
             # measured: a base that only ever wrote after questions and statements answered a description
             # prompt asked first with "1" (Recall 7.4)
             alone = [(w, m) for w, m in writing if w > 0]
-            while True:
+            for _ in range(10 if alone else 0):  # grounding alone may find no expression: then a full conversation
                 turn = rng.choices([m for _, m in alone], [w for w, _ in alone])[0](scene, rng)
                 if turn is not None:
                     return [turn]

@@ -101,6 +101,15 @@ def test_a_share_of_conversations_is_one_writing_turn_alone_as_an_evaluation_ask
     assert LessonMix().turns(scene, a, 4) == LessonMix(alone=0.0).turns(scene, b, 4) and a.random() == b.random()
 
 
+def test_grounding_alone_with_no_expression_falls_back_to_a_full_conversation(monkeypatch):
+    from mllm.data import lessons
+
+    monkeypatch.setattr(lessons, "grounding_turn", lambda scene, rng: None)
+    mix = LessonMix(yesno=1.0, lookup=0.0, short=0.0, detailed=0.0, grounding=1.0, alone=1.0)
+    turns = mix.turns(S.drawn_scene(S.sample_scene(random.Random(5), "x")), random.Random(0), 4)
+    assert len(turns) == 4 and all(answer in ("Yes", "No") for _, answer in turns[:3])
+
+
 def test_collate_masks_the_image_span_from_the_next_token_targets(tokenizer):
     ids = special_token_ids(tokenizer)
     items = [encode([("Is there a circle in the image?", "Yes")], tokenizer, ids, 4),
