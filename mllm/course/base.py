@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm.course.shared import Budget, answer_yesno, describe_and_score, ground_and_score, world_dir
-from mllm.data.lessons import EXISTENCE_FIRST, LessonMix, tokenizer_texts
+from mllm.data.lessons import COLOUR_NEXT, EXISTENCE_FIRST, LessonMix, tokenizer_texts
 from mllm.jsonio import write_json_atomic
 from mllm.model.configuration import MLLMConfig
 from mllm.model.image_processing import ImageProcessor
@@ -207,8 +207,9 @@ def base_stages(budget: Budget) -> list[StageSettings]:
               "eval_every": budget.base_eval_every, "save_every": budget.base_save_every}
     return [
         StageSettings(kind="read", steps=budget.read_steps, lr=budget.read_lr, trains={"llm": 1.0, "slots": 1.0},
-                      lm_weight=1.0, warmup=100, beta2=0.95, first_mix=EXISTENCE_FIRST,
-                      first_mix_steps=budget.read_existence_steps, **common),
+                      lm_weight=1.0, warmup=100, beta2=0.95,
+                      curriculum=((EXISTENCE_FIRST, budget.read_existence_steps),
+                                  (COLOUR_NEXT, budget.read_colour_steps)), **common),
         StageSettings(kind="align", steps=budget.align_steps, lr=budget.align_lr, trains={"vision": 1.0},
                       answer_weight=0.0, slot_weight=1.0, readout_weight=1.0, warmup=50, beta2=0.98, **common),
         StageSettings(kind="tune", steps=budget.tune_steps, lr=budget.tune_lr,

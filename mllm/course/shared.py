@@ -27,6 +27,7 @@ class Budget:
     vision_pretrain_lr: float = 3e-3
     read_steps: int = 2000  # the LLM on lessons with the scene as slot vectors
     read_existence_steps: int = 500  # ... the first of them on existence alone (a curriculum)
+    read_colour_steps: int = 300  # ... then colour questions alone
     read_lr: float = 1e-3
     align_steps: int = 1000  # vision + resampler regress the slots and read back words (no LLM in the step)
     align_lr: float = 1e-3
@@ -48,8 +49,9 @@ class Budget:
     @classmethod
     def quick(cls) -> "Budget":
         return cls(n_train=200, n_test=40, vision_pretrain_steps=20, vision_pretrain_batch=16, read_steps=30,
-                   read_existence_steps=10, align_steps=10, tune_steps=10, base_batch=8, base_eval_scenes=20,
-                   base_eval_every=10, base_save_every=10, sft_steps=10, grounding_steps=20, sft_batch=8,
+                   read_existence_steps=10, read_colour_steps=5, align_steps=10, tune_steps=10, base_batch=8,
+                   base_eval_scenes=20, base_eval_every=10, base_save_every=10, sft_steps=10, grounding_steps=20,
+                   sft_batch=8,
                    eval_limit=40, smoke_test=True)
 
 

@@ -67,8 +67,7 @@ class StageSettings:
     eval_every: int = 250
     eval_scenes: int = 300  # held-out scenes; one yes/no pair each
     mix: LessonMix = field(default_factory=LessonMix)
-    first_mix: LessonMix | None = None  # a curriculum: the first `first_mix_steps` steps draw from this mix
-    first_mix_steps: int = 0
+    curriculum: tuple[tuple[LessonMix, int], ...] = ()  # (mix, steps) in order before `mix`: the first steps
 
     def __post_init__(self):
         if self.kind not in ("read", "align", "tune"):
@@ -191,7 +190,12 @@ class BaseStage:
     def mix_at(self, step: int) -> LessonMix:
         """The lesson mix of training step `step` (1-based)."""
         s = self.settings
-        return s.first_mix if s.first_mix is not None and step <= s.first_mix_steps else s.mix
+        end = 0
+        for mix, steps in s.curriculum:
+            end += steps
+            if step <= end:
+                return mix
+        return s.mix
 
     def loss(self, scenes, images, rng: random.Random, mix: LessonMix | None = None) -> dict:
         """The stage's weighted losses; the LLM runs only when a text loss has weight (slot regression alone

@@ -14,7 +14,7 @@ from mllm.train import base_recipe
 from mllm.train.base_recipe import BaseStage, StageSettings, collate, encode
 from mllm.train.scene_slots import BOX_BINS, SceneSlots, place_words, slot_features
 from mllm.world import scenes as S
-from mllm.data.lessons import EXISTENCE_FIRST, LessonMix, tokenizer_texts
+from mllm.data.lessons import COLOUR_NEXT, EXISTENCE_FIRST, LessonMix, tokenizer_texts
 from mllm.model.tokenization import special_token_ids
 
 
@@ -110,6 +110,19 @@ def test_grounding_alone_with_no_expression_falls_back_to_a_full_conversation(mo
     assert len(turns) == 4 and all(answer in ("Yes", "No") for _, answer in turns[:3])
 
 
+def test_a_scene_with_no_question_of_the_asked_kind_gives_fewer_turns_not_a_hang():
+    from mllm.data.lessons import yesno_turn
+
+    # six circles in all six colours: no colour can be swapped in, so no colour question exists (it hung before)
+    circles = tuple(S.SceneObject("circle", colour, 20 + 15 * i, 20, 10, 0, (10 + 15 * i, 10, 30 + 15 * i, 30))
+                    for i, colour in enumerate(S.COLOURS))
+    scene = S.Scene("c", 120, 60, circles, 0)
+    assert len(circles) == 6 and yesno_turn(scene, random.Random(0), ("color",)) is None
+    mix = LessonMix(yesno=1.0, lookup=0.0, short=0.0, detailed=0.0, grounding=0.0, yesno_kinds=("color",))
+    turns = mix.turns(scene, random.Random(0), 4)
+    assert len(turns) == 1 and turns[0][0] == "Which of these are in the image?"  # the statements turn alone
+
+
 def test_collate_masks_the_image_span_from_the_next_token_targets(tokenizer):
     ids = special_token_ids(tokenizer)
     items = [encode([("Is there a circle in the image?", "Yes")], tokenizer, ids, 4),
@@ -203,8 +216,13 @@ def test_the_existence_curriculum_comes_first_then_the_full_mix(tmp_path, tokeni
         assert dense == "Which shapes are in the image?" and len(answer.split(",")) == len(S.CATEGORIES)
         assert all(q.startswith("Is there") and a in ("Yes", "No") for q, a in questions)
         assert all(re.fullmatch(r"Is there an? \w+ in the image\? Please answer yes or no\.", q) for q, _ in questions)
-    stage, _ = _read(tmp_path, tokenizer, first_mix=EXISTENCE_FIRST, first_mix_steps=2)
-    assert [stage.mix_at(step) is EXISTENCE_FIRST for step in (1, 2, 3)] == [True, True, False]
+    stage, _ = _read(tmp_path, tokenizer, curriculum=((EXISTENCE_FIRST, 2), (COLOUR_NEXT, 1)))
+    assert [stage.mix_at(step) for step in (1, 2, 3, 4)] == [EXISTENCE_FIRST, EXISTENCE_FIRST, COLOUR_NEXT,
+                                                              stage.settings.mix]
+    for _ in range(10):
+        *questions, (dense, _) = COLOUR_NEXT.turns(scene, rng, 4)
+        assert dense == "Which of these are in the image?"
+        assert all(q.startswith("Is there") and q.split()[3] in S.COLOURS for q, _ in questions)
 
 
 def test_slot_regression_alone_never_runs_the_llm(tmp_path, tokenizer):
