@@ -280,11 +280,11 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
     saved state, so a stopped run goes on where it was."""
     world = world_dir(out, budget, seed)
     stage = out / "base"
-    _fresh_model(world, stage / "init", seed)
     reader = None
     if len(os.sched_getaffinity(0)) >= 2 and not (stage / "read" / "done.json").is_file() \
             and not (stage / "phase0" / "vision_pretrain_log.json").is_file():
         # phase 0 trains only the vision side and read only the LLM and slots: one core each, side by side
+        _fresh_model(world, stage / "init", seed)  # written before either process reads it
         reader = multiprocessing.get_context("spawn").Process(target=_read_beside, args=(out, budget, seed))
         reader.start()
         threads = torch.get_num_threads()

@@ -44,7 +44,7 @@ from mllm.train.scene_slots import SceneSlots
 from mllm.world import scenes as S
 
 PARTS = ("llm", "slots", "vision")  # what a stage may train; vision = vision tower + resampler
-PART_PREFIXES = {"llm": ("llm.",), "vision": ("vpm.", "resampler.")}  # their names in the model's state dict
+MODEL_PARTS = {"llm": ("llm",), "vision": ("vpm", "resampler")}  # the model's submodules (state-dict prefixes)
 
 
 @dataclass
@@ -150,8 +150,9 @@ class BaseStage:
 
     # the parts and what they compute
     def _modules(self, part: str) -> list[torch.nn.Module]:
-        return {"llm": [self.model.llm], "slots": [self.slots],
-                "vision": [self.model.vpm, self.model.resampler]}[part]
+        if part == "slots":
+            return [self.slots]
+        return [getattr(self.model, name) for name in MODEL_PARTS[part]]
 
     def _set_trainable(self) -> list[dict]:
         groups = []
@@ -247,13 +248,14 @@ class BaseStage:
         for k in range(0, len(self.heldout), 100):
             chunk = self.heldout[k:k + 100]
             items = [encode([(q, a)], self.tokenizer, self.token_ids, self.query_num) for _, _, _, q, a in chunk]
-            batch = self._on_device(collate(items, self.pad_id))
+            labels = collate(items, self.pad_id)
+            answer_at = torch.isin(labels["labels"], torch.tensor(self.yes_no)).int().argmax(1)  # first Yes/No
+            batch = self._on_device(labels)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.settings.bf16):
                 tokens, _ = self._image_tokens([c[1] for c in chunk], [c[2] for c in chunk])
                 logits = self._logits(batch, tokens).float()
             for i, (kind, _, _, _, answer) in enumerate(chunk):
-                position = int(torch.isin(batch["labels"][i].cpu(), torch.tensor(self.yes_no)).nonzero()[0])
-                yes, no = logits[i, position, self.yes_no]
+                yes, no = logits[i, int(answer_at[i]), self.yes_no]
                 hits[kind].append(("Yes" if yes > no else "No") == answer)
         for m, training in was_training.items():
             m.train(training)
@@ -333,7 +335,7 @@ class BaseStage:
     def load_finished(self) -> None:
         """Take over only the parts this stage trained: the others are the earlier stages' (so a stage that ran
         beside another, e.g. read beside the vision pretraining, does not bring back its starting vision)."""
-        prefixes = tuple(p for part in self.settings.trains for p in PART_PREFIXES.get(part, ()))
+        prefixes = tuple(f"{name}." for part in self.settings.trains for name in MODEL_PARTS.get(part, ()))
         trained = {k: v for k, v in load_state_dict(self.folder / "model").items() if k.startswith(prefixes)}
         self.model.load_state_dict(trained, strict=False)
         if "slots" in self.settings.trains:
