@@ -25,10 +25,12 @@ class Budget:
     vision_pretrain_steps: int = 3000  # phase 0: the vision side on the scenes' labels
     vision_pretrain_batch: int = 64
     vision_pretrain_lr: float = 3e-3
-    read_steps: int = 2000  # the LLM on lessons with the scene as slot vectors
+    read_steps: int = 1000  # the LLM on lessons with the scene as slot vectors
     read_existence_steps: int = 500  # ... the first of them on existence alone (a curriculum)
-    read_colour_steps: int = 300  # ... then colour questions alone
     read_lr: float = 1e-3
+    bind_steps: int = 300  # then, on a fresh schedule at rebind_lr, colour questions alone
+    settle_steps: int = 250  # ... and the full mix again
+    rebind_lr: float = 5e-4
     align_steps: int = 1000  # vision + resampler regress the slots and read back words (no LLM in the step)
     align_lr: float = 1e-3
     tune_steps: int = 900  # everything; the LLM at tune_llm_lr_scale x tune_lr
@@ -49,7 +51,7 @@ class Budget:
     @classmethod
     def quick(cls) -> "Budget":
         return cls(n_train=200, n_test=40, vision_pretrain_steps=20, vision_pretrain_batch=16, read_steps=30,
-                   read_existence_steps=10, read_colour_steps=5, align_steps=10, tune_steps=10, base_batch=8,
+                   read_existence_steps=10, bind_steps=5, settle_steps=5, align_steps=10, tune_steps=10, base_batch=8,
                    base_eval_scenes=20, base_eval_every=10, base_save_every=10, sft_steps=10, grounding_steps=20,
                    sft_batch=8,
                    eval_limit=40, smoke_test=True)

@@ -192,8 +192,9 @@ EXISTENCE_FIRST = LessonMix(yesno=1.0, lookup=0.0, short=0.0, detailed=0.0, grou
                             yesno_kinds=("existence",), dense="inventory")
 
 # After it, colour binding (a colour to its shape) could still stay at chance for 1,000 steps of the full mix (the
-# first full course run: colour .51 at step 1,000); 100 steps of colour questions alone then gave .79
-# (docs/probes/README.md, c1). The statements turn keeps every kind's lookup in view meanwhile.
+# first full course run: colour .51 at step 1,000); 300 steps of colour questions alone on a fresh schedule at 5e-4
+# then gave .94 (docs/probes/README.md, c1): the base's `bind` stage. The statements turn keeps every kind's lookup
+# in view meanwhile. Inside read's own schedule right after the existence steps (~1e-3) it took every kind to .50.
 COLOUR_NEXT = LessonMix(yesno=1.0, lookup=0.0, short=0.0, detailed=0.0, grounding=0.0, yesno_kinds=("color",))
 
 

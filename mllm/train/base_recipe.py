@@ -68,6 +68,7 @@ class StageSettings:
     eval_scenes: int = 300  # held-out scenes; one yes/no pair each
     mix: LessonMix = field(default_factory=LessonMix)
     curriculum: tuple[tuple[LessonMix, int], ...] = ()  # (mix, steps) in order before `mix`: the first steps
+    name: str = ""  # the stage's folder and label when one kind runs more than once (default: kind)
 
     def __post_init__(self):
         if self.kind not in ("read", "align", "tune"):
@@ -76,6 +77,10 @@ class StageSettings:
         if unknown or not self.trains:
             raise ValueError(f"StageSettings.trains must map some of {PARTS} to learning-rate multiples, "
                              f"got {self.trains}")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.kind
 
 
 # ---- batches ---------------------------------------------------------------------------------------------------
@@ -283,11 +288,13 @@ class BaseStage:
         s, folder = self.settings, self.folder
         folder.mkdir(parents=True, exist_ok=True)
         if (folder / "done.json").is_file():
+            done = json.loads((folder / "done.json").read_text())
+            _check_same_training(folder / "done.json", done.get("settings", {}), _jsonable(s))
             self.load_finished()
-            return json.loads((folder / "done.json").read_text())
+            return done | {"stage": s.label}  # the name is this run's (a stage may have been copied in)
         optimizer = torch.optim.AdamW(self._set_trainable(), betas=(0.9, s.beta2), weight_decay=0.01)
         schedule = self._schedule(optimizer)
-        rng = random.Random(f"base/{s.kind}/{self.seed}")
+        rng = random.Random(f"base/{s.kind}/{self.seed}")  # by kind: every read-kind stage draws the same stream
         torch.manual_seed(self.seed)
         step, cpu_seconds, log = 0, 0.0, []
         if (folder / "state.pt").is_file():  # our own file, read with the restricted unpickler all the same
@@ -299,7 +306,7 @@ class BaseStage:
             rng.setstate(_as_rng_state(state["rng"]))
             torch.set_rng_state(state["torch_rng"])
             step, cpu_seconds, log = state["step"], state["cpu_seconds"], state["log"]
-            progress(f"{s.kind}: resuming at step {step} of {s.steps}")
+            progress(f"{s.label}: resuming at step {step} of {s.steps}")
         params = [p for group in optimizer.param_groups for p in group["params"]]
         started = time.process_time() - cpu_seconds
         while step < s.steps:
@@ -317,7 +324,7 @@ class BaseStage:
                             **{f"loss_{k}": round(float(v.detach()), 4) for k, v in parts.items()}})
             if step % s.eval_every == 0 or step == s.steps:
                 log.append({"step": step, "cpu_minutes": cpu_minutes, "yesno": self.evaluate()})
-                progress(f"{s.kind} step {step}/{s.steps} ({cpu_minutes} CPU-min): {log[-1]['yesno']}")
+                progress(f"{s.label} step {step}/{s.steps} ({cpu_minutes} CPU-min): {log[-1]['yesno']}")
             if step % s.save_every == 0 or step == s.steps:
                 self._save({"model": self.model.state_dict(), "slots": self.slots.state_dict(),
                             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
@@ -326,7 +333,7 @@ class BaseStage:
         self.model.save_pretrained(folder / "model", tokenizer=self.tokenizer)
         save_file(self.slots.state_dict(), str(folder / "slots.safetensors"))
         evaluations = [entry for entry in log if "yesno" in entry]
-        summary = {"stage": s.kind, "steps": s.steps, "cpu_minutes": log[-1]["cpu_minutes"],
+        summary = {"stage": s.label, "steps": s.steps, "cpu_minutes": log[-1]["cpu_minutes"],
                    "yesno": evaluations[-1]["yesno"], "settings": _jsonable(s)}
         write_json_atomic(folder / "done.json", summary)
         (folder / "state.pt").unlink()  # the finished weights are in model/ and slots.safetensors
@@ -349,6 +356,34 @@ def _as_rng_state(state) -> tuple:
     """random.Random's state comes back from torch.save as nested lists or tuples; setstate wants tuples."""
     version, internal, gauss = state
     return version, tuple(internal), gauss
+
+
+# what changes only the curve or the saving, not the weights a stage trains
+_NOT_TRAINING = {"log_every", "save_every", "eval_every", "eval_scenes", "name"}
+
+
+def _check_same_training(path: Path, recorded: dict, wanted: dict) -> None:
+    """A finished stage is reused only for the settings it was trained with: a budget changed since (more steps,
+    another rate or mix) would otherwise be silently ignored. Fields added since it was recorded count as their
+    defaults (the behaviour before they existed); a recorded field that is gone counts only when it was set."""
+    recorded = _with_defaults(recorded)
+    differ = sorted(k for k in (set(recorded) | set(wanted)) - _NOT_TRAINING if recorded.get(k) != wanted.get(k)
+                    and not (k not in wanted and recorded[k] in (None, 0, False, [], {})))
+    if differ:
+        detail = "; ".join(f"{k}: finished with {recorded.get(k)!r}, asked {wanted.get(k)!r}" for k in differ)
+        raise ValueError(f"{path}: this finished stage was trained with other settings ({detail}); run into "
+                         f"another --out, or move {path.parent} away to train it again (nothing is deleted)")
+
+
+def _with_defaults(recorded: dict) -> dict:
+    """Recorded settings with every field (and every mix field) they lack at its default."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(StageSettings) if f.name not in ("kind", "steps", "lr")}
+    full = json.loads(json.dumps(defaults, default=dataclasses.asdict)) | recorded
+    mix_defaults = dataclasses.asdict(LessonMix())
+    full["curriculum"] = [[mix_defaults | mix, steps] for mix, steps in full["curriculum"] or []]
+    full["mix"] = mix_defaults | full["mix"]
+    return full
 
 
 def _jsonable(settings: StageSettings) -> dict:

@@ -12,18 +12,20 @@ from mllm.course.shared import Budget
 
 
 def _budget():
-    return Budget(n_train=8, n_test=4, vision_pretrain_steps=3, vision_pretrain_batch=4, read_steps=4, align_steps=2,
-                  tune_steps=2, base_batch=2, base_eval_scenes=3, base_eval_every=2, base_save_every=2,
-                  eval_limit=4)
+    return Budget(n_train=8, n_test=4, vision_pretrain_steps=3, vision_pretrain_batch=4, read_steps=4, bind_steps=2,
+                  settle_steps=2, align_steps=2, tune_steps=2, base_batch=2, base_eval_scenes=3, base_eval_every=2,
+                  base_save_every=2, eval_limit=4)
 
 
 def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
     first = stage_base(tmp_path, _budget(), seed=0)
     base = tmp_path / "base"
     assert first["vision_pretrain"]["step"] == 3
-    assert [s["stage"] for s in first["stages"]] == ["read", "align", "tune"]
-    assert [s["steps"] for s in first["stages"]] == [4, 2, 2]
-    for kind in ("read", "align", "tune"):
+    assert [s["stage"] for s in first["stages"]] == ["read", "bind", "settle", "align", "tune"]
+    assert [s["steps"] for s in first["stages"]] == [4, 2, 2, 2, 2]
+    assert first["stages"][1]["settings"]["mix"]["yesno_kinds"] == ["color"]  # bind: colour questions alone
+    assert first["stages"][2]["settings"]["mix"]["yesno_kinds"] is None  # settle: the full mix again
+    for kind in ("read", "bind", "settle", "align", "tune"):
         curve = json.loads((base / kind / "log.json").read_text())
         assert [e["step"] for e in curve if "yesno" in e] == ([2, 4] if kind == "read" else [2])
         assert not (base / kind / "state.pt").exists()  # a finished stage keeps its model, not its optimiser
@@ -36,8 +38,11 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
     assert first["train_cpu_minutes"] == round(minutes, 1)
     weights = load_file(base / "model" / "model.safetensors")
 
-    # the tuned stage's weights differ from the read stage's in the LLM and the vision side
-    read = load_file(base / "read" / "model" / "model.safetensors")
+    # the tuned stage's weights differ from the read stages' in the LLM and the vision side; bind and settle go on
+    # from read's LLM
+    first_read = load_file(base / "read" / "model" / "model.safetensors")
+    read = load_file(base / "settle" / "model" / "model.safetensors")
+    assert any(not bool((first_read[k] == read[k]).all()) for k in read if k.startswith("llm."))
     align = load_file(base / "align" / "model" / "model.safetensors")
     assert any(not bool((read[k] == align[k]).all()) for k in read if k.startswith("vpm."))
     assert all(bool((read[k] == align[k]).all()) for k in read if k.startswith("llm."))  # frozen while aligning

@@ -1,8 +1,10 @@
 """The base recipe's parts: scenes as slot vectors (hand-worked), lesson batches, and the stages' training loop
 (loss falls, the right parts change, a stopped stage resumes to the very weights of an uninterrupted one)."""
 
+import json
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,6 +200,35 @@ def test_a_finished_stage_hands_on_only_the_parts_it_trained(tmp_path, tokenizer
     for (name, a), (_, b) in zip(finished_model.llm.state_dict().items(), later.llm.state_dict().items()):
         assert torch.equal(a, b), name
     assert torch.equal(finished.slots.box.weight, slots.box.weight)
+
+
+def test_a_finished_stage_trained_with_other_settings_is_not_silently_reused(tmp_path, tokenizer):
+    finished, _ = _read(tmp_path, tokenizer, steps=2)
+    finished.run(progress=lambda line: None)
+    # what changes only the curve is no reason to train again
+    _read(tmp_path, tokenizer, steps=2, log_every=7, name="again")[0].run(progress=lambda line: None)
+    longer, _ = _read(tmp_path, tokenizer, steps=3)
+    with pytest.raises(ValueError, match=r"done.json: .*steps: finished with 2, asked 3.*nothing is deleted"):
+        longer.run(progress=lambda line: None)
+    colour, _ = _read(tmp_path, tokenizer, steps=2, mix=COLOUR_NEXT)
+    with pytest.raises(ValueError, match="mix: finished with"):
+        colour.run(progress=lambda line: None)
+    assert (tmp_path / "model" / "model.safetensors").is_file()  # nothing deleted
+
+
+def test_fields_added_since_a_stage_finished_count_as_their_defaults():
+    wanted = base_recipe._jsonable(StageSettings(kind="read", steps=5, lr=1e-3, trains={"llm": 1.0}))
+    recorded = json.loads(json.dumps(wanted))
+    del recorded["curriculum"], recorded["mix"]["alone"]
+    recorded["first_mix"], recorded["first_mix_steps"] = None, 0  # a field since removed, unset
+    base_recipe._check_same_training(Path("done.json"), recorded, wanted)
+    recorded["first_mix_steps"] = 500  # ... set: it mattered
+    with pytest.raises(ValueError, match="first_mix_steps: finished with 500, asked None"):
+        base_recipe._check_same_training(Path("done.json"), recorded, wanted)
+    recorded = json.loads(json.dumps(wanted))
+    recorded["mix"]["alone"] = 0.3
+    with pytest.raises(ValueError, match="mix"):
+        base_recipe._check_same_training(Path("done.json"), recorded, wanted)
 
 
 def test_stage_settings_name_what_is_wrong():
