@@ -1,0 +1,49 @@
+"""Continue finished read-kind stages (or start from a run's random init) on one lesson mix, through the product's
+`BaseStage`, one thread: the curriculum probes of docs/probes/README.md.
+
+    .venv/bin/python docs/probes/read_continue.py base=RUN/base from=FOLDER[,FOLDER...]|init mix=NAME \
+        steps=300 lr=5e-4 out=runs/probe/NAME [statements=1 eval_every=100 eval_scenes=300 warmup=20]
+
+    c1  from=runs/course/base/read mix=colour            (then `bind` in the product)
+    c2  from=runs/course/base/read,runs/probe/c1 mix=full steps=250   (then `settle`)
+    p1  from=...,runs/probe/c2 mix=position
+    p2  from=...,runs/probe/c2 mix=where lr=1e-3 statements=0
+    l1  from=RUN/base/read,RUN/base/bind,RUN/base/settle mix=lookup
+    f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
+"""
+import sys
+from pathlib import Path
+
+import torch
+
+from mllm.course.base import _slots
+from mllm.data.lessons import LessonMix
+from mllm.model.modeling_mllm import MLLMModel
+from mllm.model.tokenization import load_tokenizer
+from mllm.train.base_recipe import BaseStage, StageSettings
+
+args = dict(a.split("=", 1) for a in sys.argv[1:])
+torch.set_num_threads(1)
+base = Path(args["base"])
+statements = args.get("statements", "1") == "1"
+only = {"yesno": 0.0, "lookup": 0.0, "short": 0.0, "detailed": 0.0, "grounding": 0.0}
+mixes = {
+    "full": LessonMix(statements=statements),
+    "colour": LessonMix(**only | {"yesno": 1.0}, yesno_kinds=("color",), statements=statements),
+    "position": LessonMix(**only | {"yesno": 1.0}, yesno_kinds=("position",), statements=statements),
+    "lookup": LessonMix(**only | {"lookup": 1.0}, statements=statements),
+    "where": LessonMix(**only | {"yesno": 0.5, "lookup": 0.5}, yesno_kinds=("position",), statements=statements),
+}
+read = {"llm": 1.0, "slots": 1.0}
+start = base / ("init" if args["from"] == "init" else "phase0")
+tokenizer = load_tokenizer(start)
+model = MLLMModel.from_pretrained(start)
+slots = _slots(tokenizer, model, 0)
+for folder in [] if args["from"] == "init" else args["from"].split(","):
+    BaseStage(model, tokenizer, slots, StageSettings(kind="read", steps=1, lr=1e-3, trains=read, eval_scenes=1),
+              Path(folder)).load_finished()
+settings = StageSettings(kind="read", steps=int(args.get("steps", 300)), lr=float(args.get("lr", 5e-4)), trains=read,
+                         lm_weight=1.0, warmup=int(args.get("warmup", 20)), beta2=0.95, batch=32,
+                         eval_scenes=int(args.get("eval_scenes", 300)), eval_every=int(args.get("eval_every", 100)),
+                         save_every=50, mix=mixes[args["mix"]])
+print(BaseStage(model, tokenizer, slots, settings, Path(args["out"])).run(progress=lambda s: print(s, flush=True)))

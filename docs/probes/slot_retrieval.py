@@ -1,0 +1,134 @@
+"""Does the LLM of a finished read-kind stage pick one slot out, or read the slots as a bag? Four measurements on
+fresh scenes given as slot vectors (no pixels), one thread:
+
+    .venv/bin/python docs/probes/slot_retrieval.py where|colour|attention|describe RUN/base STAGE_FOLDER...
+
+    where      "Where is the red moon?": the true place phrase among the nine, by teacher-forced log-prob
+    colour     "What colour is the moon?" (a category held once): the true colour among the six
+    attention  per layer, mean over heads, attention from the answer position and from the asked category word
+               onto the asked object's slot, against an occupied slot's average
+    describe   "Describe the image in detail." asked first, greedy: share of the scene's colour-category pairs named
+
+The tokenizer and config come from RUN/base/phase0; each STAGE_FOLDER's finished LLM and slots are loaded in order
+(e.g. RUN/base/read RUN/base/bind RUN/base/settle). docs/probes/README.md has the numbers.
+"""
+import random
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from mllm.course.base import _slots
+from mllm.data.lessons import fresh_scene
+from mllm.model.modeling_mllm import MLLMModel
+from mllm.model.tokenization import load_tokenizer
+from mllm.train.base_recipe import BaseStage, StageSettings, collate, encode, with_image_tokens
+from mllm.train.scene_slots import slot_features
+from mllm.world import scenes as S
+
+torch.set_num_threads(1)
+probe, base, stages = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+tokenizer = load_tokenizer(base / "phase0")
+model = MLLMModel.from_pretrained(base / "phase0", attn_implementation="eager")
+slots = _slots(tokenizer, model, 0)
+read = StageSettings(kind="read", steps=1, lr=1e-3, trains={"llm": 1.0, "slots": 1.0}, eval_scenes=1)
+for folder in stages:
+    BaseStage(model, tokenizer, slots, read, Path(folder)).load_finished()
+stage = BaseStage(model, tokenizer, slots, read, Path("unused"))
+model.eval()
+
+
+def prompt(question: str) -> tuple[torch.Tensor, int]:
+    """Ids up to the position that predicts the answer's first word [1, T], and where the image span starts.
+    Labels are pre-shifted (labels[t] is the token after t) and begin with the newline after the assistant tag."""
+    x = encode([(question, "X")], tokenizer, stage.token_ids, stage.query_num)
+    first = int((x["labels"] != -100).nonzero()[0])
+    return x["input_ids"][:first + 2][None], int(x["image_bound"][0][0])
+
+
+def best_answer(scene, question: str, answers: list[str]) -> int:
+    """Index of the answer with the highest summed log-prob of its tokens."""
+    batch = collate([encode([(question, a)], tokenizer, stage.token_ids, stage.query_num) for a in answers],
+                    stage.pad_id)
+    tokens, _ = stage._image_tokens([scene] * len(answers), [])
+    logprobs = stage._logits(batch, tokens).float().log_softmax(-1)
+    scores = []
+    for i, labels in enumerate(batch["labels"]):
+        at = (labels != -100).nonzero().flatten()
+        scores.append(float(logprobs[i, at, labels[at]].sum()))  # pre-shifted: position t scores labels[t]
+    return max(range(len(answers)), key=scores.__getitem__)
+
+
+def unique_objects(scene, by_category: bool) -> list:
+    counts = S._counts(scene)
+    return [o for o in scene.objects if counts[o.category] == 1] if by_category else S._unique_colour_category(scene)
+
+
+rng = random.Random({"where": 123, "colour": 123, "attention": 5, "describe": 7}[probe])
+with torch.no_grad():
+    if probe in ("where", "colour"):
+        hits, n, chosen = 0, 0, Counter()
+        for _ in range(120):
+            scene = fresh_scene(rng)
+            candidates = unique_objects(scene, by_category=probe == "colour")
+            if not candidates:
+                continue
+            obj = rng.choice(candidates)
+            if probe == "where":
+                cells = list(S.CELL_PHRASES)
+                answers = [f"{S.CELL_PHRASES[c][0].upper()}{S.CELL_PHRASES[c][1:]}." for c in cells]
+                truth = cells.index(S.grid_cell(obj, scene.width, scene.height))
+                question = f"Where is the {obj.colour} {obj.category}?"
+            else:
+                answers, truth = list(S.COLOURS), list(S.COLOURS).index(obj.colour)
+                question = f"What colour is the {obj.category}?"
+            best = best_answer(scene, question, answers)
+            hits, n = hits + (best == truth), n + 1
+            chosen[answers[best]] += 1
+        print(f"{probe}: {hits / n:.3f} right (chance {1 / len(answers):.3f}), n={n}; answers given: {dict(chosen)}")
+    elif probe == "attention":
+        totals, n = 0, 0
+        for _ in range(60):
+            scene = fresh_scene(rng)
+            candidates = unique_objects(scene, by_category=True)
+            if not candidates or len(scene.objects) < 2:
+                continue
+            k = scene.objects.index(rng.choice(candidates))
+            cells = [f[0] for f in slot_features(scene, slots.grid)]
+            ids, start = prompt(f"What colour is the {scene.objects[k].category}?")
+            category_id = tokenizer.encode(" " + scene.objects[k].category, add_special_tokens=False)[-1]
+            tokens, _ = stage._image_tokens([scene], [])
+            embeds = with_image_tokens(model, {"input_ids": ids, "image_starts": torch.tensor([start])}, tokens)
+            attentions = model.llm(inputs_embeds=embeds, output_attentions=True).attentions  # L x (1, H, T, T)
+            row = []
+            for at in (-1, int((ids[0] == category_id).nonzero()[-1])):  # the answer position, the category word
+                image = torch.stack([a[0, :, at].mean(0) for a in attentions])[:, start:start + stage.query_num]
+                occupied = sorted(set(cells))
+                row.append(torch.stack([image[:, cells[k]], image[:, occupied].sum(1) / len(occupied)], 1))
+            totals, n = totals + torch.stack(row), n + 1  # (2 places, L, 2)
+        for name, per_layer in zip(("answer position", "category word"), (totals / n).tolist()):
+            for layer, (target, average) in enumerate(per_layer):
+                print(f"from the {name}, layer {layer}: asked object's slot {target:.3f}, an occupied slot {average:.3f}")
+    else:
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        named = total = 0
+        for i in range(30):
+            scene = fresh_scene(rng)
+            ids, start = prompt("Describe the image in detail.")
+            tokens, _ = stage._image_tokens([scene], [])
+            written = []
+            for _ in range(120):  # greedy, no cache: a short text
+                embeds = with_image_tokens(model, {"input_ids": ids, "image_starts": torch.tensor([start])}, tokens)
+                token = int(model.llm(inputs_embeds=embeds).logits[0, -1].argmax())
+                if token == end:
+                    break
+                written.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], 1)
+            text = tokenizer.decode(written)
+            pairs = {(o.colour, o.category) for o in scene.objects}
+            named += sum(f"{c} {k}" in text for c, k in pairs)
+            total += len(pairs)
+            if i < 3:
+                print(sorted(pairs), "->", text.strip())
+        print(f"describe: {named / total:.3f} of {total} colour-category pairs named")
