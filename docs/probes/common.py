@@ -345,3 +345,23 @@ def evaluate():
     return res
 
 
+
+
+def read_chain(base, folders, **model_kwargs):
+    """(model, tokenizer, slots) of a course run's phase 0 with the LLM and slots of finished read-kind stage
+    folders loaded over it in order (e.g. RUN/base/read, RUN/base/bind, RUN/base/settle); an empty list gives the
+    phase-0 model with the seeded starting slots. `folders == "init"` starts from the run's random init instead."""
+    from pathlib import Path
+
+    from mllm.course.base import _slots
+    from mllm.model.modeling_mllm import MLLMModel
+    from mllm.train.base_recipe import BaseStage, StageSettings
+
+    start = Path(base) / ("init" if folders == "init" else "phase0")
+    tokenizer = load_tokenizer(start)
+    model = MLLMModel.from_pretrained(start, **model_kwargs)
+    slots = _slots(tokenizer, model, 0)
+    finished = StageSettings(kind="read", steps=1, lr=1e-3, trains={"llm": 1.0, "slots": 1.0}, eval_scenes=1)
+    for folder in [] if folders == "init" else folders:
+        BaseStage(model, tokenizer, slots, finished, Path(folder)).load_finished()
+    return model, tokenizer, slots

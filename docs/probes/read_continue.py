@@ -16,10 +16,8 @@ from pathlib import Path
 
 import torch
 
-from mllm.course.base import _slots
+from common import read_chain
 from mllm.data.lessons import LessonMix
-from mllm.model.modeling_mllm import MLLMModel
-from mllm.model.tokenization import load_tokenizer
 from mllm.train.base_recipe import BaseStage, StageSettings
 
 args = dict(a.split("=", 1) for a in sys.argv[1:])
@@ -34,15 +32,9 @@ mixes = {
     "lookup": LessonMix(**only | {"lookup": 1.0}, statements=statements),
     "where": LessonMix(**only | {"yesno": 0.5, "lookup": 0.5}, yesno_kinds=("position",), statements=statements),
 }
-read = {"llm": 1.0, "slots": 1.0}
-start = base / ("init" if args["from"] == "init" else "phase0")
-tokenizer = load_tokenizer(start)
-model = MLLMModel.from_pretrained(start)
-slots = _slots(tokenizer, model, 0)
-for folder in [] if args["from"] == "init" else args["from"].split(","):
-    BaseStage(model, tokenizer, slots, StageSettings(kind="read", steps=1, lr=1e-3, trains=read, eval_scenes=1),
-              Path(folder)).load_finished()
-settings = StageSettings(kind="read", steps=int(args.get("steps", 300)), lr=float(args.get("lr", 5e-4)), trains=read,
+model, tokenizer, slots = read_chain(base, "init" if args["from"] == "init" else args["from"].split(","))
+settings = StageSettings(kind="read", steps=int(args.get("steps", 300)), lr=float(args.get("lr", 5e-4)),
+                         trains={"llm": 1.0, "slots": 1.0},
                          lm_weight=1.0, warmup=int(args.get("warmup", 20)), beta2=0.95, batch=32,
                          eval_scenes=int(args.get("eval_scenes", 300)), eval_every=int(args.get("eval_every", 100)),
                          save_every=50, mix=mixes[args["mix"]])

@@ -19,23 +19,17 @@ from pathlib import Path
 
 import torch
 
-from mllm.course.base import _slots
+from common import read_chain
 from mllm.data.lessons import fresh_scene
-from mllm.model.modeling_mllm import MLLMModel
-from mllm.model.tokenization import load_tokenizer
 from mllm.train.base_recipe import BaseStage, StageSettings, collate, encode, with_image_tokens
 from mllm.train.scene_slots import slot_features
 from mllm.world import scenes as S
 
 torch.set_num_threads(1)
-probe, base, stages = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-tokenizer = load_tokenizer(base / "phase0")
-model = MLLMModel.from_pretrained(base / "phase0", attn_implementation="eager")
-slots = _slots(tokenizer, model, 0)
+probe = sys.argv[1]
+model, tokenizer, slots = read_chain(sys.argv[2], sys.argv[3:], attn_implementation="eager")
 read = StageSettings(kind="read", steps=1, lr=1e-3, trains={"llm": 1.0, "slots": 1.0}, eval_scenes=1)
-for folder in stages:
-    BaseStage(model, tokenizer, slots, read, Path(folder)).load_finished()
-stage = BaseStage(model, tokenizer, slots, read, Path("unused"))
+stage = BaseStage(model, tokenizer, slots, read, Path("unused"))  # its batch and logit helpers
 model.eval()
 
 
