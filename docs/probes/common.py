@@ -365,3 +365,61 @@ def read_chain(base, folders, **model_kwargs):
     for folder in [] if folders == "init" else folders:
         BaseStage(model, tokenizer, slots, finished, Path(folder)).load_finished()
     return model, tokenizer, slots
+
+
+def band_major_slots(grid: int = 6) -> None:
+    """Patch `SceneSlots.forward` so the G x G slots come band-major, as descriptions list objects: the 3x3 grid's
+    row bands first (two slot rows each for G = 6), then by column, the band's two slot rows side by side. In the
+    plain row-major order an object in a band's lower slot row comes after every object of its upper row, while a
+    description (`raster_key`: row band, then the centre's x) may name it first."""
+    import torch
+
+    from mllm.train import scene_slots as SS
+
+    rows_per_band = grid // 3
+    order = [row * grid + col for band in range(3) for col in range(grid)
+             for row in range(band * rows_per_band, (band + 1) * rows_per_band)]
+    plain = SS.SceneSlots.forward
+
+    def forward(self, scenes, word_embedding):
+        return plain(self, scenes, word_embedding)[:, torch.tensor(order)]  # (B, Q, D), sequence position = order
+
+    SS.SceneSlots.forward = forward
+
+
+def extra_slot_table(table: str, std: float = 0.0) -> None:
+    """Patch `SceneSlots` with one more learnt vector added to each object's slot: "triple", one per (colour,
+    category, 3x3 place) (zero-initialised), or "rank", one per object's rank in description order (first ..
+    sixth; normal with `std`). Slot states saved before the table existed still load (the table keeps its start)."""
+    import torch
+    from torch import nn
+
+    from mllm.train import scene_slots as SS
+
+    size = len(SS.COLOURS) * len(SS.CATEGORIES) * len(SS.CELLS) if table == "triple" else 6
+    plain_init, plain_forward, plain_load = SS.SceneSlots.__init__, SS.SceneSlots.forward, SS.SceneSlots.load_state_dict
+
+    def init(self, tokenizer, hidden_size, grid=6):
+        plain_init(self, tokenizer, hidden_size, grid)
+        self.extra = nn.Embedding(size, hidden_size)
+        nn.init.normal_(self.extra.weight, std=std) if std > 0 else nn.init.zeros_(self.extra.weight)
+
+    def forward(self, scenes, word_embedding):
+        out = plain_forward(self, scenes, word_embedding)
+        rows, f = self._objects(scenes)
+        if not len(rows):
+            return out
+        if table == "triple":
+            index = (f[:, 1] * len(SS.CATEGORIES) + f[:, 2]) * len(SS.CELLS) + f[:, 8]
+        else:  # objects come scene by scene in raster order (`SceneSlots._objects`): the k-th of its scene
+            index = torch.tensor([k for scene in scenes for k in range(len(scene.objects))], device=f.device)
+        return out.index_put((rows, f[:, 0]), self.extra(index).to(out.dtype), accumulate=True)
+
+    def load_state_dict(self, state, strict=True, assign=False):
+        state = dict(state)
+        if "pair_place.weight" in state:  # t1, t1b: saved by this probe's first version, under the table's old name
+            state["extra.weight"] = state.pop("pair_place.weight")
+        state.setdefault("extra.weight", self.extra.weight.detach().clone())
+        return plain_load(self, state, strict, assign)
+
+    SS.SceneSlots.__init__, SS.SceneSlots.forward, SS.SceneSlots.load_state_dict = init, forward, load_state_dict

@@ -9,6 +9,9 @@
     p1  from=...,runs/probe/c2 mix=position
     p2  from=...,runs/probe/c2 mix=where lr=1e-3 statements=0
     l1  from=RUN/base/read,RUN/base/bind,RUN/base/settle mix=lookup
+    w1  from=RUN/base/read,...,RUN/base/resettle mix=describe        (w2: alone=1 statements=0)
+    w3  the same from= mix=full alone=0.5
+    w4  as w1 with order=band (the slots band-major, `common.band_major_slots`)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 """
 import sys
@@ -16,21 +19,25 @@ from pathlib import Path
 
 import torch
 
-from common import read_chain
+from common import band_major_slots, read_chain
 from mllm.data.lessons import LessonMix
 from mllm.train.base_recipe import BaseStage, StageSettings
 
 args = dict(a.split("=", 1) for a in sys.argv[1:])
+if args.get("order") == "band":  # w4: the slots in the order descriptions name objects
+    band_major_slots()
 torch.set_num_threads(1)
 base = Path(args["base"])
 statements = args.get("statements", "1") == "1"
 only = {"yesno": 0.0, "lookup": 0.0, "short": 0.0, "detailed": 0.0, "grounding": 0.0}
 mixes = {
-    "full": LessonMix(statements=statements),
+    "full": LessonMix(statements=statements, alone=float(args.get("alone", 0.0))),
     "colour": LessonMix(**only | {"yesno": 1.0}, yesno_kinds=("color",), statements=statements),
     "position": LessonMix(**only | {"yesno": 1.0}, yesno_kinds=("position",), statements=statements),
     "lookup": LessonMix(**only | {"lookup": 1.0}, statements=statements),
     "where": LessonMix(**only | {"yesno": 0.5, "lookup": 0.5}, yesno_kinds=("position",), statements=statements),
+    "describe": LessonMix(**only | {"short": 0.33, "detailed": 0.67}, statements=statements,
+                          alone=float(args.get("alone", 0.0))),
 }
 model, tokenizer, slots = read_chain(base, "init" if args["from"] == "init" else args["from"].split(","))
 settings = StageSettings(kind="read", steps=int(args.get("steps", 300)), lr=float(args.get("lr", 5e-4)),

@@ -8,6 +8,8 @@ fresh scenes given as slot vectors (no pixels), one thread:
     attention  per layer, mean over heads, attention from the answer position and from the asked category word
                onto the asked object's slot, against an occupied slot's average
     describe   "Describe the image in detail." asked first, greedy: share of the scene's colour-category pairs named
+    describe_after  the same asked after the scene's statements turn (true answers), as read-kind stages train it
+    PROBE@band, PROBE@rank, PROBE@triple: stages trained with the slots band-major or with one more slot table
 
 The tokenizer and config come from RUN/base/phase0; each STAGE_FOLDER's finished LLM and slots are loaded in order
 (e.g. RUN/base/read RUN/base/bind RUN/base/settle). docs/probes/README.md has the numbers.
@@ -19,25 +21,34 @@ from pathlib import Path
 
 import torch
 
-from common import read_chain
-from mllm.data.lessons import fresh_scene
+from common import band_major_slots, extra_slot_table, read_chain
+from mllm.data.lessons import fresh_scene, statements
 from mllm.train.base_recipe import BaseStage, StageSettings, collate, encode, with_image_tokens
 from mllm.train.scene_slots import slot_features
 from mllm.world import scenes as S
 
 torch.set_num_threads(1)
 probe = sys.argv[1]
+probe, _, variant = probe.partition("@")  # e.g. describe_after@band, describe_after@rank
+if variant == "band":  # the slots band-major (`common.band_major_slots`)
+    if probe not in ("describe", "describe_after"):
+        raise SystemExit("@band is for the describe probes (the others index slots row-major)")
+    band_major_slots()
+elif variant:  # the stages were trained with one more slot table (`common.extra_slot_table`, docs/probes/triple_slot.py)
+    extra_slot_table(variant)
 model, tokenizer, slots = read_chain(sys.argv[2], sys.argv[3:], attn_implementation="eager")
 read = StageSettings(kind="read", steps=1, lr=1e-3, trains={"llm": 1.0, "slots": 1.0}, eval_scenes=1)
 stage = BaseStage(model, tokenizer, slots, read, Path("unused"))  # its batch and logit helpers
 model.eval()
 
 
-def prompt(question: str) -> tuple[torch.Tensor, int]:
-    """Ids up to the position that predicts the answer's first word [1, T], and where the image span starts.
-    Labels are pre-shifted (labels[t] is the token after t) and begin with the newline after the assistant tag."""
-    x = encode([(question, "X")], tokenizer, stage.token_ids, stage.query_num)
-    first = int((x["labels"] != -100).nonzero()[0])
+def prompt(question: str, before: list | None = None) -> tuple[torch.Tensor, int]:
+    """Ids up to the position that predicts the last answer's first word [1, T] (after the turns `before`), and
+    where the image span starts. Labels are pre-shifted (labels[t] is the token after t) and each answer's begin
+    with the newline after the assistant tag."""
+    x = encode((before or []) + [(question, "X")], tokenizer, stage.token_ids, stage.query_num)
+    at = (x["labels"] != -100).nonzero().flatten()
+    first = int(at[[0] + [i for i in range(1, len(at)) if at[i] - at[i - 1] > 1]][-1])  # the last answer's start
     return x["input_ids"][:first + 2][None], int(x["image_bound"][0][0])
 
 
@@ -59,7 +70,7 @@ def unique_objects(scene, by_category: bool) -> list:
     return [o for o in scene.objects if counts[o.category] == 1] if by_category else S._unique_colour_category(scene)
 
 
-rng = random.Random({"where": 123, "colour": 123, "attention": 5, "describe": 7}[probe])
+rng = random.Random({"where": 123, "colour": 123, "attention": 5, "describe": 7, "describe_after": 7}[probe])
 with torch.no_grad():
     if probe in ("where", "colour"):
         hits, n, chosen = 0, 0, Counter()
@@ -109,7 +120,8 @@ with torch.no_grad():
         named = total = 0
         for i in range(30):
             scene = fresh_scene(rng)
-            ids, start = prompt("Describe the image in detail.")
+            ids, start = prompt("Describe the image in detail.",
+                                [statements(scene, rng)] if probe == "describe_after" else None)
             tokens, _ = stage._image_tokens([scene], [])
             written = []
             for _ in range(120):  # greedy, no cache: a short text

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm.course.shared import Budget, answer_yesno, describe_and_score, ground_and_score, world_dir
-from mllm.data.lessons import COLOUR_NEXT, EXISTENCE_FIRST, LessonMix, tokenizer_texts
+from mllm.data.lessons import COLOUR_NEXT, EXISTENCE_FIRST, LOOKUP_ONLY, LessonMix, tokenizer_texts
 from mllm.jsonio import write_json_atomic
 from mllm.model.configuration import MLLMConfig
 from mllm.model.image_processing import ImageProcessor
@@ -202,12 +202,13 @@ def base_config(tokenizer) -> MLLMConfig:
 
 
 def base_stages(budget: Budget) -> list[StageSettings]:
-    """read -> bind -> settle -> align -> tune with the budget's steps and rates (`mllm.train.base_recipe` says
-    what each kind does). bind and settle are read-kind stages on fresh schedules at a lower rate: colour
+    """read -> bind -> settle -> lookup -> resettle -> align -> tune with the budget's steps and rates
+    (`mllm.train.base_recipe` says what each kind does). bind, settle, lookup and resettle are read-kind stages on
+    fresh schedules at a lower rate: colour
     binding stayed at chance through 1,000 steps of read (.51), then reached .94 in 300 steps of colour questions
     alone at 5e-4 and stayed (.96) when the full mix came back for 250 (count .86 -> .93); the same colour step
     inside read's own schedule, at ~1e-3 right after the existence steps, took every kind to .50 (measured,
-    docs/probes/README.md)."""
+    docs/probes/README.md). lookup and resettle teach the LLM to read one value out of one slot (`LOOKUP_ONLY`)."""
     common = {"batch": budget.base_batch, "eval_scenes": budget.base_eval_scenes,
               "eval_every": budget.base_eval_every, "save_every": budget.base_save_every}
     reads = {"trains": {"llm": 1.0, "slots": 1.0}, "lm_weight": 1.0, "beta2": 0.95, **common}
@@ -217,6 +218,10 @@ def base_stages(budget: Budget) -> list[StageSettings]:
         StageSettings(kind="read", name="bind", steps=budget.bind_steps, lr=budget.rebind_lr, warmup=20,
                       mix=COLOUR_NEXT, **reads),
         StageSettings(kind="read", name="settle", steps=budget.settle_steps, lr=budget.rebind_lr, warmup=20,
+                      **reads),
+        StageSettings(kind="read", name="lookup", steps=budget.lookup_steps, lr=budget.rebind_lr, warmup=20,
+                      mix=LOOKUP_ONLY, **reads),
+        StageSettings(kind="read", name="resettle", steps=budget.resettle_steps, lr=budget.rebind_lr, warmup=20,
                       **reads),
         StageSettings(kind="align", steps=budget.align_steps, lr=budget.align_lr, trains={"vision": 1.0},
                       answer_weight=0.0, slot_weight=1.0, readout_weight=1.0, warmup=50, beta2=0.98, **common),
@@ -282,7 +287,7 @@ def vision_phase(stage: Path, world: Path, budget: Budget, seed: int):
 
 
 def stage_base(out: Path, budget: Budget, seed: int) -> dict:
-    """Phase 0 (vision pretraining, `pretrain` above), then read, bind, settle, align and tune (`base_stages`);
+    """Phase 0 (vision pretraining, `pretrain` above), then read, bind, settle, lookup, resettle, align and tune (`base_stages`);
     the last stage's model is the base. With two cores or more, phase 0 and read (which share no parameters) run side by
     side, one core each. Every phase resumes: a finished one is reused, a stopped one goes on from its last
     saved state, so a stopped run goes on where it was."""
@@ -347,7 +352,7 @@ def plot_base_curves(curves: list[tuple[str, list[dict]]], start_minutes: float,
             colours.setdefault(name, line[0].get_color())
         offset += curve[-1]["cpu_minutes"] if curve else 0.0
         ax.axvline(offset, color="grey", lw=0.5)
-        ax.text(offset, 0.985, f" {kind} ", ha="right", va="top", fontsize=8, color="grey")
+        ax.text(offset, 0.985, f"{kind} ", ha="right", va="top", rotation=90, fontsize=8, color="grey")  # close stages
     ax.set_xlabel("training CPU-minutes (vision pretraining first)")
     ax.set_ylabel("held-out yes/no accuracy")
     ax.set_ylim(0.4, 1.0)

@@ -197,6 +197,12 @@ EXISTENCE_FIRST = LessonMix(yesno=1.0, lookup=0.0, short=0.0, detailed=0.0, grou
 # in view meanwhile. Inside read's own schedule right after the existence steps (~1e-3) it took every kind to .50.
 COLOUR_NEXT = LessonMix(yesno=1.0, lookup=0.0, short=0.0, detailed=0.0, grounding=0.0, yesno_kinds=("color",))
 
+# After bind and settle the LLM still barely reads one value out of one slot: from perfect slots "What colour is
+# the moon?" 0.25 (chance 0.17), "Where is the red moon?" 0.22 (chance 0.11); it answers what a soft mixture of
+# slots answers. 300 steps of open lookups alone at 5e-4 raised them to 0.72 / 0.40, and the full mix after them
+# (a second settle) kept 0.62 / 0.46 with yes/no .99/.99/1.00/.54 (docs/probes/README.md, l2 / l2s).
+LOOKUP_ONLY = LessonMix(yesno=0.0, lookup=1.0, short=0.0, detailed=0.0, grounding=0.0)
+
 
 def fresh_scene(rng: random.Random) -> S.Scene:
     """A new scene with its drawn (tight) boxes, objects in raster order, without painting it."""

@@ -13,7 +13,7 @@ from mllm.course.shared import Budget
 
 def _budget():
     return Budget(n_train=8, n_test=4, vision_pretrain_steps=3, vision_pretrain_batch=4, read_steps=4, bind_steps=2,
-                  settle_steps=2, align_steps=2, tune_steps=2, base_batch=2, base_eval_scenes=3, base_eval_every=2,
+                  settle_steps=2, lookup_steps=2, resettle_steps=2, align_steps=2, tune_steps=2, base_batch=2, base_eval_scenes=3, base_eval_every=2,
                   base_save_every=2, eval_limit=4)
 
 
@@ -21,11 +21,15 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
     first = stage_base(tmp_path, _budget(), seed=0)
     base = tmp_path / "base"
     assert first["vision_pretrain"]["step"] == 3
-    assert [s["stage"] for s in first["stages"]] == ["read", "bind", "settle", "align", "tune"]
-    assert [s["steps"] for s in first["stages"]] == [4, 2, 2, 2, 2]
-    assert first["stages"][1]["settings"]["mix"]["yesno_kinds"] == ["color"]  # bind: colour questions alone
-    assert first["stages"][2]["settings"]["mix"]["yesno_kinds"] is None  # settle: the full mix again
-    for kind in ("read", "bind", "settle", "align", "tune"):
+    names = ["read", "bind", "settle", "lookup", "resettle", "align", "tune"]
+    assert [s["stage"] for s in first["stages"]] == names
+    assert [s["steps"] for s in first["stages"]] == [4, 2, 2, 2, 2, 2, 2]
+    mixes = [s["settings"]["mix"] for s in first["stages"]]
+    assert mixes[1]["yesno_kinds"] == ["color"]  # bind: colour questions alone
+    assert mixes[2]["yesno_kinds"] is None and mixes[2]["yesno"] > 0  # settle: the full mix again
+    assert mixes[3]["lookup"] == 1.0 and mixes[3]["yesno"] == mixes[3]["detailed"] == 0.0  # lookup: lookups alone
+    assert mixes[4] == mixes[2]  # resettle: the full mix once more
+    for kind in names:
         curve = json.loads((base / kind / "log.json").read_text())
         assert [e["step"] for e in curve if "yesno" in e] == ([2, 4] if kind == "read" else [2])
         assert not (base / kind / "state.pt").exists()  # a finished stage keeps its model, not its optimiser
@@ -38,11 +42,12 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
     assert first["train_cpu_minutes"] == round(minutes, 1)
     weights = load_file(base / "model" / "model.safetensors")
 
-    # the tuned stage's weights differ from the read stages' in the LLM and the vision side; bind and settle go on
-    # from read's LLM
-    first_read = load_file(base / "read" / "model" / "model.safetensors")
-    read = load_file(base / "settle" / "model" / "model.safetensors")
-    assert any(not bool((first_read[k] == read[k]).all()) for k in read if k.startswith("llm."))
+    # the tuned stage's weights differ from the read stages' in the LLM and the vision side; each read-kind stage
+    # goes on from the one before it and changes the LLM
+    chain = [load_file(base / name / "model" / "model.safetensors") for name in names[:5]]
+    for before, after in zip(chain, chain[1:]):
+        assert any(not bool((before[k] == after[k]).all()) for k in after if k.startswith("llm."))
+    read = chain[-1]
     align = load_file(base / "align" / "model" / "model.safetensors")
     assert any(not bool((read[k] == align[k]).all()) for k in read if k.startswith("vpm."))
     assert all(bool((read[k] == align[k]).all()) for k in read if k.startswith("llm."))  # frozen while aligning
