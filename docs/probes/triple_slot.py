@@ -6,6 +6,7 @@ read-kind stages, which then goes on on one lesson mix (one thread).
 
     t1   from=RUN/base/read,.../bind,.../settle,.../lookup,.../resettle table=triple mix=full
     t1b  from= the same + runs/probe/t1
+    t2   from= as t1b + runs/probe/t1b, table=triple mix=position
     r1   from= as t1, table=rank mix=describe
 
 triple: position questions ("Is the red moon in the top left of the image?") stayed at chance (.50-.58) through

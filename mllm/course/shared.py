@@ -53,10 +53,9 @@ class Budget:
     @classmethod
     def quick(cls) -> "Budget":
         return cls(n_train=200, n_test=40, vision_pretrain_steps=20, vision_pretrain_batch=16, read_steps=30,
-                   read_existence_steps=10, bind_steps=5, settle_steps=5, lookup_steps=5, resettle_steps=5, align_steps=10, tune_steps=10, base_batch=8,
-                   base_eval_scenes=20, base_eval_every=10, base_save_every=10, sft_steps=10, grounding_steps=20,
-                   sft_batch=8,
-                   eval_limit=40, smoke_test=True)
+                   read_existence_steps=10, bind_steps=5, settle_steps=5, lookup_steps=5, resettle_steps=5,
+                   align_steps=10, tune_steps=10, base_batch=8, base_eval_scenes=20, base_eval_every=10,
+                   base_save_every=10, sft_steps=10, grounding_steps=20, sft_batch=8, eval_limit=40, smoke_test=True)
 
 
 def world_dir(out: Path, budget: Budget, seed: int) -> Path:

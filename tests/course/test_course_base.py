@@ -13,8 +13,8 @@ from mllm.course.shared import Budget
 
 def _budget():
     return Budget(n_train=8, n_test=4, vision_pretrain_steps=3, vision_pretrain_batch=4, read_steps=4, bind_steps=2,
-                  settle_steps=2, lookup_steps=2, resettle_steps=2, align_steps=2, tune_steps=2, base_batch=2, base_eval_scenes=3, base_eval_every=2,
-                  base_save_every=2, eval_limit=4)
+                  settle_steps=2, lookup_steps=2, resettle_steps=2, align_steps=2, tune_steps=2, base_batch=2,
+                  base_eval_scenes=3, base_eval_every=2, base_save_every=2, eval_limit=4)
 
 
 def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
