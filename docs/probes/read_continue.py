@@ -10,7 +10,8 @@
     p2  from=...,runs/probe/c2 mix=where lr=1e-3 statements=0
     l1  from=RUN/base/read,RUN/base/bind,RUN/base/settle mix=lookup
     w1  from=RUN/base/read,...,RUN/base/resettle mix=describe        (w2: alone=1 statements=0)
-    w3  the same from= mix=full alone=0.5
+    w1b from= as w1 + runs/probe/w1, mix=describe
+    w3  from= as w1, mix=full alone=0.5
     w4  as w1 with order=band (the slots band-major, `common.band_major_slots`)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 """

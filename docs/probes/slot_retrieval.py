@@ -12,6 +12,8 @@ fresh scenes given as slot vectors (no pixels), one thread:
     next       teacher-forced: the true detailed description after the statements turn; for the k-th object
                sentence, is the argmax at its colour word the true colour, and at its category word the true
                category (given every earlier sentence right)? By k: finding the next object, without greedy's cascade
+    next1      the same with the place-first sentences ("In the top left there is a small red ring."): the colour
+               given the object's place
     PROBE@band, PROBE@rank, PROBE@triple: stages trained with the slots band-major or with one more slot table
 
 The tokenizer and config come from RUN/base/phase0; each STAGE_FOLDER's finished LLM and slots are loaded in order
@@ -34,7 +36,7 @@ torch.set_num_threads(1)
 probe = sys.argv[1]
 probe, _, variant = probe.partition("@")  # e.g. describe_after@band, describe_after@rank
 if variant == "band":  # the slots band-major (`common.band_major_slots`)
-    if probe not in ("describe", "describe_after", "next"):
+    if probe not in ("describe", "describe_after", "next", "next1"):
         raise SystemExit("@band is for the describe probes (the others index slots row-major)")
     band_major_slots()
 elif variant:  # stages trained with one more slot table (`common.extra_slot_table`, docs/probes/triple_slot.py)
@@ -73,7 +75,8 @@ def unique_objects(scene, by_category: bool) -> list:
     return [o for o in scene.objects if counts[o.category] == 1] if by_category else S._unique_colour_category(scene)
 
 
-rng = random.Random({"where": 123, "colour": 123, "attention": 5, "describe": 7, "describe_after": 7, "next": 7}[probe])
+rng = random.Random({"where": 123, "colour": 123, "attention": 5, "describe": 7, "describe_after": 7, "next": 7,
+                     "next1": 7}[probe])
 with torch.no_grad():
     if probe in ("where", "colour"):
         hits, n, chosen = 0, 0, Counter()
@@ -118,12 +121,13 @@ with torch.no_grad():
         for name, per_layer in zip(("answer position", "category word"), (totals / n).tolist()):
             for layer, (target, average) in enumerate(per_layer):
                 print(f"from the {name}, layer {layer}: asked object's slot {target:.3f}, an occupied slot {average:.3f}")
-    elif probe == "next":
+    elif probe in ("next", "next1"):
+        variant = int(probe == "next1")
         right = {}  # k -> [colour right, category right, n]
         for _ in range(100):
             scene = fresh_scene(rng)
             mentions = S.scene_mentions(scene, rng)
-            text = S.detailed_description(mentions, 0)
+            text = S.detailed_description(mentions, variant)
             turns = [statements(scene, rng), ("Describe the image in detail.", text)]
             batch = collate([encode(turns, tokenizer, stage.token_ids, stage.query_num)], stage.pad_id)
             tokens, _ = stage._image_tokens([scene], [])
@@ -134,11 +138,13 @@ with torch.no_grad():
             span = next(i for i in range(len(ids)) if ids[i:i + len(answer) - 1] == answer[1:]) - 1  # answer[0] at
             sentence_start = 0
             for k, m in enumerate(mentions):
-                sentence = f"A {m.size} {m.colour} {m.name} is {m.place}."
+                sentence = f"{m.place[0].upper()}{m.place[1:]} there is a {m.size} {m.colour} {m.name}." if variant \
+                    else f"A {m.size} {m.colour} {m.name} is {m.place}."
                 at = text.index(sentence, sentence_start)
                 sentence_start = at + len(sentence)
                 hits = []
-                for word_at in (at + text[at:].index(f" {m.colour} ") + 1, at + text[at:].index(f" {m.name} ") + 1):
+                colour_at = text.index(f" {m.colour} ", at) + 1
+                for word_at in (colour_at, text.index(f" {m.name}", colour_at) + 1):
                     token = next(j for j, (a, b) in enumerate(pieces["offset_mapping"]) if a <= word_at < b)
                     hits.append(int(predicted[span + token - 1]) == answer[token])
                 row = right.setdefault(k + 1, [0, 0, 0])
