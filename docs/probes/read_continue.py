@@ -3,6 +3,7 @@
 
     .venv/bin/python docs/probes/read_continue.py base=RUN/base from=FOLDER[,FOLDER...]|init mix=NAME \
         steps=300 lr=5e-4 out=runs/probe/NAME [statements=1 eval_every=100 eval_scenes=300 warmup=20]
+        [order=band | table=triple|rank]
 
     c1  from=runs/course/base/read mix=colour            (then `bind` in the product)
     c2  from=runs/course/base/read,runs/probe/c1 mix=full steps=250   (then `settle`)
@@ -13,22 +14,36 @@
     w1b from= as w1 + runs/probe/w1, mix=describe
     w3  from= as w1, mix=full alone=0.5
     w4  as w1 with order=band (the slots band-major, `common.band_major_slots`)
+    t1  from=RUN/base/read,...,RUN/base/resettle table=triple mix=full   (t1b: + runs/probe/t1; t2: + t1b, mix=position)
+    r1  from= as w1, table=rank mix=describe
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
+
+order=band: the slots band-major, as descriptions name objects (`common.band_major_slots`). table=triple|rank: one
+more learnt vector in each object's slot (`common.extra_slot_table`), added to the finished chain. triple, one per
+(colour, category, 3x3 place): position questions need the asked pair and its place matched in one slot, as colour
+questions needed the pair (`SceneSlots.colour_category`). rank, the object's ordinal in description order at a word
+embedding's scale: does it stop descriptions from slots repeating one object?
 """
 import sys
 from pathlib import Path
 
 import torch
 
-from common import band_major_slots, read_chain
+from common import band_major_slots, extra_slot_table, read_chain
 from mllm.data.lessons import LessonMix
 from mllm.train.base_recipe import BaseStage, StageSettings
 
 args = dict(a.split("=", 1) for a in sys.argv[1:])
-if args.get("order") == "band":  # w4: the slots in the order descriptions name objects
-    band_major_slots()
 torch.set_num_threads(1)
 base = Path(args["base"])
+if args.get("order") == "band":  # w4: the slots in the order descriptions name objects
+    band_major_slots()
+if "table" in args:
+    std = 0.0  # triple: zero-initialised
+    if args["table"] == "rank":  # at the scale of a word: the input embeddings of the run's phase 0 (read's start)
+        from mllm.model.modeling_mllm import MLLMModel
+        std = float(MLLMModel.from_pretrained(base / "phase0").llm.get_input_embeddings().weight.detach().std())
+    extra_slot_table(args["table"], std)
 statements = args.get("statements", "1") == "1"
 only = {"yesno": 0.0, "lookup": 0.0, "short": 0.0, "detailed": 0.0, "grounding": 0.0}
 mixes = {

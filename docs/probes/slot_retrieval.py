@@ -1,5 +1,5 @@
-"""Does the LLM of a finished read-kind stage pick one slot out, or read the slots as a bag? Four measurements on
-fresh scenes given as slot vectors (no pixels), one thread:
+"""Does the LLM of a finished read-kind stage pick one slot out, or read the slots as a bag? Measurements on fresh
+scenes given as slot vectors (no pixels), one thread:
 
     .venv/bin/python docs/probes/slot_retrieval.py where|colour|attention|describe RUN/base STAGE_FOLDER...
 
@@ -39,7 +39,7 @@ if variant == "band":  # the slots band-major (`common.band_major_slots`)
     if probe not in ("describe", "describe_after", "next", "next1"):
         raise SystemExit("@band is for the describe probes (the others index slots row-major)")
     band_major_slots()
-elif variant:  # stages trained with one more slot table (`common.extra_slot_table`, docs/probes/triple_slot.py)
+elif variant:  # stages trained with one more slot table (`common.extra_slot_table`, docs/probes/read_continue.py)
     extra_slot_table(variant)
 model, tokenizer, slots = read_chain(sys.argv[2], sys.argv[3:], attn_implementation="eager")
 read = StageSettings(kind="read", steps=1, lr=1e-3, trains={"llm": 1.0, "slots": 1.0}, eval_scenes=1)
@@ -122,12 +122,12 @@ with torch.no_grad():
             for layer, (target, average) in enumerate(per_layer):
                 print(f"from the {name}, layer {layer}: asked object's slot {target:.3f}, an occupied slot {average:.3f}")
     elif probe in ("next", "next1"):
-        variant = int(probe == "next1")
+        form = int(probe == "next1")  # `detailed_description`'s variant: 1 writes the place first
         right = {}  # k -> [colour right, category right, n]
         for _ in range(100):
             scene = fresh_scene(rng)
             mentions = S.scene_mentions(scene, rng)
-            text = S.detailed_description(mentions, variant)
+            text = S.detailed_description(mentions, form)
             turns = [statements(scene, rng), ("Describe the image in detail.", text)]
             batch = collate([encode(turns, tokenizer, stage.token_ids, stage.query_num)], stage.pad_id)
             tokens, _ = stage._image_tokens([scene], [])
@@ -136,15 +136,12 @@ with torch.no_grad():
             pieces = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             answer = pieces["input_ids"]
             span = next(i for i in range(len(ids)) if ids[i:i + len(answer) - 1] == answer[1:]) - 1  # answer[0] at
-            sentence_start = 0
+            searched = 0  # no colour word before an object's own (the count sentence and places hold none)
             for k, m in enumerate(mentions):
-                sentence = f"{m.place[0].upper()}{m.place[1:]} there is a {m.size} {m.colour} {m.name}." if variant \
-                    else f"A {m.size} {m.colour} {m.name} is {m.place}."
-                at = text.index(sentence, sentence_start)
-                sentence_start = at + len(sentence)
                 hits = []
-                colour_at = text.index(f" {m.colour} ", at) + 1
-                for word_at in (colour_at, text.index(f" {m.name}", colour_at) + 1):
+                colour_at = text.index(f" {m.colour} ", searched) + 1
+                searched = text.index(f" {m.name}", colour_at) + 1
+                for word_at in (colour_at, searched):
                     token = next(j for j, (a, b) in enumerate(pieces["offset_mapping"]) if a <= word_at < b)
                     hits.append(int(predicted[span + token - 1]) == answer[token])
                 row = right.setdefault(k + 1, [0, 0, 0])

@@ -211,18 +211,15 @@ def base_stages(budget: Budget) -> list[StageSettings]:
     one slot (`LOOKUP_ONLY`): from the tuned base, yes/no 0.793 / acc+ 0.663 against 0.782 / 0.640 without them."""
     common = {"batch": budget.base_batch, "eval_scenes": budget.base_eval_scenes,
               "eval_every": budget.base_eval_every, "save_every": budget.base_save_every}
-    reads = {"trains": {"llm": 1.0, "slots": 1.0}, "lm_weight": 1.0, "beta2": 0.95, **common}
+    reads = {"kind": "read", "trains": {"llm": 1.0, "slots": 1.0}, "lm_weight": 1.0, "beta2": 0.95, **common}
+    rereads = {"lr": budget.rebind_lr, "warmup": 20, **reads}  # the read-kind stages after read, fresh schedules
     return [
-        StageSettings(kind="read", steps=budget.read_steps, lr=budget.read_lr, warmup=100,
+        StageSettings(steps=budget.read_steps, lr=budget.read_lr, warmup=100,
                       curriculum=((EXISTENCE_FIRST, budget.read_existence_steps),), **reads),
-        StageSettings(kind="read", name="bind", steps=budget.bind_steps, lr=budget.rebind_lr, warmup=20,
-                      mix=COLOUR_NEXT, **reads),
-        StageSettings(kind="read", name="settle", steps=budget.settle_steps, lr=budget.rebind_lr, warmup=20,
-                      **reads),
-        StageSettings(kind="read", name="lookup", steps=budget.lookup_steps, lr=budget.rebind_lr, warmup=20,
-                      mix=LOOKUP_ONLY, **reads),
-        StageSettings(kind="read", name="resettle", steps=budget.resettle_steps, lr=budget.rebind_lr, warmup=20,
-                      **reads),
+        StageSettings(name="bind", steps=budget.bind_steps, mix=COLOUR_NEXT, **rereads),
+        StageSettings(name="settle", steps=budget.settle_steps, **rereads),
+        StageSettings(name="lookup", steps=budget.lookup_steps, mix=LOOKUP_ONLY, **rereads),
+        StageSettings(name="resettle", steps=budget.resettle_steps, **rereads),
         StageSettings(kind="align", steps=budget.align_steps, lr=budget.align_lr, trains={"vision": 1.0},
                       answer_weight=0.0, slot_weight=1.0, readout_weight=1.0, warmup=50, beta2=0.98, **common),
         StageSettings(kind="tune", steps=budget.tune_steps, lr=budget.tune_lr,
