@@ -350,7 +350,8 @@ def evaluate():
 def read_chain(base, folders, **model_kwargs):
     """(model, tokenizer, slots) of a course run's phase 0 with the LLM and slots of finished read-kind stage
     folders loaded over it in order (e.g. RUN/base/read, RUN/base/bind, RUN/base/settle); an empty list gives the
-    phase-0 model with the seeded starting slots. `folders == "init"` starts from the run's random init instead."""
+    phase-0 model with the seeded starting slots. `folders == "init"` starts from the run's random init instead. An
+    entry "grow:N" deepens the LLM at that point (`grow_llm`), before the folders after it are loaded."""
     from pathlib import Path
 
     from mllm.course.base import _slots
@@ -363,8 +364,40 @@ def read_chain(base, folders, **model_kwargs):
     slots = _slots(tokenizer, model, 0)
     finished = StageSettings(kind="read", steps=1, lr=1e-3, trains={"llm": 1.0, "slots": 1.0}, eval_scenes=1)
     for folder in [] if folders == "init" else folders:
+        if str(folder).startswith("grow:"):  # e.g. grow:4: the LLM deepened here, before the folders that follow
+            grow_llm(model, int(str(folder)[5:]))
+            continue
         BaseStage(model, tokenizer, slots, finished, Path(folder)).load_finished()
     return model, tokenizer, slots
+
+
+def grow_llm(model, extra: int) -> None:
+    """Deepen a finished LLM by `extra` decoder layers that start as the identity (output projections zero, so
+    each adds nothing to the residual stream until it learns): one after each of the first `extra` layers. Does a
+    deeper LLM find the next object of a description (slot_retrieval.py next), where 4 layers did not?"""
+    import torch
+
+    from mllm.model.llm import LLMDecoderLayer
+
+    llm = model.llm.model
+    config = llm.config
+    old = list(llm.layers)
+    if extra > len(old):
+        raise ValueError(f"grow:{extra}: at most one new layer after each of the {len(old)}")
+    grown = []
+    for i, layer in enumerate(old):
+        grown.append(layer)
+        if i < extra:
+            new = LLMDecoderLayer(config, 0).to(next(layer.parameters()).dtype)
+            new.load_state_dict(layer.state_dict())  # norms and projections at a trained layer's scale
+            with torch.no_grad():
+                new.self_attn.o_proj.weight.zero_()
+                new.mlp.down_proj.weight.zero_()
+            grown.append(new)
+    for i, layer in enumerate(grown):  # the KV cache indexes layers by position
+        layer.self_attn.layer_idx = i
+    llm.layers = torch.nn.ModuleList(grown)
+    config.num_hidden_layers = config.max_window_layers = len(grown)
 
 
 def band_major_slots(grid: int = 6) -> None:
@@ -383,6 +416,31 @@ def band_major_slots(grid: int = 6) -> None:
 
     def forward(self, scenes, word_embedding):
         return plain(self, scenes, word_embedding)[:, torch.tensor(order)]  # (B, Q, D), sequence position = order
+
+    SS.SceneSlots.forward = forward
+
+
+def compact_slots(grid: int = 6) -> None:
+    """Patch `SceneSlots.forward` so each scene's occupied slots come first, in the order descriptions name the
+    objects (`raster_key`), then the empty ones row-major. Every slot keeps its content (its cell's vector, the
+    object's words and place); only the sequence order changes, so that the object after the one just named sits
+    in the next occupied slot with no empty slot between: the step an induction head makes."""
+    import torch
+
+    from mllm.train import scene_slots as SS
+
+    plain = SS.SceneSlots.forward
+
+    def forward(self, scenes, word_embedding):
+        out = plain(self, scenes, word_embedding)  # (B, Q, D), row-major
+        orders = []
+        for scene in scenes:
+            named = sorted(zip(scene.objects, SS.slot_features(scene, grid)),
+                           key=lambda pair: S.raster_key(pair[0], scene.width, scene.height))
+            cells = list(dict.fromkeys(f[0] for _, f in named))  # two objects may share a slot
+            orders.append(cells + [c for c in range(grid * grid) if c not in cells])
+        index = torch.tensor(orders, device=out.device)[..., None].expand(-1, -1, out.shape[-1])  # (B, Q, D)
+        return out.gather(1, index)
 
     SS.SceneSlots.forward = forward
 

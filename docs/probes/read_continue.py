@@ -16,6 +16,8 @@
     w4  as w1 with order=band (the slots band-major, `common.band_major_slots`)
     t1  from=RUN/base/read,...,RUN/base/resettle table=triple mix=full   (t1b: + runs/probe/t1; t2: + t1b, mix=position)
     r1  from= as w1, table=rank mix=describe
+    k1  from= as w1, order=compact mix=describe   (the occupied slots first, in description order)
+    g1  from= as w1 + grow:4 mix=describe   (the LLM deepened to 8 layers first, `common.grow_llm`)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 
 order=band: the slots band-major, as descriptions name objects (`common.band_major_slots`). table=triple|rank: one
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from common import band_major_slots, extra_slot_table, read_chain
+from common import band_major_slots, compact_slots, extra_slot_table, read_chain
 from mllm.data.lessons import LessonMix
 from mllm.train.base_recipe import BaseStage, StageSettings
 
@@ -38,6 +40,8 @@ torch.set_num_threads(1)
 base = Path(args["base"])
 if args.get("order") == "band":  # w4: the slots in the order descriptions name objects
     band_major_slots()
+elif args.get("order") == "compact":  # c-runs: the occupied slots first, in description order
+    compact_slots()
 if "table" in args:
     std = 0.0  # triple: zero-initialised
     if args["table"] == "rank":  # at the scale of a word: the input embeddings of the run's phase 0 (read's start)

@@ -14,10 +14,12 @@ scenes given as slot vectors (no pixels), one thread:
                category (given every earlier sentence right)? By k: finding the next object, without greedy's cascade
     next1      the same with the place-first sentences ("In the top left there is a small red ring."): the colour
                given the object's place
-    PROBE@band, PROBE@rank, PROBE@triple: stages trained with the slots band-major or with one more slot table
+    PROBE@band, PROBE@compact, PROBE@rank, PROBE@triple: stages trained with the slots band-major, occupied first
+               (in description order) or with one more slot table
 
 The tokenizer and config come from RUN/base/phase0; each STAGE_FOLDER's finished LLM and slots are loaded in order
-(e.g. RUN/base/read RUN/base/bind RUN/base/settle). docs/probes/README.md has the numbers.
+(e.g. RUN/base/read RUN/base/bind RUN/base/settle; "grow:4" among them deepens the LLM there, `common.read_chain`).
+docs/probes/README.md has the numbers.
 """
 import random
 import sys
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from common import band_major_slots, extra_slot_table, read_chain
+from common import band_major_slots, compact_slots, extra_slot_table, read_chain
 from mllm.data.lessons import fresh_scene, statements
 from mllm.train.base_recipe import BaseStage, StageSettings, collate, encode, with_image_tokens
 from mllm.train.scene_slots import slot_features
@@ -35,10 +37,10 @@ from mllm.world import scenes as S
 torch.set_num_threads(1)
 probe = sys.argv[1]
 probe, _, variant = probe.partition("@")  # e.g. describe_after@band, describe_after@rank
-if variant == "band":  # the slots band-major (`common.band_major_slots`)
+if variant in ("band", "compact"):  # the slots reordered (`common.band_major_slots`, `common.compact_slots`)
     if probe not in ("describe", "describe_after", "next", "next1"):
-        raise SystemExit("@band is for the describe probes (the others index slots row-major)")
-    band_major_slots()
+        raise SystemExit(f"@{variant} is for the describe probes (the others index slots row-major)")
+    band_major_slots() if variant == "band" else compact_slots()
 elif variant:  # stages trained with one more slot table (`common.extra_slot_table`, docs/probes/read_continue.py)
     extra_slot_table(variant)
 model, tokenizer, slots = read_chain(sys.argv[2], sys.argv[3:], attn_implementation="eager")

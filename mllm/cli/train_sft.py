@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 from mllm.cli.training_options import parse_training_options
@@ -31,34 +32,54 @@ def nothing_to_train(model_args) -> str | None:
     return None
 
 
-def leave_process_group() -> None:
-    """Destroy the torchrun process group before the interpreter exits. Left to the exit handlers, a gloo or
-    DeepSpeed communication thread can still be running when its owner is destroyed, and the process then aborts
-    ("terminate called without an active exception") after the run finished; this was seen once in CI under load."""
+def leave_process_group() -> bool:
+    """Destroy the torchrun process group (if this process is in one) while the interpreter is fully alive;
+    returns whether it was in one."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        return True
+    return False
+
+
+def exit_distributed_worker(code: int) -> None:
+    """End a launched worker (torchrun, deepspeed) without the interpreter's finalization. Gloo's worker threads
+    outlive `destroy_process_group` (DeepSpeed's engine and every ZeRO-3 parameter keep the groups alive), and a
+    thread that releases a finished collective's tensors needs the GIL; if that happens once finalization has
+    begun, Python ends the thread from inside a C++ destructor and the process aborts ("terminate called without
+    an active exception", SIGABRT) after a finished run. Measured: `tests/train/test_deepspeed.py`'s ZeRO-3 run
+    aborted so in 3 of 18 runs on a loaded 2-core machine (gdb: `~AsyncAllgatherWork` -> `decref_pyobject` ->
+    `take_gil` -> `PyThread_exit_thread`). Everything the run writes is already on disk; only the streams and
+    the log handlers are flushed here."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def run_training(verb: str, train, arguments: tuple, summary_keys: tuple) -> int:
-    """Refuse flags that train nothing, train, refuse another run's output_dir, print the summary."""
+    """Refuse flags that train nothing, train, refuse another run's output_dir, print the summary. A launched
+    worker ends here (`exit_distributed_worker`) instead of returning."""
     model_args, data_args, training_args = arguments
     refusal = nothing_to_train(model_args)
     if refusal:
         print(f"mllm {verb}: {refusal}", file=sys.stderr)
         return 2
     configure_logging(training_args)
+    code, distributed = 0, False
     try:
         result = train(model_args, data_args, training_args)
+        if training_args.process_index == 0:
+            print(json.dumps({k: result[k] for k in summary_keys}, indent=2, default=str))
     except RunMismatchError as err:
         print(f"mllm {verb}: {err}", file=sys.stderr)
-        return 2
+        code = 2
     finally:
-        leave_process_group()
-    if training_args.process_index == 0:
-        print(json.dumps({k: result[k] for k in summary_keys}, indent=2, default=str))
-    return 0
+        distributed = leave_process_group()
+    if distributed and "LOCAL_RANK" in os.environ:  # a launched worker (torchrun, deepspeed), not a caller's process
+        exit_distributed_worker(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
