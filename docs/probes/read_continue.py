@@ -40,7 +40,7 @@ torch.set_num_threads(1)
 base = Path(args["base"])
 if args.get("order") == "band":  # w4: the slots in the order descriptions name objects
     band_major_slots()
-elif args.get("order") == "compact":  # c-runs: the occupied slots first, in description order
+elif args.get("order") == "compact":  # k1: the occupied slots first, in description order
     compact_slots()
 if "table" in args:
     std = 0.0  # triple: zero-initialised
