@@ -350,20 +350,23 @@ def evaluate():
 def read_chain(base, folders, **model_kwargs):
     """(model, tokenizer, slots) of a course run's phase 0 with the LLM and slots of finished read-kind stage
     folders loaded over it in order (e.g. RUN/base/read, RUN/base/bind, RUN/base/settle); an empty list gives the
-    phase-0 model with the seeded starting slots. `folders == "init"` starts from the run's random init instead. An
-    entry "grow:N" deepens the LLM at that point (`grow_llm`), before the folders after it are loaded."""
+    phase-0 model with the seeded starting slots. `folders == "init"` starts from the run's random init instead, and
+    so does a first entry "init" (stages trained from init, d0). An entry "grow:N" deepens the LLM at that point
+    (`grow_llm`), before the folders after it are loaded."""
     from pathlib import Path
 
     from mllm.course.base import _slots
     from mllm.model.modeling_mllm import MLLMModel
     from mllm.train.base_recipe import BaseStage, StageSettings
 
-    start = Path(base) / ("init" if folders == "init" else "phase0")
+    from_init = folders == "init" or (len(folders) > 0 and str(folders[0]) == "init")
+    folders = [] if folders == "init" else [f for f in folders if str(f) != "init"]
+    start = Path(base) / ("init" if from_init else "phase0")
     tokenizer = load_tokenizer(start)
     model = MLLMModel.from_pretrained(start, **model_kwargs)
     slots = _slots(tokenizer, model, 0)
     finished = StageSettings(kind="read", steps=1, lr=1e-3, trains={"llm": 1.0, "slots": 1.0}, eval_scenes=1)
-    for folder in [] if folders == "init" else folders:
+    for folder in folders:
         if str(folder).startswith("grow:"):  # e.g. grow:4: the LLM deepened here, before the folders that follow
             grow_llm(model, int(str(folder)[5:]))
             continue

@@ -17,6 +17,8 @@
     t1  from=RUN/base/read,...,RUN/base/resettle table=triple mix=full   (t1b: + runs/probe/t1; t2: + t1b, mix=position)
     r1  from= as w1, table=rank mix=describe
     k1  from= as w1, order=compact mix=describe   (the occupied slots first, in description order)
+    n1  from= as w1, mix=describe max_objects=3   (a curriculum's first step: the transitions 1 -> 2 -> 3 alone)
+    d0  from=init mix=describe alone=1 statements=0 steps=400 lr=1e-3 warmup=50 eval_every=200 eval_scenes=100
     g1  from= as w1 + grow:4 mix=describe   (the LLM deepened to 8 layers first, `common.grow_llm`)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 
@@ -48,6 +50,11 @@ if "table" in args:
         from mllm.model.modeling_mllm import MLLMModel
         std = float(MLLMModel.from_pretrained(base / "phase0").llm.get_input_embeddings().weight.detach().std())
     extra_slot_table(args["table"], std)
+if "max_objects" in args:  # n1: scenes of at most this many objects (the stage's own yes/no evaluation too)
+    from functools import partial
+
+    from mllm.world import scenes as S
+    S.sample_scene = partial(S.sample_scene, max_objects=int(args["max_objects"]))
 statements = args.get("statements", "1") == "1"
 only = {"yesno": 0.0, "lookup": 0.0, "short": 0.0, "detailed": 0.0, "grounding": 0.0}
 mixes = {

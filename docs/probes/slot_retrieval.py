@@ -14,6 +14,7 @@ scenes given as slot vectors (no pixels), one thread:
                category (given every earlier sentence right)? By k: finding the next object, without greedy's cascade
     next1      the same with the place-first sentences ("In the top left there is a small red ring."): the colour
                given the object's place
+    next0      as next with the description asked first (no statements turn before it)
     PROBE@band, PROBE@compact, PROBE@rank, PROBE@triple: stages trained with the slots band-major, occupied first
                (in description order) or with one more slot table
 
@@ -38,7 +39,7 @@ torch.set_num_threads(1)
 probe = sys.argv[1]
 probe, _, variant = probe.partition("@")  # e.g. describe_after@band, describe_after@rank
 if variant in ("band", "compact"):  # the slots reordered (`common.band_major_slots`, `common.compact_slots`)
-    if probe not in ("describe", "describe_after", "next", "next1"):
+    if probe not in ("describe", "describe_after", "next", "next1", "next0"):
         raise SystemExit(f"@{variant} is for the describe probes (the others index slots row-major)")
     band_major_slots() if variant == "band" else compact_slots()
 elif variant:  # stages trained with one more slot table (`common.extra_slot_table`, docs/probes/read_continue.py)
@@ -78,7 +79,7 @@ def unique_objects(scene, by_category: bool) -> list:
 
 
 rng = random.Random({"where": 123, "colour": 123, "attention": 5, "describe": 7, "describe_after": 7, "next": 7,
-                     "next1": 7}[probe])
+                     "next1": 7, "next0": 7}[probe])
 with torch.no_grad():
     if probe in ("where", "colour"):
         hits, n, chosen = 0, 0, Counter()
@@ -123,14 +124,14 @@ with torch.no_grad():
         for name, per_layer in zip(("answer position", "category word"), (totals / n).tolist()):
             for layer, (target, average) in enumerate(per_layer):
                 print(f"from the {name}, layer {layer}: asked object's slot {target:.3f}, an occupied slot {average:.3f}")
-    elif probe in ("next", "next1"):
+    elif probe in ("next", "next1", "next0"):
         form = int(probe == "next1")  # `detailed_description`'s variant: 1 writes the place first
         right = {}  # k -> [colour right, category right, n]
         for _ in range(100):
             scene = fresh_scene(rng)
             mentions = S.scene_mentions(scene, rng)
             text = S.detailed_description(mentions, form)
-            turns = [statements(scene, rng), ("Describe the image in detail.", text)]
+            turns = ([] if probe == "next0" else [statements(scene, rng)]) + [("Describe the image in detail.", text)]
             batch = collate([encode(turns, tokenizer, stage.token_ids, stage.query_num)], stage.pad_id)
             tokens, _ = stage._image_tokens([scene], [])
             predicted = stage._logits(batch, tokens)[0].argmax(-1)  # predicted[t]: the token after t

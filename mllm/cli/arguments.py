@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -61,13 +62,18 @@ def add_listen_arguments(parser: argparse.ArgumentParser, what: str, port: int, 
 def device_and_dtype(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, str]:
     """(`cuda:0`-style device, dtype name) of --device/--dtype; one that cannot be had, or an --attn this device
     and dtype cannot run, is a usage error."""
-    from mllm.model.loading import check_attention, resolve_device_dtype
+    import torch
+
+    from mllm.model.loading import bf16_autocast_pays, check_attention, resolve_device_dtype
 
     try:
         device, dtype = resolve_device_dtype(args.device, args.dtype)
         check_attention(getattr(args, "attn", "sdpa"), device, dtype)
     except ValueError as err:
         parser.error(str(err))
+    if device.type == "cpu" and dtype == torch.bfloat16 and not bf16_autocast_pays("cpu"):
+        print(f"{parser.prog}: note: this CPU has no bf16 kernels; --dtype bfloat16 is emulated, several times "
+              "slower than float32 here", file=sys.stderr)
     return str(device), str(dtype).removeprefix("torch.")
 
 

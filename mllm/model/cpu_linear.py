@@ -26,7 +26,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-PACKABLE = (torch.float32, torch.bfloat16)
 
 
 def cpu_matmul_layout(llm: torch.nn.Module) -> int:
@@ -55,6 +54,15 @@ def packing_available() -> bool:
     """Whether this torch build has the oneDNN linear ops (x86 CPU builds do)."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") \
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def packable(dtype: torch.dtype) -> bool:
+    """float32 always; bf16 where oneDNN has bf16 kernels on this CPU (AVX-512 or AVX-NE-CONVERT). Elsewhere (AVX2
+    alone) its reorder refuses bf16 weights ("bf16 path needs the cpu support ...") and bf16 layers keep
+    `F.linear`."""
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -108,15 +116,17 @@ class LinearGroup:
 
 
 def pack_linears(model: torch.nn.Module, max_bytes: int = 2 * 2**30) -> int:
-    """Route the CPU inference of the float32/bf16 `nn.Linear` layers of `model` through oneDNN (packed lazily, on
+    """Route the CPU inference of the float32 (and, where `packable`, bf16) `nn.Linear` layers of `model` through oneDNN (packed lazily, on
     first use); a module's `FUSABLE` groups ({attribute: linear names}) become one product each, set as that
     attribute. Returns how many layers were routed (0 when oneDNN is missing or the weights exceed `max_bytes`)."""
     def eligible(m):
-        return isinstance(m, torch.nn.Linear) and m.weight.dtype in PACKABLE and m.weight.device.type == "cpu"
+        return isinstance(m, torch.nn.Linear) and packable(m.weight.dtype) and m.weight.device.type == "cpu"
 
+    if not packing_available():
+        return 0
     linears = [m for m in model.modules() if eligible(m) and "forward" not in m.__dict__]
     total = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-    if not packing_available() or total > max_bytes or not linears:
+    if total > max_bytes or not linears:
         return 0
     for module in model.modules():
         for attribute, names in getattr(module, "FUSABLE", {}).items():

@@ -39,6 +39,7 @@ from mllm.data.lessons import LessonMix, fresh_scene
 from mllm.jsonio import write_json_atomic
 from mllm.model.checkpoint import load_state_dict
 from mllm.model.image_processing import ImageProcessor
+from mllm.model.loading import bf16_autocast_pays
 from mllm.model.tokenization import special_token_ids
 from mllm.train.scene_slots import SceneSlots
 from mllm.world import scenes as S
@@ -61,7 +62,7 @@ class StageSettings:
     readout_weight: float = 0.0  # cross-entropy of the object words read back from the image tokens
     warmup: int = 100
     beta2: float = 0.95
-    bf16: bool = True  # autocast on the CPU (bf16 matmuls run 2.5-7x faster than fp32 on CPUs with AVX-512 bf16)
+    bf16: bool | None = None  # bf16 autocast; None: where it pays on this machine (`bf16_autocast_pays`)
     log_every: int = 25
     save_every: int = 50
     eval_every: int = 250
@@ -152,6 +153,7 @@ class BaseStage:
         self.yes_no = [tokenizer.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No")]
         self.heldout = self._heldout()
         self.device = model.device  # the model and the slots on one device; batches follow them
+        self.bf16 = bf16_autocast_pays(self.device.type) if settings.bf16 is None else settings.bf16
 
     # the parts and what they compute
     def _modules(self, part: str) -> list[torch.nn.Module]:
@@ -208,7 +210,7 @@ class BaseStage:
         needs just the vision side: 12x cheaper steps, measured)."""
         s = self.settings
         parts = {}
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=s.bf16):
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             tokens, slot_vectors = self._image_tokens(scenes, images)
             if s.answer_weight or s.lm_weight:
                 mix = mix or s.mix
@@ -256,7 +258,7 @@ class BaseStage:
             labels = collate(items, self.pad_id)
             answer_at = torch.isin(labels["labels"], torch.tensor(self.yes_no)).int().argmax(1)  # first Yes/No
             batch = self._on_device(labels)
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.settings.bf16):
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
                 tokens, _ = self._image_tokens([c[1] for c in chunk], [c[2] for c in chunk])
                 logits = self._logits(batch, tokens).float()
             for i, (kind, _, _, _, answer) in enumerate(chunk):
@@ -334,7 +336,7 @@ class BaseStage:
         save_file(self.slots.state_dict(), str(folder / "slots.safetensors"))
         evaluations = [entry for entry in log if "yesno" in entry]
         summary = {"stage": s.label, "steps": s.steps, "cpu_minutes": log[-1]["cpu_minutes"],
-                   "yesno": evaluations[-1]["yesno"], "settings": _jsonable(s)}
+                   "yesno": evaluations[-1]["yesno"], "bf16": self.bf16, "settings": _jsonable(s)}
         write_json_atomic(folder / "done.json", summary)
         (folder / "state.pt").unlink()  # the finished weights are in model/ and slots.safetensors
         return summary
@@ -358,8 +360,9 @@ def _as_rng_state(state) -> tuple:
     return version, tuple(internal), gauss
 
 
-# what changes only the curve or the saving, not the weights a stage trains
-_NOT_TRAINING = {"log_every", "save_every", "eval_every", "eval_scenes", "name"}
+# what changes only the curve, the saving or the arithmetic, not what a stage learns: bf16 autocast follows the
+# machine (a stage finished where bf16 is fast is reused where it is not; done.json's own "bf16" says which ran)
+_NOT_TRAINING = {"log_every", "save_every", "eval_every", "eval_scenes", "name", "bf16"}
 
 
 def _check_same_training(path: Path, recorded: dict, wanted: dict) -> None:

@@ -76,3 +76,32 @@ def test_every_example_config_runs_as_it_is(verb, world_cwd, monkeypatch, capsys
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()  # where the config says
     if verb == "preference":  # the reference log-probs were computed on the way, next to the data
         assert list((world_cwd / "runs" / "world").glob("preference_train.*.logp.jsonl"))
+
+
+@pytest.mark.parametrize("has_bf16_kernels", [False, True])
+def test_bf16_on_a_cpu_without_bf16_kernels_gets_a_note(has_bf16_kernels, tmp_path, monkeypatch, capsys):
+    """--bf16 (training) and --dtype bfloat16 (inference) on an AVX2-only CPU, where bf16 is emulated (a training
+    step 18x, `mllm answer` 4.4x slower than float32, measured): the run goes on, with a note that says so; where
+    bf16 is fast, no note."""
+    import argparse
+
+    import torch
+
+    from mllm.cli import train_sft
+    from mllm.cli.arguments import device_and_dtype
+    from mllm.model import loading
+
+    monkeypatch.setattr(loading, "bf16_autocast_pays", lambda device_type: has_bf16_kernels)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    flags = ["--model-name-or-path", "m", "--data-path", "d.json", "--output_dir", str(tmp_path)]
+    note = train_sft.slow_bf16_note(parse_args(flags + ["--use_cpu", "--bf16"])[2])
+    assert train_sft.slow_bf16_note(parse_args(flags + ["--use_cpu"])[2]) is None  # float32: nothing to say
+    parser = argparse.ArgumentParser(prog="mllm answer")
+    assert device_and_dtype(parser, argparse.Namespace(device="cpu", dtype="bfloat16")) == ("cpu", "bfloat16")
+    assert device_and_dtype(parser, argparse.Namespace(device="cpu", dtype="auto")) == ("cpu", "float32")
+    err = capsys.readouterr().err
+    if has_bf16_kernels:
+        assert note is None and err == ""
+    else:
+        assert "no bf16 kernels" in note and "drop --bf16" in note
+        assert err.count("mllm answer: note: this CPU has no bf16 kernels") == 1  # bfloat16's call only

@@ -32,13 +32,29 @@ def test_packed_products_equal_f_linear(packs, dtype, tol, bias):
     torch.manual_seed(0)
     layer = torch.nn.Linear(96, 160, bias=bias).to(dtype)
     x = torch.randn(3, 7, 96, dtype=dtype)  # 21 rows, a 3-d input as the models give it
+    packed = cpu_linear.packable(dtype)  # bf16: only where oneDNN has bf16 kernels (not on an AVX2-only CPU)
     with torch.inference_mode():
         want = F.linear(x, layer.weight, layer.bias)
-        assert pack_linears(layer) == 1
+        assert pack_linears(layer) == int(packed)
         got = layer(x)
     assert got.shape == (3, 7, 160) and got.dtype == dtype
     assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol)
-    assert packs == [(160, 96)]
+    assert packs == ([(160, 96)] if packed else [])
+
+
+def test_bf16_layers_keep_f_linear_where_onednn_has_no_bf16_kernels(packs, monkeypatch):
+    """On a CPU with AVX2 alone oneDNN's reorder refuses bf16 weights ("bf16 path needs the cpu support ..."):
+    `mllm answer --dtype bfloat16` crashed there. Such layers are left to `F.linear`; float32 ones still pack."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48).bfloat16(), torch.nn.Linear(48, 16))
+    assert pack_linears(model) == 1  # the float32 layer only
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        hidden = model[0](x)
+        assert torch.equal(hidden, F.linear(x, model[0].weight, model[0].bias))
+        model[1](hidden.float())
+    assert packs == [(16, 48)]
 
 
 def test_a_single_row_and_a_training_step_take_f_linear(packs):

@@ -216,6 +216,35 @@ def test_a_finished_stage_trained_with_other_settings_is_not_silently_reused(tmp
     assert (tmp_path / "model" / "model.safetensors").is_file()  # nothing deleted
 
 
+def test_bf16_autocast_follows_the_machine_unless_a_stage_asks(tmp_path, tokenizer, monkeypatch):
+    """By default a stage autocasts to bf16 only where that pays (`bf16_autocast_pays`): on a CPU without bf16
+    kernels (AVX2 alone: 55x slower, measured) it trains in float32, to the very losses of an explicit bf16=False."""
+    def losses(folder, **kw):
+        stage, _ = _read(tmp_path / folder, tokenizer, steps=3, log_every=1, **kw)
+        stage.run(progress=lambda line: None)
+        done = json.loads((tmp_path / folder / "done.json").read_text())
+        return [e["loss_total"] for e in stage.curve() if "loss_total" in e], done["bf16"]
+
+    monkeypatch.setattr(base_recipe, "bf16_autocast_pays", lambda device_type: False)
+    auto_slow, ran_bf16 = losses("auto_slow")
+    assert not ran_bf16 and auto_slow == losses("fp32", bf16=False)[0]
+    monkeypatch.setattr(base_recipe, "bf16_autocast_pays", lambda device_type: True)
+    auto_fast, ran_bf16 = losses("auto_fast")
+    assert ran_bf16 and auto_fast == losses("bf16", bf16=True)[0] and auto_fast != auto_slow
+    assert losses("forced", bf16=False)[0] == auto_slow  # an explicit setting wins over the machine
+
+
+def test_bf16_pays_only_where_the_device_has_it(monkeypatch):
+    from mllm.model import loading
+
+    loading.bf16_autocast_pays.cache_clear()
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # an AVX2-only CPU
+    assert loading.bf16_autocast_pays("cpu") is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert loading.bf16_autocast_pays("cuda") is False and loading.bf16_autocast_pays("mps") is False
+    loading.bf16_autocast_pays.cache_clear()  # later tests measure this machine afresh
+
+
 def test_fields_added_since_a_stage_finished_count_as_their_defaults():
     wanted = base_recipe._jsonable(StageSettings(kind="read", steps=5, lr=1e-3, trains={"llm": 1.0}))
     recorded = json.loads(json.dumps(wanted))
@@ -225,6 +254,8 @@ def test_fields_added_since_a_stage_finished_count_as_their_defaults():
     recorded["first_mix_steps"] = 500  # ... set: it mattered
     with pytest.raises(ValueError, match="first_mix_steps: finished with 500, asked None"):
         base_recipe._check_same_training(Path("done.json"), recorded, wanted)
+    recorded = json.loads(json.dumps(wanted)) | {"bf16": True}  # finished where bf16 was fast: reused anywhere
+    base_recipe._check_same_training(Path("done.json"), recorded, wanted)
     recorded = json.loads(json.dumps(wanted))
     recorded["mix"]["alone"] = 0.3
     with pytest.raises(ValueError, match="mix"):
