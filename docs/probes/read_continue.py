@@ -20,6 +20,11 @@
     n1  from= as w1, mix=describe max_objects=3   (a curriculum's first step: the transitions 1 -> 2 -> 3 alone)
     d0  from=init mix=describe alone=1 statements=0 steps=400 lr=1e-3 warmup=50 eval_every=200 eval_scenes=100
     g1  from= as w1 + grow:4 mix=describe   (the LLM deepened to 8 layers first, `common.grow_llm`)
+    d0L from=init mix=describe alone=1 statements=0 steps=500 lr=1e-3 warmup=50   (d0L_1; d0L_2: from=init,...d0L_1)
+    e1  from=init,runs/probe/d0L_1,runs/probe/d0L_2 mix=full alone=0.3 lr=5e-4   (descriptions first, then the full mix)
+    e4  from= as e1, mix=existence_desc lr=1e-3 warmup=50   (then existence questions, descriptions kept)
+    e4b from= as e1 + runs/probe/e4, mix=existence_desc steps=400 lr=1e-3 warmup=50
+    e3  from= as e1, mix=existence steps=500 lr=1e-3 warmup=50   (existence questions alone: the walk is lost)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 
 order=band: the slots band-major, as descriptions name objects (`common.band_major_slots`). table=triple|rank: one
@@ -28,13 +33,14 @@ more learnt vector in each object's slot (`common.extra_slot_table`), added to t
 questions needed the pair (`SceneSlots.colour_category`). rank, the object's ordinal in description order at a word
 embedding's scale: does it stop descriptions from slots repeating one object?
 """
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
 from common import band_major_slots, compact_slots, extra_slot_table, read_chain
-from mllm.data.lessons import LessonMix
+from mllm.data.lessons import EXISTENCE_FIRST, LessonMix
 from mllm.train.base_recipe import BaseStage, StageSettings
 
 args = dict(a.split("=", 1) for a in sys.argv[1:])
@@ -65,6 +71,10 @@ mixes = {
     "where": LessonMix(**only | {"yesno": 0.5, "lookup": 0.5}, yesno_kinds=("position",), statements=statements),
     "describe": LessonMix(**only | {"short": 0.33, "detailed": 0.67}, statements=statements,
                           alone=float(args.get("alone", 0.0))),
+    "existence": EXISTENCE_FIRST,  # read's first curriculum step: existence questions + the inventory turn
+    # ... with descriptions kept (e4): a share alone, asked first, and some after the questions
+    "existence_desc": dataclasses.replace(EXISTENCE_FIRST, short=0.1, detailed=0.2,
+                                          alone=float(args.get("alone", 0.3))),
 }
 model, tokenizer, slots = read_chain(base, "init" if args["from"] == "init" else args["from"].split(","))
 settings = StageSettings(kind="read", steps=int(args.get("steps", 300)), lr=float(args.get("lr", 5e-4)),

@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 
-
 def cpu_matmul_layout(llm: torch.nn.Module) -> int:
     """Store the float32 weights of the LLM's linear layers transposed in memory (shape unchanged), for inference
     on the CPU; returns how many were changed.
@@ -116,9 +115,10 @@ class LinearGroup:
 
 
 def pack_linears(model: torch.nn.Module, max_bytes: int = 2 * 2**30) -> int:
-    """Route the CPU inference of the float32 (and, where `packable`, bf16) `nn.Linear` layers of `model` through oneDNN (packed lazily, on
-    first use); a module's `FUSABLE` groups ({attribute: linear names}) become one product each, set as that
-    attribute. Returns how many layers were routed (0 when oneDNN is missing or the weights exceed `max_bytes`)."""
+    """Route the CPU inference of the float32 (and, where `packable`, bf16) `nn.Linear` layers of `model` through
+    oneDNN (packed lazily, on first use); a module's `FUSABLE` groups ({attribute: linear names}) become one product
+    each, set as that attribute. Returns how many layers were routed (0 when oneDNN is missing or the weights exceed
+    `max_bytes`)."""
     def eligible(m):
         return isinstance(m, torch.nn.Linear) and packable(m.weight.dtype) and m.weight.device.type == "cpu"
 
