@@ -24,6 +24,7 @@
     e1  from=init,runs/probe/d0L_1,runs/probe/d0L_2 mix=full alone=0.3 lr=5e-4   (descriptions first, then the full mix)
     e4  from= as e1, mix=existence_desc lr=1e-3 warmup=50   (then existence questions, descriptions kept)
     e4b from= as e1 + runs/probe/e4, mix=existence_desc steps=400 lr=1e-3 warmup=50
+    e5  from= as e4b + runs/probe/e4b, mix=full alone=0.3 lr=1e-3 warmup=50
     e3  from= as e1, mix=existence steps=500 lr=1e-3 warmup=50   (existence questions alone: the walk is lost)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 
