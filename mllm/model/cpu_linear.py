@@ -55,13 +55,18 @@ def packing_available() -> bool:
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def onednn_bf16_kernels() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU (AVX-512 or AVX-NE-CONVERT), as PyTorch's own CPU bf16 paths
+    ask it; without them (AVX2 alone) bf16 is emulated, and the reorder below refuses bf16 weights."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def packable(dtype: torch.dtype) -> bool:
-    """float32 always; bf16 where oneDNN has bf16 kernels on this CPU (AVX-512 or AVX-NE-CONVERT). Elsewhere (AVX2
-    alone) its reorder refuses bf16 weights ("bf16 path needs the cpu support ...") and bf16 layers keep
-    `F.linear`."""
+    """float32 always; bf16 where `onednn_bf16_kernels`. Elsewhere (AVX2 alone) oneDNN's reorder refuses bf16
+    weights ("bf16 path needs the cpu support ...") and bf16 layers keep `F.linear`."""
     if dtype == torch.float32:
         return True
-    return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.bfloat16 and onednn_bf16_kernels()
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from mllm.model.checkpoint import resolve_model_dir
-from mllm.model.cpu_linear import cpu_matmul_layout, pack_linears
+from mllm.model.cpu_linear import cpu_matmul_layout, onednn_bf16_kernels, pack_linears
 from mllm.model.modeling_mllm import MLLMModel
 from mllm.model.processing import processor_for
 from mllm.model.tokenization import load_tokenizer
@@ -54,7 +54,7 @@ def bf16_autocast_pays(device_type: str) -> bool:
     if device_type != "cpu":
         return False
     try:
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():  # what PyTorch's own CPU bf16 paths consult
+        if not onednn_bf16_kernels():
             return False
     except (AttributeError, RuntimeError):  # a build without oneDNN: measure
         pass
