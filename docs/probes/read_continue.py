@@ -25,6 +25,8 @@
     e4  from= as e1, mix=existence_desc lr=1e-3 warmup=50   (then existence questions, descriptions kept)
     e4b from= as e1 + runs/probe/e4, mix=existence_desc steps=400 lr=1e-3 warmup=50
     e5  from= as e4b + runs/probe/e4b, mix=full alone=0.3 lr=1e-3 warmup=50
+    b1  from= as e5 + runs/probe/e5, mix=colour_desc lr=5e-4   (bind's colour questions, descriptions kept)
+    b2  from= as e5 + runs/probe/e5, mix=lookup_desc lr=5e-4   (lookup's open questions, descriptions kept)
     e3  from= as e1, mix=existence steps=500 lr=1e-3 warmup=50   (existence questions alone: the walk is lost)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 
@@ -41,7 +43,7 @@ from pathlib import Path
 import torch
 
 from common import band_major_slots, compact_slots, extra_slot_table, read_chain
-from mllm.data.lessons import EXISTENCE_FIRST, LessonMix
+from mllm.data.lessons import COLOUR_NEXT, EXISTENCE_FIRST, LOOKUP_ONLY, LessonMix
 from mllm.train.base_recipe import BaseStage, StageSettings
 
 args = dict(a.split("=", 1) for a in sys.argv[1:])
@@ -76,6 +78,9 @@ mixes = {
     # ... with descriptions kept (e4): a share alone, asked first, and some after the questions
     "existence_desc": dataclasses.replace(EXISTENCE_FIRST, short=0.1, detailed=0.2,
                                           alone=float(args.get("alone", 0.3))),
+    # bind's colour questions and lookup's open questions with descriptions kept the same way (b1, b2)
+    "colour_desc": dataclasses.replace(COLOUR_NEXT, short=0.1, detailed=0.2, alone=float(args.get("alone", 0.3))),
+    "lookup_desc": dataclasses.replace(LOOKUP_ONLY, short=0.1, detailed=0.2, alone=float(args.get("alone", 0.3))),
 }
 model, tokenizer, slots = read_chain(base, "init" if args["from"] == "init" else args["from"].split(","))
 settings = StageSettings(kind="read", steps=int(args.get("steps", 300)), lr=float(args.get("lr", 5e-4)),

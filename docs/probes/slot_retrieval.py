@@ -8,6 +8,8 @@ scenes given as slot vectors (no pixels), one thread:
     attention  per layer, mean over heads, attention from the answer position and from the asked category word
                onto the asked object's slot, against an occupied slot's average
     describe   "Describe the image in detail." asked first, greedy: share of the scene's colour-category pairs named
+    describe_p as describe with the world's own detailed prompts (`DETAILED_PROMPTS`, drawn per scene, as the
+               product's description bench asks), not the fixed one none of them is
     describe_after  the same asked after the scene's statements turn (true answers), as read-kind stages train it
     next       teacher-forced: the true detailed description after the statements turn; for the k-th object
                sentence, is the argmax at its colour word the true colour, and at its category word the true
@@ -78,7 +80,7 @@ def unique_objects(scene, by_category: bool) -> list:
     return [o for o in scene.objects if counts[o.category] == 1] if by_category else S._unique_colour_category(scene)
 
 
-rng = random.Random({"where": 123, "colour": 123, "attention": 5, "describe": 7, "describe_after": 7, "next": 7,
+rng = random.Random({"where": 123, "colour": 123, "attention": 5, "describe": 7, "describe_p": 7, "describe_after": 7, "next": 7,
                      "next1": 7, "next0": 7}[probe])
 with torch.no_grad():
     if probe in ("where", "colour"):
@@ -156,7 +158,8 @@ with torch.no_grad():
         named = total = 0
         for i in range(30):
             scene = fresh_scene(rng)
-            ids, start = prompt("Describe the image in detail.",
+            asked = rng.choice(S.DETAILED_PROMPTS) if probe == "describe_p" else "Describe the image in detail."
+            ids, start = prompt(asked,
                                 [statements(scene, rng)] if probe == "describe_after" else None)
             tokens, _ = stage._image_tokens([scene], [])
             written = []

@@ -1,7 +1,7 @@
 """`mllm course --stage base`: the tiny model from random init (`stage_base`): phase 0, the supervised
 pretraining of a from-scratch vision tower and resampler on the synthetic world's scene labels, then the stages
-of `mllm.train.base_recipe` (the LLM reads scenes as slot vectors, then binds colours on a fresh schedule; vision
-is aligned to the slots with the LLM frozen; everything is tuned together).
+of `mllm.train.base_recipe` (the LLM describes scenes given as slot vectors, then answers questions about them
+too; vision is aligned to the slots with the LLM frozen; everything is tuned together).
 
 The real MiniCPM-V starts from a SigLIP encoder that was pretrained on billions of image-text pairs; the tiny
 course model has no such start, and a vision tower trained only through the LLM's next-token loss learns
@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm.course.shared import Budget, answer_yesno, describe_and_score, ground_and_score, world_dir
-from mllm.data.lessons import COLOUR_NEXT, EXISTENCE_FIRST, LOOKUP_ONLY, LessonMix, tokenizer_texts
+from mllm.data.lessons import (COLOUR_NEXT, DESCRIBE_ALONE, EXISTENCE_FIRST, LOOKUP_ONLY, LessonMix, tokenizer_texts,
+                                with_descriptions)
 from mllm.jsonio import write_json_atomic
 from mllm.model.configuration import MLLMConfig
 from mllm.model.image_processing import ImageProcessor
@@ -202,24 +203,28 @@ def base_config(tokenizer) -> MLLMConfig:
 
 
 def base_stages(budget: Budget) -> list[StageSettings]:
-    """read -> bind -> settle -> lookup -> resettle -> align -> tune with the budget's steps and rates
-    (`mllm.train.base_recipe` says what each kind does). bind, settle, lookup and resettle are read-kind stages on
-    fresh schedules at a lower rate: colour binding stayed at chance through 1,000 steps of read (.51), then reached
-    .94 in 300 steps of colour questions alone at 5e-4 and stayed (.96) when the full mix came back for 250 (count
-    .86 -> .93); the same colour step inside read's own schedule, at ~1e-3 right after the existence steps, took
-    every kind to .50 (measured, docs/probes/README.md). lookup and resettle teach the LLM to read one value out of
-    one slot (`LOOKUP_ONLY`): from the tuned base, yes/no 0.793 / acc+ 0.663 against 0.782 / 0.640 without them."""
+    """describe -> read -> bind -> settle -> lookup -> resettle -> align -> tune with the budget's steps and rates
+    (`mllm.train.base_recipe` says what each kind does). The LLM describes scenes before it answers anything: only
+    an LLM that learnt descriptions first walks the objects in the slots one by one, and every read-kind stage after
+    it keeps descriptions in its mix so that the walk survives the questions (`DESCRIBE_ALONE`,
+    `with_descriptions`). bind, settle, lookup and resettle are read-kind stages on fresh schedules at a lower rate:
+    colour binding stayed at chance through 1,000 steps of read (.51), then reached .94 in 300 steps of colour
+    questions alone at 5e-4; lookup teaches the LLM to read one value out of one slot (`LOOKUP_ONLY`); measured in
+    docs/probes/README.md."""
     common = {"batch": budget.base_batch, "eval_scenes": budget.base_eval_scenes,
               "eval_every": budget.base_eval_every, "save_every": budget.base_save_every}
     reads = {"kind": "read", "trains": {"llm": 1.0, "slots": 1.0}, "lm_weight": 1.0, "beta2": 0.95, **common}
     rereads = {"lr": budget.rebind_lr, "warmup": 20, **reads}  # the read-kind stages after read, fresh schedules
+    full = LessonMix(alone=0.3)  # a share of conversations one writing turn alone, asked first
     return [
-        StageSettings(steps=budget.read_steps, lr=budget.read_lr, warmup=100,
-                      curriculum=((EXISTENCE_FIRST, budget.read_existence_steps),), **reads),
-        StageSettings(name="bind", steps=budget.bind_steps, mix=COLOUR_NEXT, **rereads),
-        StageSettings(name="settle", steps=budget.settle_steps, **rereads),
-        StageSettings(name="lookup", steps=budget.lookup_steps, mix=LOOKUP_ONLY, **rereads),
-        StageSettings(name="resettle", steps=budget.resettle_steps, **rereads),
+        StageSettings(name="describe", steps=budget.describe_steps, lr=budget.read_lr, warmup=50, mix=DESCRIBE_ALONE,
+                      **reads),
+        StageSettings(steps=budget.read_steps, lr=budget.read_lr, warmup=50, mix=full,
+                      curriculum=((with_descriptions(EXISTENCE_FIRST), budget.read_existence_steps),), **reads),
+        StageSettings(name="bind", steps=budget.bind_steps, mix=with_descriptions(COLOUR_NEXT), **rereads),
+        StageSettings(name="settle", steps=budget.settle_steps, mix=full, **rereads),
+        StageSettings(name="lookup", steps=budget.lookup_steps, mix=with_descriptions(LOOKUP_ONLY), **rereads),
+        StageSettings(name="resettle", steps=budget.resettle_steps, mix=full, **rereads),
         StageSettings(kind="align", steps=budget.align_steps, lr=budget.align_lr, trains={"vision": 1.0},
                       answer_weight=0.0, slot_weight=1.0, readout_weight=1.0, warmup=50, beta2=0.98, **common),
         StageSettings(kind="tune", steps=budget.tune_steps, lr=budget.tune_lr,
@@ -256,19 +261,22 @@ def _fresh_resampler(model, seed: int) -> None:
 
 
 def _read_beside(out: Path, budget: Budget, seed: int) -> None:
-    """The read stage in its own process on one core (phase 0 has the other); its finished stage hands on
-    only the LLM and the slots (`BaseStage.load_finished`)."""
+    """The read-kind stages (describe ... resettle) in their own process on one core (phase 0 has the other); a
+    finished stage hands on only the LLM and the slots (`BaseStage.load_finished`)."""
     torch.set_num_threads(1)
     model, tokenizer = _fresh_model(out / "world", out / "base" / "init", seed)
-    settings = base_stages(budget)[0]
-    BaseStage(model, tokenizer, _slots(tokenizer, model, seed), settings, out / "base" / settings.label,
-              seed=seed).run(progress=lambda line: print(line, flush=True))
+    slots = _slots(tokenizer, model, seed)
+    for settings in base_stages(budget):
+        if settings.kind != "read":
+            break
+        BaseStage(model, tokenizer, slots, settings, out / "base" / settings.label, seed=seed).run(
+            progress=lambda line: print(line, flush=True))
 
 
 def vision_phase(stage: Path, world: Path, budget: Budget, seed: int):
     """Phase 0 under `stage/phase0`: the fresh model's vision side pretrained on the world's labels; a finished
     one is reused (the phase is deterministic for a seed and its log is written last). Returns (model, tokenizer,
-    log). It touches neither the LLM nor the slots, so the read stage may run beside it."""
+    log). It touches neither the LLM nor the slots, so the read-kind stages may run beside it."""
     log_path = stage / "phase0" / "vision_pretrain_log.json"
     if log_path.is_file() and (stage / "phase0" / "model.safetensors").is_file():
         print(f"reusing the finished vision pretraining in {stage / 'phase0'}", flush=True)
@@ -284,16 +292,17 @@ def vision_phase(stage: Path, world: Path, budget: Budget, seed: int):
 
 
 def stage_base(out: Path, budget: Budget, seed: int) -> dict:
-    """Phase 0 (vision pretraining, `pretrain` above), then read, bind, settle, lookup, resettle, align and tune
-    (`base_stages`); the last stage's model is the base. With two cores or more, phase 0 and read (which share no
-    parameters) run side by side, one core each. Every phase resumes: a finished one is reused, a stopped one goes
+    """Phase 0 (vision pretraining, `pretrain` above), then describe, read, bind, settle, lookup, resettle, align
+    and tune (`base_stages`); the last stage's model is the base. With two cores or more, phase 0 and the read-kind
+    stages (which share no parameters) run side by side, one core each. Every phase resumes: a finished one is reused, a stopped one goes
     on from its last saved state, so a stopped run goes on where it was."""
     world = world_dir(out, budget, seed)
     stage = out / "base"
     reader = None
-    if len(os.sched_getaffinity(0)) >= 2 and not (stage / "read" / "done.json").is_file() \
+    last_read = [s.label for s in base_stages(budget) if s.kind == "read"][-1]
+    if len(os.sched_getaffinity(0)) >= 2 and not (stage / last_read / "done.json").is_file() \
             and not (stage / "phase0" / "vision_pretrain_log.json").is_file():
-        # phase 0 trains only the vision side and read only the LLM and slots: one core each, side by side
+        # phase 0 trains only the vision side and the read-kind stages only the LLM and slots: one core each
         _fresh_model(world, stage / "init", seed)  # written before either process reads it
         reader = multiprocessing.get_context("spawn").Process(target=_read_beside, args=(out, budget, seed))
         reader.start()
@@ -304,8 +313,8 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
         torch.set_num_threads(threads)
         reader.join()
         if reader.exitcode != 0:
-            raise RuntimeError(f"the read stage beside the vision pretraining failed (exit {reader.exitcode}); "
-                               f"rerun to resume it from {stage / 'read'}")
+            raise RuntimeError(f"the read-kind stages beside the vision pretraining failed (exit "
+                               f"{reader.exitcode}); rerun to resume them where they stopped, under {stage}")
     slots = _slots(tokenizer, model, seed)
     summaries, curves = [], []
     for settings in base_stages(budget):

@@ -67,6 +67,7 @@ class StageSettings:
     save_every: int = 50
     eval_every: int = 250
     eval_scenes: int = 300  # held-out scenes; one yes/no pair each
+    describe_scenes: int = 30  # held-out scenes described greedily at each evaluation (0: none)
     mix: LessonMix = field(default_factory=LessonMix)
     curriculum: tuple[tuple[LessonMix, int], ...] = ()  # (mix, steps) in order before `mix`: the first steps
     name: str = ""  # the stage's folder and label when one kind runs more than once (default: kind)
@@ -152,6 +153,7 @@ class BaseStage:
         self.processor = ImageProcessor.from_config(model.config.slice)
         self.yes_no = [tokenizer.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No")]
         self.heldout = self._heldout()
+        self.describe_heldout = self._describe_heldout()
         self.device = model.device  # the model and the slots on one device; batches follow them
         self.bf16 = bf16_autocast_pays(self.device.type) if settings.bf16 is None else settings.bf16
 
@@ -270,6 +272,59 @@ class BaseStage:
         result["all"] = round(sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values()), 4)
         return result
 
+    # held-out descriptions
+    def _describe_heldout(self) -> list[tuple]:
+        """(scene, image, prompt) per held-out scene to describe: one of the world's detailed prompts each, the
+        ones its description bench asks."""
+        rng = random.Random(f"base/describe/{self.seed}")
+        out = []
+        for _ in range(self.settings.describe_scenes):
+            if self.settings.kind == "read":
+                scene, image = fresh_scene(rng), None
+            else:
+                image, scene = S.render_scene(S.sample_scene(rng, "heldout"))
+            out.append((scene, image, rng.choice(S.DETAILED_PROMPTS)))
+        return out
+
+    @torch.no_grad()
+    def describe(self, max_new_tokens: int = 120) -> float:
+        """Share of the held-out scenes' (colour, category) pairs that greedy descriptions name: whether the LLM
+        walks the objects one by one, which the yes/no curve does not show (an LLM that answers yes/no well may
+        name the first object only, then repeat it)."""
+        was_training = {m: m.training for part in PARTS for m in self._modules(part)}
+        for m in was_training:
+            m.eval()
+        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        named = total = 0
+        by_prompt = defaultdict(list)
+        for scene, image, prompt in self.describe_heldout:
+            by_prompt[prompt].append((scene, image))
+        for prompt, group in by_prompt.items():  # one prompt, one length: a batch without padding
+            x = encode([(prompt, "X")], self.tokenizer, self.token_ids, self.query_num)
+            first = int((x["labels"] != -100).nonzero()[0])  # labels are pre-shifted: the answer's first token
+            ids = x["input_ids"][:first + 2][None].expand(len(group), -1).to(self.device)  # (G, T): up to "\n"
+            batch = {"input_ids": ids, "image_starts": torch.full((len(group),), int(x["image_bound"][0][0]))}
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+                tokens, _ = self._image_tokens([g[0] for g in group], [g[1] for g in group])
+                out = self.model.llm(inputs_embeds=with_image_tokens(self.model, batch, tokens), use_cache=True)
+                written, finished = [], torch.zeros(len(group), dtype=torch.bool, device=self.device)
+                for _ in range(max_new_tokens):
+                    token = out.logits[:, -1].argmax(-1)  # (G,)
+                    finished |= token == end
+                    written.append(token.masked_fill(finished, end))
+                    if bool(finished.all()):
+                        break
+                    out = self.model.llm(input_ids=token[:, None], cache=out.cache, use_cache=True)
+            written = torch.stack(written, 1).tolist()  # (G, steps)
+            for (scene, _), row in zip(group, written):
+                text = self.tokenizer.decode(row[:row.index(end)] if end in row else row)
+                pairs = {(o.colour, o.category) for o in scene.objects}
+                named += sum(f"{colour} {category}" in text for colour, category in pairs)
+                total += len(pairs)
+        for m, training in was_training.items():
+            m.train(training)
+        return round(named / max(1, total), 4)
+
     # training
     def _schedule(self, optimizer):
         s = self.settings
@@ -325,8 +380,10 @@ class BaseStage:
                 log.append({"step": step, "cpu_minutes": cpu_minutes,
                             **{f"loss_{k}": round(float(v.detach()), 4) for k, v in parts.items()}})
             if step % s.eval_every == 0 or step == s.steps:
-                log.append({"step": step, "cpu_minutes": cpu_minutes, "yesno": self.evaluate()})
-                progress(f"{s.label} step {step}/{s.steps} ({cpu_minutes} CPU-min): {log[-1]['yesno']}")
+                log.append({"step": step, "cpu_minutes": cpu_minutes, "yesno": self.evaluate()}
+                           | ({"describe": self.describe()} if s.describe_scenes else {}))
+                described = f", descriptions name {log[-1]['describe']:.3f} of pairs" if s.describe_scenes else ""
+                progress(f"{s.label} step {step}/{s.steps} ({cpu_minutes} CPU-min): {log[-1]['yesno']}{described}")
             if step % s.save_every == 0 or step == s.steps:
                 self._save({"model": self.model.state_dict(), "slots": self.slots.state_dict(),
                             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
@@ -337,6 +394,8 @@ class BaseStage:
         evaluations = [entry for entry in log if "yesno" in entry]
         summary = {"stage": s.label, "steps": s.steps, "cpu_minutes": log[-1]["cpu_minutes"],
                    "yesno": evaluations[-1]["yesno"], "bf16": self.bf16, "settings": _jsonable(s)}
+        if "describe" in evaluations[-1]:
+            summary["describe"] = evaluations[-1]["describe"]
         write_json_atomic(folder / "done.json", summary)
         (folder / "state.pt").unlink()  # the finished weights are in model/ and slots.safetensors
         return summary
@@ -362,7 +421,7 @@ def _as_rng_state(state) -> tuple:
 
 # what changes only the curve, the saving or the arithmetic, not what a stage learns: bf16 autocast follows the
 # machine (a stage finished where bf16 is fast is reused where it is not; done.json's own "bf16" says which ran)
-_NOT_TRAINING = {"log_every", "save_every", "eval_every", "eval_scenes", "name", "bf16"}
+_NOT_TRAINING = {"log_every", "save_every", "eval_every", "eval_scenes", "describe_scenes", "name", "bf16"}
 
 
 def _check_same_training(path: Path, recorded: dict, wanted: dict) -> None:

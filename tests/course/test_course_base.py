@@ -1,4 +1,4 @@
-"""The base recipe end to end on a tiny world: vision pretraining, read, align and tune, evaluations, and a second
+"""The base recipe end to end on a tiny world: vision pretraining, describe, read, align and tune, evaluations, and a second
 run that resumes instead of training again (every finished phase is reused, the model is the same)."""
 
 import json
@@ -12,7 +12,8 @@ from mllm.course.shared import Budget
 
 
 def _budget():
-    return Budget(n_train=8, n_test=4, vision_pretrain_steps=3, vision_pretrain_batch=4, read_steps=4, bind_steps=2,
+    return Budget(n_train=8, n_test=4, vision_pretrain_steps=3, vision_pretrain_batch=4, describe_steps=2, read_steps=4,
+                  bind_steps=2,
                   settle_steps=2, lookup_steps=2, resettle_steps=2, align_steps=2, tune_steps=2, base_batch=2,
                   base_eval_scenes=3, base_eval_every=2, base_save_every=2, eval_limit=4)
 
@@ -21,17 +22,25 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
     first = stage_base(tmp_path, _budget(), seed=0)
     base = tmp_path / "base"
     assert first["vision_pretrain"]["step"] == 3
-    names = ["read", "bind", "settle", "lookup", "resettle", "align", "tune"]
+    names = ["describe", "read", "bind", "settle", "lookup", "resettle", "align", "tune"]
     assert [s["stage"] for s in first["stages"]] == names
-    assert [s["steps"] for s in first["stages"]] == [4, 2, 2, 2, 2, 2, 2]
+    assert [s["steps"] for s in first["stages"]] == [2, 4, 2, 2, 2, 2, 2, 2]
     mixes = [s["settings"]["mix"] for s in first["stages"]]
-    assert mixes[1]["yesno_kinds"] == ["color"]  # bind: colour questions alone
-    assert mixes[2]["yesno_kinds"] is None and mixes[2]["yesno"] > 0  # settle: the full mix again
-    assert mixes[3]["lookup"] == 1.0 and mixes[3]["yesno"] == mixes[3]["detailed"] == 0.0  # lookup: lookups alone
-    assert mixes[4] == mixes[2]  # resettle: the full mix once more
+    # describe: descriptions alone, asked first; every read-kind stage after it keeps descriptions in its mix
+    assert mixes[0]["yesno"] == mixes[0]["lookup"] == mixes[0]["grounding"] == 0.0 and mixes[0]["alone"] == 1.0
+    assert not mixes[0]["statements"] and mixes[0]["detailed"] > 0
+    existence, _ = first["stages"][1]["settings"]["curriculum"][0]
+    assert existence["yesno_kinds"] == ["existence"] and existence["detailed"] > 0 and existence["alone"] > 0
+    assert all(m["detailed"] > 0 and m["alone"] > 0 for m in mixes[1:6])
+    assert mixes[2]["yesno_kinds"] == ["color"] and mixes[2]["lookup"] == 0.0  # bind: colour questions
+    assert mixes[3]["yesno_kinds"] is None and mixes[3]["yesno"] > 0  # settle: the full mix again
+    assert mixes[4]["lookup"] == 1.0 and mixes[4]["yesno"] == 0.0  # lookup: open lookups
+    assert mixes[5] == mixes[3]  # resettle: the full mix once more
+    assert all(0.0 <= s["describe"] <= 1.0 for s in first["stages"])  # greedy descriptions scored at the end
     for kind in names:
         curve = json.loads((base / kind / "log.json").read_text())
         assert [e["step"] for e in curve if "yesno" in e] == ([2, 4] if kind == "read" else [2])
+        assert [e["step"] for e in curve if "describe" in e] == [e["step"] for e in curve if "yesno" in e]
         assert not (base / kind / "state.pt").exists()  # a finished stage keeps its model, not its optimiser
     assert (base / "base_curves.png").stat().st_size > 0
     config = json.loads((base / "model" / "config.json").read_text())
@@ -44,7 +53,7 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
 
     # the tuned stage's weights differ from the read stages' in the LLM and the vision side; each read-kind stage
     # goes on from the one before it and changes the LLM
-    chain = [load_file(base / name / "model" / "model.safetensors") for name in names[:5]]
+    chain = [load_file(base / name / "model" / "model.safetensors") for name in names[:6]]
     for before, after in zip(chain, chain[1:]):
         assert any(not bool((before[k] == after[k]).all()) for k in after if k.startswith("llm."))
     read = chain[-1]
@@ -100,12 +109,15 @@ def test_read_beside_the_vision_pretraining_gives_the_serial_base(tmp_path, monk
     two = load_file(tmp_path / "two" / "base" / "model" / "model.safetensors")
     one = load_file(tmp_path / "one" / "base" / "model" / "model.safetensors")
     assert all(torch.allclose(two[k], one[k], atol=1e-5) for k in one)
-    # the read stage beside phase 0 started from the init's vision, and that vision was not handed on
-    read = load_file(tmp_path / "two" / "base" / "read" / "model" / "model.safetensors")
+    # every read-kind stage ran beside phase 0, from the init's vision, and that vision was not handed on
+    init = load_file(tmp_path / "two" / "base" / "init" / "model.safetensors")
     phase0 = load_file(tmp_path / "two" / "base" / "phase0" / "model.safetensors")
     key = "vpm.embeddings.patch_embedding.weight"
-    assert not torch.equal(read[key], phase0[key])
-    assert side_by_side["stages"][0]["steps"] == serial["stages"][0]["steps"] == 4
+    for name in ("describe", "read", "bind", "settle", "lookup", "resettle"):
+        read = load_file(tmp_path / "two" / "base" / name / "model" / "model.safetensors")
+        assert torch.equal(read[key], init[key]) and not torch.equal(read[key], phase0[key])
+    assert [s["steps"] for s in side_by_side["stages"]] == [s["steps"] for s in serial["stages"]]
+    assert side_by_side["stages"][1]["steps"] == 4  # read
 
 
 def test_alignment_starts_from_a_fresh_resampler(tmp_path, monkeypatch):

@@ -328,3 +328,34 @@ def test_readout_loss_by_hand_and_it_prefers_the_true_slots(tokenizer):
     scenes = [S.drawn_scene(S.sample_scene(random.Random(i), "x")) for i in range(8)]
     true = wide(scenes, embedding).detach()
     assert wide.readout_loss(scenes, true, embedding) < 0.5 * wide.readout_loss(scenes, torch.randn_like(true), embedding)
+
+
+def test_describe_scores_the_pairs_greedy_descriptions_name(tmp_path, tokenizer):
+    """An LLM stand-in that writes, for every other held-out scene, its first object ("a red circle") and for the
+    rest nothing: the score is those scenes' one pair each over every scene's pairs, decoded from what it wrote."""
+    stage, model = _read(tmp_path, tokenizer, describe_scenes=12)
+    heldout = stage.describe_heldout
+    assert len(heldout) == 12 and {p for _, _, p in heldout} <= set(S.DETAILED_PROMPTS)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    groups = {}
+    for k, (scene, _, prompt) in enumerate(heldout):  # the rows of each call, as describe batches them
+        first = scene.objects[0]
+        text = f" There is a {first.colour} {first.category} ." if k % 2 == 0 else ""
+        groups.setdefault(prompt, []).append(tokenizer.encode(text, add_special_tokens=False) + [end])
+    calls = iter(groups.values())
+    state = {}
+
+    def writes(input_ids=None, inputs_embeds=None, cache=None, use_cache=None, **kw):
+        if inputs_embeds is not None:  # a new group's prompt
+            state["rows"], state["t"] = next(calls), 0
+        rows, t = state["rows"], state["t"]
+        state["t"] += 1
+        logits = torch.zeros(len(rows), 1, len(tokenizer))
+        for i, row in enumerate(rows):
+            logits[i, 0, row[min(t, len(row) - 1)]] = 1.0
+        return type("Out", (), {"logits": logits, "cache": "kept"})()
+
+    model.llm.forward = writes
+    pairs = [len({(o.colour, o.category) for o in scene.objects}) for scene, _, _ in heldout]
+    assert stage.describe() == round(6 / sum(pairs), 4)  # six scenes named, one pair each
+    assert next(calls, None) is None  # every prompt's group was described
