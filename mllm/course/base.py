@@ -203,11 +203,11 @@ def base_config(tokenizer) -> MLLMConfig:
 
 
 def base_stages(budget: Budget) -> list[StageSettings]:
-    """describe -> read -> bind -> settle -> lookup -> resettle -> align -> tune with the budget's steps and rates
-    (`mllm.train.base_recipe` says what each kind does). The LLM describes scenes before it answers anything: only
-    an LLM that learnt descriptions first walks the objects in the slots one by one, and every read-kind stage after
-    it keeps descriptions in its mix so that the walk survives the questions (`DESCRIBE_ALONE`,
-    `with_descriptions`). bind, settle, lookup and resettle are read-kind stages on fresh schedules at a lower rate:
+    """describe -> redescribe -> read -> bind -> settle -> lookup -> resettle -> align -> tune with the budget's
+    steps and rates (`mllm.train.base_recipe` says what each kind does). The LLM describes scenes before it answers
+    anything: only an LLM that learnt descriptions first walks the objects in the slots one by one, and every
+    read-kind stage after it keeps descriptions in its mix so that the walk survives the questions
+    (`DESCRIBE_ALONE`, `with_descriptions`). bind, settle, lookup and resettle are read-kind stages on fresh schedules at a lower rate:
     colour binding stayed at chance through 1,000 steps of read (.51), then reached .94 in 300 steps of colour
     questions alone at 5e-4; lookup teaches the LLM to read one value out of one slot (`LOOKUP_ONLY`); measured in
     docs/probes/README.md."""
@@ -217,8 +217,11 @@ def base_stages(budget: Budget) -> list[StageSettings]:
     rereads = {"lr": budget.rebind_lr, "warmup": 20, **reads}  # the read-kind stages after read, fresh schedules
     full = LessonMix(alone=0.3)  # a share of conversations one writing turn alone, asked first
     return [
-        StageSettings(name="describe", steps=budget.describe_steps, lr=budget.read_lr, warmup=50, mix=DESCRIBE_ALONE,
-                      **reads),
+        # two schedules, not one: from the same init and scenes, one 1,000-step schedule at 1e-3 stayed on a plateau
+        # (loss 0.45, greedy descriptions naming 0.029 of the pairs at step 1,000); 500 steps decayed to zero, then
+        # 500 more from a fresh warm-up, reached loss 0.06 and 0.989 (docs/probes/README.md, d0L)
+        *(StageSettings(name=name, steps=budget.describe_steps, lr=budget.read_lr, warmup=50, mix=DESCRIBE_ALONE,
+                        **reads) for name in ("describe", "redescribe")),
         StageSettings(steps=budget.read_steps, lr=budget.read_lr, warmup=50, mix=full,
                       curriculum=((with_descriptions(EXISTENCE_FIRST), budget.read_existence_steps),), **reads),
         StageSettings(name="bind", steps=budget.bind_steps, mix=with_descriptions(COLOUR_NEXT), **rereads),
@@ -261,7 +264,7 @@ def _fresh_resampler(model, seed: int) -> None:
 
 
 def _read_beside(out: Path, budget: Budget, seed: int) -> None:
-    """The read-kind stages (describe ... resettle) in their own process on one core (phase 0 has the other); a
+    """The read-kind stages (describe to resettle) in their own process on one core (phase 0 has the other); a
     finished stage hands on only the LLM and the slots (`BaseStage.load_finished`)."""
     torch.set_num_threads(1)
     model, tokenizer = _fresh_model(out / "world", out / "base" / "init", seed)
@@ -292,10 +295,11 @@ def vision_phase(stage: Path, world: Path, budget: Budget, seed: int):
 
 
 def stage_base(out: Path, budget: Budget, seed: int) -> dict:
-    """Phase 0 (vision pretraining, `pretrain` above), then describe, read, bind, settle, lookup, resettle, align
-    and tune (`base_stages`); the last stage's model is the base. With two cores or more, phase 0 and the read-kind
-    stages (which share no parameters) run side by side, one core each. Every phase resumes: a finished one is reused, a stopped one goes
-    on from its last saved state, so a stopped run goes on where it was."""
+    """Phase 0 (vision pretraining, `pretrain` above), then describe, redescribe, read, bind, settle, lookup,
+    resettle, align and tune (`base_stages`); the last stage's model is the base. With two cores or more, phase 0
+    and the read-kind stages (which share no parameters) run side by side, one core each. Every phase resumes: a
+    finished one is reused, a stopped one goes on from its last saved state, so a stopped run goes on where it
+    was."""
     world = world_dir(out, budget, seed)
     stage = out / "base"
     reader = None
@@ -341,14 +345,15 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
 
 
 def plot_base_curves(curves: list[tuple[str, list[dict]]], start_minutes: float, path: Path) -> None:
-    """Held-out yes/no accuracy per kind against cumulative training CPU-minutes, stage by stage (read: the
-    scene as slot vectors; align and tune: from pixels)."""
+    """Held-out yes/no accuracy per kind (top) and the share of colour-category pairs greedy descriptions name
+    (bottom) against cumulative training CPU-minutes, stage by stage (read-kind stages: the scene as slot vectors;
+    align and tune: from pixels)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, (ax, below) = plt.subplots(2, 1, figsize=(7, 5.6), sharex=True, height_ratios=(2, 1))
     offset, colours = start_minutes, {}
     for kind, curve in curves:
         points = [entry for entry in curve if "yesno" in entry]
@@ -356,13 +361,19 @@ def plot_base_curves(curves: list[tuple[str, list[dict]]], start_minutes: float,
             line = ax.plot([offset + e["cpu_minutes"] for e in points], [e["yesno"].get(name) for e in points],
                            marker=".", color=colours.get(name), label=name if name not in colours else None)
             colours.setdefault(name, line[0].get_color())
+        described = [entry for entry in points if "describe" in entry]
+        below.plot([offset + e["cpu_minutes"] for e in described], [e["describe"] for e in described], marker=".",
+                   color="black")
         offset += curve[-1]["cpu_minutes"] if curve else 0.0
-        ax.axvline(offset, color="grey", lw=0.5)
+        for axes in (ax, below):
+            axes.axvline(offset, color="grey", lw=0.5)
         ax.text(offset, 0.985, f"{kind} ", ha="right", va="top", rotation=90, fontsize=8, color="grey")  # close stages
-    ax.set_xlabel("training CPU-minutes (vision pretraining first)")
     ax.set_ylabel("held-out yes/no accuracy")
     ax.set_ylim(0.4, 1.0)
-    ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below: the curves fill the axes
+    ax.legend(fontsize=8, ncol=5, loc="lower left")
+    below.set_ylabel("pairs named\n(greedy descriptions)")
+    below.set_ylim(0.0, 1.0)
+    below.set_xlabel("training CPU-minutes (vision pretraining first)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

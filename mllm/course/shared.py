@@ -25,7 +25,8 @@ class Budget:
     vision_pretrain_steps: int = 3000  # phase 0: the vision side on the scenes' labels
     vision_pretrain_batch: int = 64
     vision_pretrain_lr: float = 3e-3
-    describe_steps: int = 1000  # the LLM from random init writes descriptions of scenes given as slot vectors
+    describe_steps: int = 500  # the LLM from random init writes descriptions of scenes given as slot vectors,
+    # twice, each on its own schedule (describe, redescribe)
     read_steps: int = 1000  # then the lessons' questions too, descriptions kept
     read_existence_steps: int = 700  # ... the first of them on existence questions (a curriculum)
     read_lr: float = 1e-3  # describe and read

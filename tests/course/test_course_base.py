@@ -1,5 +1,5 @@
-"""The base recipe end to end on a tiny world: vision pretraining, describe, read, align and tune, evaluations, and a second
-run that resumes instead of training again (every finished phase is reused, the model is the same)."""
+"""The base recipe end to end on a tiny world: vision pretraining, describe, read, align and tune, evaluations,
+and a second run that resumes instead of training again (every finished phase is reused, the model is the same)."""
 
 import json
 import os
@@ -22,14 +22,15 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
     first = stage_base(tmp_path, _budget(), seed=0)
     base = tmp_path / "base"
     assert first["vision_pretrain"]["step"] == 3
-    names = ["describe", "read", "bind", "settle", "lookup", "resettle", "align", "tune"]
+    names = ["describe", "redescribe", "read", "bind", "settle", "lookup", "resettle", "align", "tune"]
     assert [s["stage"] for s in first["stages"]] == names
-    assert [s["steps"] for s in first["stages"]] == [2, 4, 2, 2, 2, 2, 2, 2]
-    mixes = [s["settings"]["mix"] for s in first["stages"]]
+    assert [s["steps"] for s in first["stages"]] == [2, 2, 4, 2, 2, 2, 2, 2, 2]
+    mixes = [s["settings"]["mix"] for s in first["stages"][1:]]  # from redescribe on
+    assert first["stages"][0]["settings"] == first["stages"][1]["settings"] | {"name": "describe"}
     # describe: descriptions alone, asked first; every read-kind stage after it keeps descriptions in its mix
     assert mixes[0]["yesno"] == mixes[0]["lookup"] == mixes[0]["grounding"] == 0.0 and mixes[0]["alone"] == 1.0
     assert not mixes[0]["statements"] and mixes[0]["detailed"] > 0
-    existence, _ = first["stages"][1]["settings"]["curriculum"][0]
+    existence, _ = first["stages"][2]["settings"]["curriculum"][0]
     assert existence["yesno_kinds"] == ["existence"] and existence["detailed"] > 0 and existence["alone"] > 0
     assert all(m["detailed"] > 0 and m["alone"] > 0 for m in mixes[1:6])
     assert mixes[2]["yesno_kinds"] == ["color"] and mixes[2]["lookup"] == 0.0  # bind: colour questions
@@ -53,7 +54,7 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
 
     # the tuned stage's weights differ from the read stages' in the LLM and the vision side; each read-kind stage
     # goes on from the one before it and changes the LLM
-    chain = [load_file(base / name / "model" / "model.safetensors") for name in names[:6]]
+    chain = [load_file(base / name / "model" / "model.safetensors") for name in names[:7]]
     for before, after in zip(chain, chain[1:]):
         assert any(not bool((before[k] == after[k]).all()) for k in after if k.startswith("llm."))
     read = chain[-1]
@@ -109,15 +110,16 @@ def test_read_beside_the_vision_pretraining_gives_the_serial_base(tmp_path, monk
     two = load_file(tmp_path / "two" / "base" / "model" / "model.safetensors")
     one = load_file(tmp_path / "one" / "base" / "model" / "model.safetensors")
     assert all(torch.allclose(two[k], one[k], atol=1e-5) for k in one)
+    names_read_kind = ("describe", "redescribe", "read", "bind", "settle", "lookup", "resettle")
     # every read-kind stage ran beside phase 0, from the init's vision, and that vision was not handed on
     init = load_file(tmp_path / "two" / "base" / "init" / "model.safetensors")
     phase0 = load_file(tmp_path / "two" / "base" / "phase0" / "model.safetensors")
     key = "vpm.embeddings.patch_embedding.weight"
-    for name in ("describe", "read", "bind", "settle", "lookup", "resettle"):
+    for name in names_read_kind:
         read = load_file(tmp_path / "two" / "base" / name / "model" / "model.safetensors")
         assert torch.equal(read[key], init[key]) and not torch.equal(read[key], phase0[key])
     assert [s["steps"] for s in side_by_side["stages"]] == [s["steps"] for s in serial["stages"]]
-    assert side_by_side["stages"][1]["steps"] == 4  # read
+    assert side_by_side["stages"][2]["steps"] == 4  # read
 
 
 def test_alignment_starts_from_a_fresh_resampler(tmp_path, monkeypatch):
