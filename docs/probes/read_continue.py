@@ -27,6 +27,8 @@
     e5  from= as e4b + runs/probe/e4b, mix=full alone=0.3 lr=1e-3 warmup=50
     b1  from= as e5 + runs/probe/e5, mix=colour_desc lr=5e-4   (bind's colour questions, descriptions kept)
     b2  from= as e5 + runs/probe/e5, mix=lookup_desc lr=5e-4   (lookup's open questions, descriptions kept)
+    b3  from= as e5 + runs/probe/e5, mix=colour lr=5e-4   (bind's colour questions as run 4's bind had them)
+    e6  from= as e5 + runs/probe/e5, mix=full alone=0.3 steps=500 lr=1e-3 warmup=50   (more of the full mix)
     e3  from= as e1, mix=existence steps=500 lr=1e-3 warmup=50   (existence questions alone: the walk is lost)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 

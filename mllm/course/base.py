@@ -19,12 +19,16 @@ Targets are pure functions of a scene record (`patch_targets`, `scene_targets`);
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -207,10 +211,10 @@ def base_stages(budget: Budget) -> list[StageSettings]:
     steps and rates (`mllm.train.base_recipe` says what each kind does). The LLM describes scenes before it answers
     anything: only an LLM that learnt descriptions first walks the objects in the slots one by one, and every
     read-kind stage after it keeps descriptions in its mix so that the walk survives the questions
-    (`DESCRIBE_ALONE`, `with_descriptions`). bind, settle, lookup and resettle are read-kind stages on fresh schedules at a lower rate:
-    colour binding stayed at chance through 1,000 steps of read (.51), then reached .94 in 300 steps of colour
-    questions alone at 5e-4; lookup teaches the LLM to read one value out of one slot (`LOOKUP_ONLY`); measured in
-    docs/probes/README.md."""
+    (`DESCRIBE_ALONE`, `with_descriptions`). bind, settle, lookup and resettle are read-kind stages on fresh
+    schedules at a lower rate: in the questions-first recipe colour binding stayed at chance through 1,000 steps of
+    read (.51), then reached .94 in 300 steps of colour questions at 5e-4; lookup teaches the LLM to read one value
+    out of one slot (`LOOKUP_ONLY`); measured in docs/probes/README.md."""
     common = {"batch": budget.base_batch, "eval_scenes": budget.base_eval_scenes,
               "eval_every": budget.base_eval_every, "save_every": budget.base_save_every}
     reads = {"kind": "read", "trains": {"llm": 1.0, "slots": 1.0}, "lm_weight": 1.0, "beta2": 0.95, **common}
@@ -276,6 +280,24 @@ def _read_beside(out: Path, budget: Budget, seed: int) -> None:
             progress=lambda line: print(line, flush=True))
 
 
+@contextlib.contextmanager
+def _stopping_together(reader: multiprocessing.Process):
+    """While phase 0 runs here and `reader` beside it: a stop of this process (an error, Ctrl-C, a SIGTERM) stops the
+    reader too, so that no stage goes on training unseen and a rerun never finds two processes writing one stage
+    (each resumes from its last saved state). SIGTERM is turned into SystemExit meanwhile (main thread only)."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(128 + number))
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if reader.is_alive():
+            reader.terminate()
+            reader.join()
+
+
 def vision_phase(stage: Path, world: Path, budget: Budget, seed: int):
     """Phase 0 under `stage/phase0`: the fresh model's vision side pretrained on the world's labels; a finished
     one is reused (the phase is deterministic for a seed and its log is written last). Returns (model, tokenizer,
@@ -312,10 +334,13 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
         reader.start()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-    model, tokenizer, log = vision_phase(stage, world, budget, seed)
+        with _stopping_together(reader):
+            model, tokenizer, log = vision_phase(stage, world, budget, seed)
+            torch.set_num_threads(threads)
+            reader.join()
+    else:
+        model, tokenizer, log = vision_phase(stage, world, budget, seed)
     if reader is not None:
-        torch.set_num_threads(threads)
-        reader.join()
         if reader.exitcode != 0:
             raise RuntimeError(f"the read-kind stages beside the vision pretraining failed (exit "
                                f"{reader.exitcode}); rerun to resume them where they stopped, under {stage}")

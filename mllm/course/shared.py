@@ -30,9 +30,9 @@ class Budget:
     read_steps: int = 1000  # then the lessons' questions too, descriptions kept
     read_existence_steps: int = 700  # ... the first of them on existence questions (a curriculum)
     read_lr: float = 1e-3  # describe and read
-    bind_steps: int = 300  # then, on a fresh schedule at rebind_lr, colour questions alone
+    bind_steps: int = 300  # then, on a fresh schedule at rebind_lr, colour questions (descriptions kept)
     settle_steps: int = 250  # ... and the full mix again
-    lookup_steps: int = 300  # then open lookups alone (colour, place, count of one object), at rebind_lr
+    lookup_steps: int = 300  # then open lookups (colour, place, count of one object), at rebind_lr
     resettle_steps: int = 250  # ... and the full mix once more
     rebind_lr: float = 5e-4
     align_steps: int = 1000  # vision + resampler regress the slots and read back words (no LLM in the step)
@@ -55,9 +55,8 @@ class Budget:
     @classmethod
     def quick(cls) -> "Budget":
         return cls(n_train=200, n_test=40, vision_pretrain_steps=20, vision_pretrain_batch=16, describe_steps=10,
-                   read_steps=30,
-                   read_existence_steps=10, bind_steps=5, settle_steps=5, lookup_steps=5, resettle_steps=5,
-                   align_steps=10, tune_steps=10, base_batch=8, base_eval_scenes=20, base_eval_every=10,
+                   read_steps=30, read_existence_steps=10, bind_steps=5, settle_steps=5, lookup_steps=5,
+                   resettle_steps=5, align_steps=10, tune_steps=10, base_batch=8, base_eval_scenes=20, base_eval_every=10,
                    base_save_every=10, sft_steps=10, grounding_steps=20, sft_batch=8, eval_limit=40, smoke_test=True)
 
 

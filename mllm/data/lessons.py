@@ -195,9 +195,9 @@ def with_descriptions(mix: LessonMix, alone: float = 0.3) -> LessonMix:
 
 # The base's first stage, from a random LLM: descriptions alone, each asked first. Only an LLM that learnt to write
 # descriptions before any question finds the next object in the slots (teacher-forced next-object colour .92-1.00
-# for objects 1-6 and greedy descriptions naming 0.989 of the pairs, after 1,000 steps at 1e-3); every LLM that met
-# the questions first stayed at .6-.75 after the first object, whatever else was changed (docs/probes/README.md,
-# "Descriptions first": d0L against w1, g1, k1, n1).
+# for objects 1-6 and greedy descriptions naming 0.989 of the pairs, after two 500-step schedules at 1e-3); every
+# LLM that met the questions first stayed at .6-.75 after the first object, whatever else was changed
+# (docs/probes/README.md, "Descriptions first": d0L against w1, g1, k1, n1).
 DESCRIBE_ALONE = LessonMix(yesno=0.0, lookup=0.0, short=1 / 3, detailed=2 / 3, grounding=0.0, statements=False,
                            alone=1.0)
 

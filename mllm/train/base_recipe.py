@@ -303,7 +303,8 @@ class BaseStage:
             x = encode([(prompt, "X")], self.tokenizer, self.token_ids, self.query_num)
             first = int((x["labels"] != -100).nonzero()[0])  # labels are pre-shifted: the answer's first token
             ids = x["input_ids"][:first + 2][None].expand(len(group), -1).to(self.device)  # (G, T): up to "\n"
-            batch = {"input_ids": ids, "image_starts": torch.full((len(group),), int(x["image_bound"][0][0]))}
+            starts = torch.full((len(group),), int(x["image_bound"][0][0]), device=self.device)
+            batch = {"input_ids": ids, "image_starts": starts}
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
                 tokens, _ = self._image_tokens([g[0] for g in group], [g[1] for g in group])
                 out = self.model.llm(inputs_embeds=with_image_tokens(self.model, batch, tokens), use_cache=True)

@@ -146,3 +146,35 @@ def test_alignment_starts_from_a_fresh_resampler(tmp_path, monkeypatch):
     torch.manual_seed(0)
     reference = MLLMModel(config).resampler.state_dict()
     assert all(torch.equal(after[k], reference[k]) for k in after)
+
+
+def test_a_stopped_run_stops_the_stages_beside_it(tmp_path, monkeypatch):
+    """Phase 0 fails (or is interrupted) while the read-kind stages train beside it: they stop too, rather than
+    train on unseen into the run's folder."""
+    from multiprocessing.context import SpawnProcess
+
+    from mllm.course import base as course_base
+
+    started = []
+    real_start = SpawnProcess.start
+
+    def start(process):
+        real_start(process)
+        started.append(process)
+
+    monkeypatch.setattr(SpawnProcess, "start", start)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(course_base, "vision_phase", interrupted)
+    budget = _budget()
+    budget.describe_steps = 10_000  # the reader would train for a long while
+    try:
+        stage_base(tmp_path, budget, seed=0)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the interruption was swallowed")
+    assert len(started) == 1 and not started[0].is_alive() and started[0].exitcode is not None
