@@ -20,6 +20,7 @@ it; a finished stage writes `model/` (an ordinary checkpoint folder) and `slots.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -234,15 +235,31 @@ class BaseStage:
         parts["total"] = sum(weights[name] * value for name, value in parts.items())
         return parts
 
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """Every part in eval mode meanwhile, each back to its own mode after."""
+        was_training = {m: m.training for part in PARTS for m in self._modules(part)}
+        for m in was_training:
+            m.eval()
+        try:
+            yield
+        finally:
+            for m, training in was_training.items():
+                m.train(training)
+
     # held-out yes/no
+    def _heldout_scene(self, rng: random.Random) -> tuple:
+        """(scene, image): the image only where the stage reads pixels."""
+        if self.settings.kind == "read":
+            return fresh_scene(rng), None
+        image, scene = S.render_scene(S.sample_scene(rng, "heldout"))
+        return scene, image
+
     def _heldout(self) -> list[tuple]:
         rng = random.Random(f"base/heldout/{self.seed}")
         out = []
         for _ in range(self.settings.eval_scenes):
-            if self.settings.kind == "read":
-                scene, image = fresh_scene(rng), None
-            else:
-                image, scene = S.render_scene(S.sample_scene(rng, "heldout"))
+            scene, image = self._heldout_scene(rng)
             kind, pair = S.yesno_pair(scene, rng)
             out += [(kind, scene, image, question, answer) for question, answer in pair]
         return out
@@ -250,24 +267,20 @@ class BaseStage:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Accuracy per yes/no kind and overall, from the Yes-vs-No logit at the answer position."""
-        was_training = {m: m.training for part in PARTS for m in self._modules(part)}
-        for m in was_training:
-            m.eval()
-        hits = defaultdict(list)
-        for k in range(0, len(self.heldout), 100):
-            chunk = self.heldout[k:k + 100]
-            items = [encode([(q, a)], self.tokenizer, self.token_ids, self.query_num) for _, _, _, q, a in chunk]
-            labels = collate(items, self.pad_id)
-            answer_at = torch.isin(labels["labels"], torch.tensor(self.yes_no)).int().argmax(1)  # first Yes/No
-            batch = self._on_device(labels)
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
-                tokens, _ = self._image_tokens([c[1] for c in chunk], [c[2] for c in chunk])
-                logits = self._logits(batch, tokens).float()
-            for i, (kind, _, _, _, answer) in enumerate(chunk):
-                yes, no = logits[i, int(answer_at[i]), self.yes_no]
-                hits[kind].append(("Yes" if yes > no else "No") == answer)
-        for m, training in was_training.items():
-            m.train(training)
+        with self._eval_mode():
+            hits = defaultdict(list)
+            for k in range(0, len(self.heldout), 100):
+                chunk = self.heldout[k:k + 100]
+                items = [encode([(q, a)], self.tokenizer, self.token_ids, self.query_num) for _, _, _, q, a in chunk]
+                labels = collate(items, self.pad_id)
+                answer_at = torch.isin(labels["labels"], torch.tensor(self.yes_no)).int().argmax(1)  # first Yes/No
+                batch = self._on_device(labels)
+                with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+                    tokens, _ = self._image_tokens([c[1] for c in chunk], [c[2] for c in chunk])
+                    logits = self._logits(batch, tokens).float()
+                for i, (kind, _, _, _, answer) in enumerate(chunk):
+                    yes, no = logits[i, int(answer_at[i]), self.yes_no]
+                    hits[kind].append(("Yes" if yes > no else "No") == answer)
         result = {kind: round(sum(v) / len(v), 4) for kind, v in sorted(hits.items())}
         result["all"] = round(sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values()), 4)
         return result
@@ -279,10 +292,7 @@ class BaseStage:
         rng = random.Random(f"base/describe/{self.seed}")
         out = []
         for _ in range(self.settings.describe_scenes):
-            if self.settings.kind == "read":
-                scene, image = fresh_scene(rng), None
-            else:
-                image, scene = S.render_scene(S.sample_scene(rng, "heldout"))
+            scene, image = self._heldout_scene(rng)
             out.append((scene, image, rng.choice(S.DETAILED_PROMPTS)))
         return out
 
@@ -291,40 +301,40 @@ class BaseStage:
         """Share of the held-out scenes' (colour, category) pairs that greedy descriptions name: whether the LLM
         walks the objects one by one, which the yes/no curve does not show (an LLM that answers yes/no well may
         name the first object only, then repeat it)."""
-        was_training = {m: m.training for part in PARTS for m in self._modules(part)}
-        for m in was_training:
-            m.eval()
-        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        named = total = 0
         by_prompt = defaultdict(list)
         for scene, image, prompt in self.describe_heldout:
             by_prompt[prompt].append((scene, image))
-        for prompt, group in by_prompt.items():  # one prompt, one length: a batch without padding
-            x = encode([(prompt, "X")], self.tokenizer, self.token_ids, self.query_num)
-            first = int((x["labels"] != -100).nonzero()[0])  # labels are pre-shifted: the answer's first token
-            ids = x["input_ids"][:first + 2][None].expand(len(group), -1).to(self.device)  # (G, T): up to "\n"
-            starts = torch.full((len(group),), int(x["image_bound"][0][0]), device=self.device)
-            batch = {"input_ids": ids, "image_starts": starts}
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
-                tokens, _ = self._image_tokens([g[0] for g in group], [g[1] for g in group])
-                out = self.model.llm(inputs_embeds=with_image_tokens(self.model, batch, tokens), use_cache=True)
-                written, finished = [], torch.zeros(len(group), dtype=torch.bool, device=self.device)
-                for _ in range(max_new_tokens):
-                    token = out.logits[:, -1].argmax(-1)  # (G,)
-                    finished |= token == end
-                    written.append(token.masked_fill(finished, end))
-                    if bool(finished.all()):
-                        break
-                    out = self.model.llm(input_ids=token[:, None], cache=out.cache, use_cache=True)
-            written = torch.stack(written, 1).tolist()  # (G, steps)
-            for (scene, _), row in zip(group, written):
-                text = self.tokenizer.decode(row[:row.index(end)] if end in row else row)
-                pairs = {(o.colour, o.category) for o in scene.objects}
-                named += sum(f"{colour} {category}" in text for colour, category in pairs)
-                total += len(pairs)
-        for m, training in was_training.items():
-            m.train(training)
+        named = total = 0
+        with self._eval_mode():
+            for prompt, group in by_prompt.items():  # one prompt, one length: a batch without padding
+                texts = self._greedy(prompt, [g[0] for g in group], [g[1] for g in group], max_new_tokens)
+                for (scene, _), text in zip(group, texts):
+                    pairs = {(o.colour, o.category) for o in scene.objects}
+                    named += sum(f"{colour} {category}" in text for colour, category in pairs)
+                    total += len(pairs)
         return round(named / max(1, total), 4)
+
+    def _greedy(self, prompt: str, scenes: list, images: list, max_new_tokens: int) -> list[str]:
+        """Greedy answers to `prompt` asked first about each scene, with a KV cache, up to <|im_end|>."""
+        end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        x = encode([(prompt, "X")], self.tokenizer, self.token_ids, self.query_num)
+        first = int((x["labels"] != -100).nonzero()[0])  # labels are pre-shifted: the answer's first token
+        ids = x["input_ids"][:first + 2][None].expand(len(scenes), -1).to(self.device)  # (G, T): up to "\n"
+        starts = torch.full((len(scenes),), int(x["image_bound"][0][0]), device=self.device)
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+            tokens, _ = self._image_tokens(scenes, images)
+            embeds = with_image_tokens(self.model, {"input_ids": ids, "image_starts": starts}, tokens)
+            out = self.model.llm(inputs_embeds=embeds, use_cache=True)
+            written, finished = [], torch.zeros(len(scenes), dtype=torch.bool, device=self.device)
+            for _ in range(max_new_tokens):
+                token = out.logits[:, -1].argmax(-1)  # (G,)
+                finished |= token == end
+                written.append(token.masked_fill(finished, end))
+                if bool(finished.all()):
+                    break
+                out = self.model.llm(input_ids=token[:, None], cache=out.cache, use_cache=True)
+        rows = torch.stack(written, 1).tolist()  # (G, steps)
+        return [self.tokenizer.decode(row[:row.index(end)] if end in row else row) for row in rows]
 
     # training
     def _schedule(self, optimizer):
