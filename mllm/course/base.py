@@ -223,7 +223,8 @@ def base_stages(budget: Budget) -> list[StageSettings]:
     return [
         # two schedules, not one: from the same init and scenes, one 1,000-step schedule at 1e-3 stayed on a plateau
         # (loss 0.45, greedy descriptions naming 0.029 of the pairs at step 1,000); 500 steps decayed to zero, then
-        # 500 more from a fresh warm-up, reached loss 0.06 and 0.989 (docs/probes/README.md, d0L)
+        # 500 more from a fresh warm-up, reached loss 0.06 and 0.989 in the probe d0L, but only 0.28 and 0.125 with
+        # other draws of the same lessons (runs/course6): when the LLM leaves the plateau varies (docs/probes/README.md)
         *(StageSettings(name=name, steps=budget.describe_steps, lr=budget.read_lr, warmup=50, mix=DESCRIBE_ALONE,
                         **reads) for name in ("describe", "redescribe")),
         StageSettings(steps=budget.read_steps, lr=budget.read_lr, warmup=50, mix=full,
