@@ -274,11 +274,12 @@ def _read_beside(out: Path, budget: Budget, seed: int) -> None:
     torch.set_num_threads(1)
     model, tokenizer = _fresh_model(out / "world", out / "base" / "init", seed)
     slots = _slots(tokenizer, model, seed)
-    for settings in base_stages(budget):
+    stages = base_stages(budget)
+    for k, settings in enumerate(stages):
         if settings.kind != "read":
             break
-        BaseStage(model, tokenizer, slots, settings, out / "base" / settings.label, seed=seed).run(
-            progress=lambda line: print(line, flush=True))
+        BaseStage(model, tokenizer, slots, settings, out / "base" / settings.label, seed=seed,
+                  after=stages[:k]).run(progress=lambda line: print(line, flush=True))
 
 
 @contextlib.contextmanager
@@ -347,10 +348,11 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
                                f"{reader.exitcode}); rerun to resume them where they stopped, under {stage}")
     slots = _slots(tokenizer, model, seed)
     summaries, curves = [], []
-    for settings in base_stages(budget):
+    stages = base_stages(budget)
+    for k, settings in enumerate(stages):
         if settings.kind == "align":
             _fresh_resampler(model, seed)
-        runner = BaseStage(model, tokenizer, slots, settings, stage / settings.label, seed=seed)
+        runner = BaseStage(model, tokenizer, slots, settings, stage / settings.label, seed=seed, after=stages[:k])
         summaries.append(runner.run(progress=lambda line: print(line, flush=True)))
         curves.append((settings.label, runner.curve()))
     model_dir = stage / "model"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -143,9 +144,13 @@ def vision_tokens(model, processor: ImageProcessor, images: list) -> torch.Tenso
 class BaseStage:
     """One stage of the recipe over a model, its tokenizer and the slot tables; `run` trains, resumes, saves."""
 
-    def __init__(self, model, tokenizer, slots: SceneSlots, settings: StageSettings, folder: Path, seed: int = 0):
+    def __init__(self, model, tokenizer, slots: SceneSlots, settings: StageSettings, folder: Path, seed: int = 0,
+                 after: list[StageSettings] | tuple = ()):
+        """`after`: the stages this one goes on from, in order; their training settings are fingerprinted into its
+        state and done.json, so that a stage is never resumed or reused on top of another chain."""
         self.model, self.tokenizer, self.slots, self.settings = model, tokenizer, slots, settings
         self.folder, self.seed = Path(folder), seed
+        self.after = chain_fingerprint(after)
         self.token_ids = special_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id or 0
         self.query_num = model.config.query_num
@@ -358,6 +363,7 @@ class BaseStage:
         if (folder / "done.json").is_file():
             done = json.loads((folder / "done.json").read_text())
             _check_same_training(folder / "done.json", done.get("settings", {}), _jsonable(s))
+            self._check_same_chain(folder / "done.json", done.get("after"))
             self.load_finished()
             return done | {"stage": s.label}  # the name is this run's (a stage may have been copied in)
         optimizer = torch.optim.AdamW(self._set_trainable(), betas=(0.9, s.beta2), weight_decay=0.01)
@@ -367,6 +373,7 @@ class BaseStage:
         step, cpu_seconds, log = 0, 0.0, []
         if (folder / "state.pt").is_file():  # our own file, read with the restricted unpickler all the same
             state = torch.load(folder / "state.pt", weights_only=True)
+            self._check_same_chain(folder / "state.pt", state.get("after"))
             self.model.load_state_dict(state["model"])
             self.slots.load_state_dict(state["slots"])
             optimizer.load_state_dict(state["optimizer"])
@@ -399,17 +406,26 @@ class BaseStage:
                 self._save({"model": self.model.state_dict(), "slots": self.slots.state_dict(),
                             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                             "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "step": step,
-                            "cpu_seconds": time.process_time() - started, "log": log})
+                            "cpu_seconds": time.process_time() - started, "log": log, "after": self.after})
         self.model.save_pretrained(folder / "model", tokenizer=self.tokenizer)
         save_file(self.slots.state_dict(), str(folder / "slots.safetensors"))
         evaluations = [entry for entry in log if "yesno" in entry]
         summary = {"stage": s.label, "steps": s.steps, "cpu_minutes": log[-1]["cpu_minutes"],
-                   "yesno": evaluations[-1]["yesno"], "bf16": self.bf16, "settings": _jsonable(s)}
+                   "yesno": evaluations[-1]["yesno"], "bf16": self.bf16, "settings": _jsonable(s), "after": self.after}
         if "describe" in evaluations[-1]:
             summary["describe"] = evaluations[-1]["describe"]
         write_json_atomic(folder / "done.json", summary)
         (folder / "state.pt").unlink()  # the finished weights are in model/ and slots.safetensors
         return summary
+
+    def _check_same_chain(self, path: Path, recorded: str | None) -> None:
+        """Refuse a stage's saved state or finished weights trained after other stages than this run's (an earlier
+        stage changed since): they would carry on the other chain's weights. Records from before the fingerprint
+        (None) are taken as they are."""
+        if recorded is not None and recorded != self.after:
+            raise ValueError(f"{path}: this stage was trained on top of other earlier stages than this run's (their "
+                             f"settings changed since: fingerprint {recorded}, now {self.after}); move "
+                             f"{path.parent} away to train it again on this chain (nothing is deleted)")
 
     def load_finished(self) -> None:
         """Take over only the parts this stage trained: the others are the earlier stages' (so a stage that ran
@@ -433,6 +449,13 @@ def _as_rng_state(state) -> tuple:
 # what changes only the curve, the saving or the arithmetic, not what a stage learns: bf16 autocast follows the
 # machine (a stage finished where bf16 is fast is reused where it is not; done.json's own "bf16" says which ran)
 _NOT_TRAINING = {"log_every", "save_every", "eval_every", "eval_scenes", "describe_scenes", "name", "bf16"}
+
+
+def chain_fingerprint(stages) -> str:
+    """A short hash of the training settings of `stages` in order (what changes only the curve, the saving or the
+    arithmetic left out, as in `_check_same_training`)."""
+    settings = [{k: v for k, v in _jsonable(s).items() if k not in _NOT_TRAINING} for s in stages]
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _check_same_training(path: Path, recorded: dict, wanted: dict) -> None:

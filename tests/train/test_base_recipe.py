@@ -359,3 +359,40 @@ def test_describe_scores_the_pairs_greedy_descriptions_name(tmp_path, tokenizer)
     pairs = [len({(o.colour, o.category) for o in scene.objects}) for scene, _, _ in heldout]
     assert stage.describe() == round(6 / sum(pairs), 4)  # six scenes named, one pair each
     assert next(calls, None) is None  # every prompt's group was described
+
+
+def test_a_stage_is_never_resumed_or_reused_on_top_of_another_chain(tmp_path, tokenizer, monkeypatch):
+    """Its state and done.json record the earlier stages' settings (a fingerprint): with an earlier stage changed
+    since, a stopped stage refuses to resume and a finished one to be reused, naming the file; with the same
+    earlier stages both go on."""
+    first = StageSettings(kind="read", steps=3, lr=1e-3, trains={"llm": 1.0})
+    changed = StageSettings(kind="read", steps=5, lr=1e-3, trains={"llm": 1.0})
+    assert base_recipe.chain_fingerprint([first]) != base_recipe.chain_fingerprint([changed])
+    same = StageSettings(kind="read", steps=3, lr=1e-3, trains={"llm": 1.0}, eval_every=7, name="first")
+    assert base_recipe.chain_fingerprint([first]) == base_recipe.chain_fingerprint([same])  # curve and name only
+
+    def stage(after):
+        stage, _ = _read(tmp_path, tokenizer)
+        stage.after = base_recipe.chain_fingerprint(after)
+        return stage
+
+    save = BaseStage._save
+
+    def save_then_stop(self, state):
+        save(self, state)
+        if state["step"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(BaseStage, "_save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        stage([first]).run(progress=lambda line: None)
+    monkeypatch.setattr(BaseStage, "_save", save)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "state.pt")) + ".*other earlier stages"):
+        stage([changed]).run(progress=lambda line: None)
+    lines = []
+    stage([same]).run(progress=lines.append)
+    assert lines[0].startswith("read: resuming at step 2")
+    assert json.loads((tmp_path / "done.json").read_text())["after"] == base_recipe.chain_fingerprint([first])
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "done.json")) + ".*other earlier stages"):
+        stage([changed]).run(progress=lambda line: None)
+    stage([first]).run(progress=lambda line: None)  # reused
