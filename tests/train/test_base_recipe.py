@@ -160,18 +160,24 @@ def test_read_stage_lowers_the_loss_and_trains_only_the_llm_and_slots(tmp_path, 
     assert (tmp_path / "done.json").is_file() and (tmp_path / "model" / "model.safetensors").is_file()
 
 
+def _stop_after_saving(at_step: int):
+    """A `BaseStage._save` that saves, then stops the run (as Ctrl-C would) once it has saved step `at_step`."""
+    save = BaseStage._save
+
+    def save_then_stop(self, state):
+        save(self, state)
+        if state["step"] == at_step:
+            raise KeyboardInterrupt
+
+    return save_then_stop
+
+
 def test_a_stopped_stage_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, tokenizer, monkeypatch):
     straight, straight_model = _read(tmp_path / "straight", tokenizer)
     straight.run(progress=lambda line: None)
 
     save = BaseStage._save
-
-    def save_then_stop(self, state):
-        save(self, state)
-        if state["step"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(BaseStage, "_save", save_then_stop)
+    monkeypatch.setattr(BaseStage, "_save", _stop_after_saving(2))
     stopped, _ = _read(tmp_path / "stopped", tokenizer)
     with pytest.raises(KeyboardInterrupt):
         stopped.run(progress=lambda line: None)
@@ -377,13 +383,7 @@ def test_a_stage_is_never_resumed_or_reused_on_top_of_another_chain(tmp_path, to
         return stage
 
     save = BaseStage._save
-
-    def save_then_stop(self, state):
-        save(self, state)
-        if state["step"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(BaseStage, "_save", save_then_stop)
+    monkeypatch.setattr(BaseStage, "_save", _stop_after_saving(2))
     with pytest.raises(KeyboardInterrupt):
         stage([first]).run(progress=lambda line: None)
     monkeypatch.setattr(BaseStage, "_save", save)
