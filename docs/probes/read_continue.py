@@ -29,6 +29,7 @@
     b2  from= as e5 + runs/probe/e5, mix=lookup_desc lr=5e-4   (lookup's open questions, descriptions kept)
     b3  from= as e5 + runs/probe/e5, mix=colour lr=5e-4   (bind's colour questions as run 4's bind had them)
     e6  from= as e5 + runs/probe/e5, mix=full alone=0.3 steps=500 lr=1e-3 warmup=50   (more of the full mix)
+    t0  from=init mix=describe alone=1 statements=0 steps=500 lr=1e-3 warmup=50 tie=1   (d0L_1 with tied embeddings)
     e3  from= as e1, mix=existence steps=500 lr=1e-3 warmup=50   (existence questions alone: the walk is lost)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 
@@ -85,6 +86,19 @@ mixes = {
     "lookup_desc": dataclasses.replace(LOOKUP_ONLY, short=0.1, detailed=0.2, alone=float(args.get("alone", 0.3))),
 }
 model, tokenizer, slots = read_chain(base, "init" if args["from"] == "init" else args["from"].split(","))
+if args.get("tie") == "1":  # t0: the LM head tied to the input embeddings (a word held in a slot reads straight out)
+    model.llm.lm_head.weight = model.llm.get_input_embeddings().weight
+    save_pretrained = model.save_pretrained
+
+    def save_untied(path, **kwargs):  # safetensors refuses shared tensors: save a copy as the head (equal values)
+        tied = model.llm.lm_head.weight
+        model.llm.lm_head.weight = torch.nn.Parameter(tied.detach().clone())
+        try:
+            save_pretrained(path, **kwargs)
+        finally:
+            model.llm.lm_head.weight = tied
+
+    model.save_pretrained = save_untied
 settings = StageSettings(kind="read", steps=int(args.get("steps", 300)), lr=float(args.get("lr", 5e-4)),
                          trains={"llm": 1.0, "slots": 1.0},
                          lm_weight=1.0, warmup=int(args.get("warmup", 20)), beta2=0.95, batch=32,
