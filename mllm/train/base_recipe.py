@@ -40,6 +40,7 @@ from mllm.data.conversation import conversation_to_ids, place_images
 from mllm.data.lessons import LessonMix, fresh_scene
 from mllm.jsonio import write_json_atomic
 from mllm.model.checkpoint import load_state_dict
+from mllm.model.decode import decode
 from mllm.model.image_processing import ImageProcessor
 from mllm.model.loading import bf16_autocast_pays
 from mllm.model.tokenization import special_token_ids
@@ -320,7 +321,7 @@ class BaseStage:
         return round(named / max(1, total), 4)
 
     def _greedy(self, prompt: str, scenes: list, images: list, max_new_tokens: int) -> list[str]:
-        """Greedy answers to `prompt` asked first about each scene, with a KV cache, up to <|im_end|>."""
+        """Greedy answers to `prompt` asked first about each scene, up to <|im_end|> (the project's decode loop)."""
         end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         x = encode([(prompt, "X")], self.tokenizer, self.token_ids, self.query_num)
         first = int((x["labels"] != -100).nonzero()[0])  # labels are pre-shifted: the answer's first token
@@ -329,16 +330,8 @@ class BaseStage:
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             tokens, _ = self._image_tokens(scenes, images)
             embeds = with_image_tokens(self.model, {"input_ids": ids, "image_starts": starts}, tokens)
-            out = self.model.llm(inputs_embeds=embeds, use_cache=True)
-            written, finished = [], torch.zeros(len(scenes), dtype=torch.bool, device=self.device)
-            for _ in range(max_new_tokens):
-                token = out.logits[:, -1].argmax(-1)  # (G,)
-                finished |= token == end
-                written.append(token.masked_fill(finished, end))
-                if bool(finished.all()):
-                    break
-                out = self.model.llm(input_ids=token[:, None], cache=out.cache, use_cache=True)
-        rows = torch.stack(written, 1).tolist()  # (G, steps)
+            rows = decode(self.model.llm, embeds, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=end,
+                          pad_token_id=end).tolist()  # (G, N): rows that stopped are filled with <|im_end|>
         return [self.tokenizer.decode(row[:row.index(end)] if end in row else row) for row in rows]
 
     # training
