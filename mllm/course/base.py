@@ -327,7 +327,8 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
     world = world_dir(out, budget, seed)
     stage = out / "base"
     reader = None
-    last_read = [s.label for s in base_stages(budget) if s.kind == "read"][-1]
+    stages = base_stages(budget)
+    last_read = [s.label for s in stages if s.kind == "read"][-1]
     if len(os.sched_getaffinity(0)) >= 2 and not (stage / last_read / "done.json").is_file() \
             and not (stage / "phase0" / "vision_pretrain_log.json").is_file():
         # phase 0 trains only the vision side and the read-kind stages only the LLM and slots: one core each
@@ -348,7 +349,6 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
                                f"{reader.exitcode}); rerun to resume them where they stopped, under {stage}")
     slots = _slots(tokenizer, model, seed)
     summaries, curves = [], []
-    stages = base_stages(budget)
     for k, settings in enumerate(stages):
         if settings.kind == "align":
             _fresh_resampler(model, seed)
