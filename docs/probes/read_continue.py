@@ -31,6 +31,9 @@
     e6  from= as e5 + runs/probe/e5, mix=full alone=0.3 steps=500 lr=1e-3 warmup=50   (more of the full mix)
     t0  from=init mix=describe alone=1 statements=0 steps=500 lr=1e-3 warmup=50 tie=1   (d0L_1 with tied embeddings)
     e3  from= as e1, mix=existence steps=500 lr=1e-3 warmup=50   (existence questions alone: the walk is lost)
+    q0  from=init mix=yesno turns=2 steps=1000 lr=1e-3 warmup=50 eval_every=250 eval_scenes=100   (one question + statements)
+    q1  as q0 with layout=qfirst   (the image after the first question: each slot can match the question itself)
+    m1  as q1 with match=1.0 match_layer=2   (each image position supervised: does it answer the question)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 
 order=band: the slots band-major, as descriptions name objects (`common.band_major_slots`). table=triple|rank: one
@@ -77,6 +80,7 @@ mixes = {
     "where": LessonMix(**only | {"yesno": 0.5, "lookup": 0.5}, yesno_kinds=("position",), statements=statements),
     "describe": LessonMix(**only | {"short": 0.33, "detailed": 0.67}, statements=statements,
                           alone=float(args.get("alone", 0.0))),
+    "yesno": LessonMix(**only | {"yesno": 1.0}, statements=statements),  # q0/q1: yes/no questions of all kinds
     "existence": EXISTENCE_FIRST,  # read's first curriculum step: existence questions + the inventory turn
     # ... with descriptions kept (e4): a share alone, asked first, and some after the questions
     "existence_desc": dataclasses.replace(EXISTENCE_FIRST, short=0.1, detailed=0.2,
@@ -103,5 +107,8 @@ settings = StageSettings(kind="read", steps=int(args.get("steps", 300)), lr=floa
                          trains={"llm": 1.0, "slots": 1.0},
                          lm_weight=1.0, warmup=int(args.get("warmup", 20)), beta2=0.95, batch=32,
                          eval_scenes=int(args.get("eval_scenes", 300)), eval_every=int(args.get("eval_every", 100)),
-                         save_every=50, mix=mixes[args["mix"]])
+                         save_every=50, mix=mixes[args["mix"]], turns=int(args.get("turns", 4)),
+                         # q1: the image after the first question; m1: each image position told whether it answers it
+                         question_first=args.get("layout") == "qfirst", match_weight=float(args.get("match", 0.0)),
+                         match_layer=int(args.get("match_layer", 2)))
 print(BaseStage(model, tokenizer, slots, settings, Path(args["out"])).run(progress=lambda s: print(s, flush=True)))

@@ -27,6 +27,7 @@ Everything is a pure function of a `random.Random`.
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, replace
 
 from mllm.data.boxes import format_box, pixel_to_grid
@@ -138,6 +139,46 @@ def box_list(scene: S.Scene, rng: random.Random) -> Turn:
             items.append(f"{expression} {_box_text(scene, obj)}")
     rng.shuffle(items)
     return "Where is each object?", " " + " ; ".join(items) + " ."
+
+
+_PLACE_OF = {phrase: cell for cell, phrase in S.CELL_PHRASES.items()}
+_CATEGORY_OF_PLURAL = {S.plural(category): category for category in S.CATEGORIES}
+_GROUNDING = re.compile(re.escape(GROUNDING_PROMPT).replace(re.escape("{expression}"), "(.+)"))
+
+
+def answering_objects(scene: S.Scene, question: str) -> list[bool] | None:
+    """Per object of the scene: is it what the question asks about (for a yes/no question: does it make the
+    answer Yes); None for a question of no kind below (descriptions, statements). The supervision of the
+    base's match head: with the image after the question, each image position can say whether it answers it.
+
+    existence "Is there a moon ...?" its category; colour "Is there a red moon ...?" colour and category;
+    count "Are there exactly two moons ...?" its category, in a scene holding that many; position "Is the red
+    moon in the top left ...?" colour, category and 3x3 place; lookups "What colour is the moon?" / "Where is
+    the red moon?" / "How many moons are there?" the objects asked about; grounding the referred object."""
+    q = question.removesuffix(S.YESNO_SUFFIX)
+    counts = S._counts(scene)
+    objects = scene.objects
+    if m := re.fullmatch(r"Is there exactly one (\w+) in the image\?", q):
+        return [o.category == m[1] and counts[m[1]] == 1 for o in objects]
+    if m := re.fullmatch(r"Are there exactly (\w+) (\w+) in the image\?", q):
+        category = _CATEGORY_OF_PLURAL[m[2]]
+        return [o.category == category and counts[category] == S.NUMBER_WORDS.index(m[1]) for o in objects]
+    if m := re.fullmatch(r"Is there an? (?:(\w+) )?(\w+) in the image\?", q):
+        return [o.category == m[2] and m[1] in (None, o.colour) for o in objects]
+    if m := re.fullmatch(r"Is the (\w+) (\w+) (.+) of the image\?", q):
+        return [(o.colour, o.category, S.grid_cell(o, scene.width, scene.height)) == (m[1], m[2], _PLACE_OF[m[3]])
+                for o in objects]
+    if m := re.fullmatch(r"What colour is the (\w+)\?", q):
+        return [o.category == m[1] for o in objects]
+    if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", q):
+        return [(o.colour, o.category) == (m[1], m[2]) for o in objects]
+    if m := re.fullmatch(r"How many (\w+) are there\?", q):
+        return [o.category == _CATEGORY_OF_PLURAL[m[1]] for o in objects]
+    if m := _GROUNDING.fullmatch(q):
+        colour, category, qualifier = S.parse_referring_expression(m[1])
+        hits = set(S.objects_matching(scene, colour, category, qualifier))
+        return [i in hits for i in range(len(objects))]
+    return None
 
 
 @dataclass(frozen=True)

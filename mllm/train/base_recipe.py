@@ -37,18 +37,19 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from mllm.data.conversation import conversation_to_ids, place_images
-from mllm.data.lessons import LessonMix, fresh_scene
+from mllm.data.lessons import LessonMix, answering_objects, fresh_scene
 from mllm.jsonio import write_json_atomic
 from mllm.model.checkpoint import load_state_dict
 from mllm.model.decode import decode
 from mllm.model.image_processing import ImageProcessor
 from mllm.model.loading import bf16_autocast_pays
 from mllm.model.tokenization import special_token_ids
-from mllm.train.scene_slots import SceneSlots
+from mllm.train.scene_slots import SceneSlots, slot_features
 from mllm.world import scenes as S
 
 PARTS = ("llm", "slots", "vision")  # what a stage may train; vision = vision tower + resampler
 MODEL_PARTS = {"llm": ("llm",), "vision": ("vpm", "resampler")}  # the model's submodules (state-dict prefixes)
+MATCH_POS_WEIGHT = 20.0  # the match head's targets (about 1 cell in 36) against its non-targets
 
 
 @dataclass
@@ -63,6 +64,9 @@ class StageSettings:
     lm_weight: float = 0.0  # next-token cross-entropy on every text token (answers included)
     slot_weight: float = 0.0  # normalised MSE between the image tokens and the scene's slot vectors
     readout_weight: float = 0.0  # cross-entropy of the object words read back from the image tokens
+    question_first: bool = False  # the image after the conversation's first question, not before it
+    match_weight: float = 0.0  # binary cross-entropy of each image position saying whether it answers that question
+    match_layer: int = 2  # ... read from the hidden states after this many decoder layers
     warmup: int = 100
     beta2: float = 0.95
     bf16: bool | None = None  # bf16 autocast; None: where it pays on this machine (`bf16_autocast_pays`)
@@ -89,12 +93,15 @@ class StageSettings:
 
 
 # ---- batches ---------------------------------------------------------------------------------------------------
-def encode(turns: list[tuple[str, str]], tokenizer, token_ids: dict, query_num: int) -> dict:
-    """A conversation about one image (placed before the first question) -> ids, labels, image_bound."""
+def encode(turns: list[tuple[str, str]], tokenizer, token_ids: dict, query_num: int,
+           question_first: bool = False) -> dict:
+    """A conversation about one image -> ids, labels, image_bound. The image goes before the first question, or
+    after it with `question_first` (MiniCPM-V's chat takes either order): then every image position can look at the
+    question, so that whether a cell answers it is computed where the cell is (see `match_weight`)."""
     conversation = []
     for k, (question, answer) in enumerate(turns):
-        conversation += [{"role": "user", "content": ("<image>\n" if k == 0 else "") + question},
-                         {"role": "assistant", "content": answer}]
+        content = question if k else question + "\n<image>" if question_first else "<image>\n" + question
+        conversation += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
     conversation, _ = place_images(conversation, {"<image>": None}, query_num)
     return conversation_to_ids(conversation, tokenizer, query_num=query_num, token_ids=token_ids)
 
@@ -163,6 +170,14 @@ class BaseStage:
         self.describe_heldout = self._describe_heldout()
         self.device = model.device  # the model and the slots on one device; batches follow them
         self.bf16 = bf16_autocast_pays(self.device.type) if settings.bf16 is None else settings.bf16
+        self.match_head = None  # a throwaway head of the stage (in its state.pt, never in the model)
+        if settings.match_weight:
+            if not settings.question_first:
+                raise ValueError("StageSettings.match_weight needs question_first: an image position before the "
+                                 "question cannot look at it")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.match_head = torch.nn.Linear(model.config.llm.hidden_size, 1).to(self.device)
 
     # the parts and what they compute
     def _modules(self, part: str) -> list[torch.nn.Module]:
@@ -172,6 +187,9 @@ class BaseStage:
 
     def _set_trainable(self) -> list[dict]:
         groups = []
+        if self.match_head is not None:
+            groups.append({"params": list(self.match_head.parameters()), "lr": self.settings.lr,
+                           "initial_lr": self.settings.lr})
         for part in PARTS:
             trains = part in self.settings.trains
             params = [p for m in self._modules(part) for p in m.parameters()]
@@ -196,6 +214,9 @@ class BaseStage:
         if self.settings.kind == "read":
             return slot_vectors, slot_vectors
         return vision_tokens(self.model, self.processor, images), slot_vectors
+
+    def _encode(self, turns: list[tuple[str, str]]) -> dict:
+        return encode(turns, self.tokenizer, self.token_ids, self.query_num, self.settings.question_first)
 
     def _on_device(self, batch: dict) -> dict:
         return {name: value.to(self.device) for name, value in batch.items()}
@@ -223,10 +244,15 @@ class BaseStage:
             tokens, slot_vectors = self._image_tokens(scenes, images)
             if s.answer_weight or s.lm_weight:
                 mix = mix or s.mix
-                batch = self._on_device(collate([encode(mix.turns(scene, rng, s.turns), self.tokenizer,
-                                                        self.token_ids, self.query_num) for scene in scenes],
-                                                self.pad_id))
-                logits = self._logits(batch, tokens).float().flatten(0, 1)  # (B*T, V)
+                conversations = [mix.turns(scene, rng, s.turns) for scene in scenes]
+                batch = self._on_device(collate([self._encode(c) for c in conversations], self.pad_id))
+                out = self.model.llm(inputs_embeds=with_image_tokens(self.model, batch, tokens),
+                                     attention_mask=batch["attention_mask"], output_hidden_states=bool(s.match_weight))
+                logits = out.logits.float().flatten(0, 1)  # (B*T, V)
+                if s.match_weight:
+                    match = self._match_loss(scenes, conversations, batch, out.hidden_states[s.match_layer])
+                    if match is not None:
+                        parts["match"] = match
         if s.answer_weight:
             parts["answer"] = F.cross_entropy(logits, batch["labels"].flatten(), ignore_index=-100)
         if s.lm_weight:
@@ -237,9 +263,36 @@ class BaseStage:
         if s.readout_weight:
             parts["readout"] = self.slots.readout_loss(scenes, tokens.float(),
                                                        self.model.llm.get_input_embeddings().weight)
-        weights = {"answer": s.answer_weight, "lm": s.lm_weight, "slots": s.slot_weight, "readout": s.readout_weight}
+        weights = {"answer": s.answer_weight, "lm": s.lm_weight, "slots": s.slot_weight, "readout": s.readout_weight,
+                   "match": s.match_weight}
         parts["total"] = sum(weights[name] * value for name, value in parts.items())
         return parts
+
+    def _match_loss(self, scenes, conversations, batch: dict, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Binary cross-entropy of the match head on every image position's hidden state [B, Q, D]: does its cell
+        hold an object the conversation's first question asks about (`answering_objects`). None when no
+        conversation of the batch starts with such a question. About one cell in 36 is a target, so targets weigh
+        `MATCH_POS_WEIGHT` times more (unweighted, flagging no cell at all is a cheap optimum: measured, the loss sat
+        at 0.05 without learning). A yes/no answer is then one hop, "is any cell flagged": from a random LLM,
+        existence 1.00 and position .77 after 500 steps where the same run without it stayed at .50
+        (docs/probes/README.md, m1 / q1)."""
+        q = self.query_num
+        rows = torch.arange(len(scenes), device=hidden.device)[:, None].expand(-1, q)
+        cols = batch["image_starts"][:, None] + torch.arange(q, device=hidden.device)  # (B, Q)
+        flags = self.match_head(hidden[rows, cols].float()).squeeze(-1)  # (B, Q)
+        targets, keep = torch.zeros_like(flags), []
+        for b, (scene, conversation) in enumerate(zip(scenes, conversations)):
+            hits = answering_objects(scene, conversation[0][0])
+            if hits is None:
+                continue
+            keep.append(b)
+            for hit, features in zip(hits, slot_features(scene, self.slots.grid)):
+                if hit:
+                    targets[b, features[0]] = 1.0  # the object's cell
+        if not keep:
+            return None
+        return F.binary_cross_entropy_with_logits(flags[keep], targets[keep],
+                                                  pos_weight=torch.tensor(MATCH_POS_WEIGHT, device=flags.device))
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -277,7 +330,7 @@ class BaseStage:
             hits = defaultdict(list)
             for k in range(0, len(self.heldout), 100):
                 chunk = self.heldout[k:k + 100]
-                items = [encode([(q, a)], self.tokenizer, self.token_ids, self.query_num) for _, _, _, q, a in chunk]
+                items = [self._encode([(q, a)]) for _, _, _, q, a in chunk]
                 labels = collate(items, self.pad_id)
                 answer_at = torch.isin(labels["labels"], torch.tensor(self.yes_no)).int().argmax(1)  # first Yes/No
                 batch = self._on_device(labels)
@@ -323,7 +376,7 @@ class BaseStage:
     def _greedy(self, prompt: str, scenes: list, images: list, max_new_tokens: int) -> list[str]:
         """Greedy answers to `prompt` asked first about each scene, up to <|im_end|> (the project's decode loop)."""
         end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        x = encode([(prompt, "X")], self.tokenizer, self.token_ids, self.query_num)
+        x = self._encode([(prompt, "X")])
         first = int((x["labels"] != -100).nonzero()[0])  # labels are pre-shifted: the answer's first token
         ids = x["input_ids"][:first + 2][None].expand(len(scenes), -1).to(self.device)  # (G, T): up to "\n"
         starts = torch.full((len(scenes),), int(x["image_bound"][0][0]), device=self.device)
@@ -369,6 +422,8 @@ class BaseStage:
             self._check_same_chain(folder / "state.pt", state.get("after"))
             self.model.load_state_dict(state["model"])
             self.slots.load_state_dict(state["slots"])
+            if self.match_head is not None:
+                self.match_head.load_state_dict(state["match_head"])
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
             rng.setstate(_as_rng_state(state["rng"]))
@@ -399,7 +454,8 @@ class BaseStage:
                 self._save({"model": self.model.state_dict(), "slots": self.slots.state_dict(),
                             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                             "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "step": step,
-                            "cpu_seconds": time.process_time() - started, "log": log, "after": self.after})
+                            "cpu_seconds": time.process_time() - started, "log": log, "after": self.after}
+                           | ({"match_head": self.match_head.state_dict()} if self.match_head is not None else {}))
         self.model.save_pretrained(folder / "model", tokenizer=self.tokenizer)
         save_file(self.slots.state_dict(), str(folder / "slots.safetensors"))
         evaluations = [entry for entry in log if "yesno" in entry]

@@ -2,6 +2,7 @@
 (loss falls, the right parts change, a stopped stage resumes to the very weights of an uninterrupted one)."""
 
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -16,7 +17,9 @@ from mllm.train import base_recipe
 from mllm.train.base_recipe import BaseStage, StageSettings, collate, encode
 from mllm.train.scene_slots import BOX_BINS, SceneSlots, place_words, slot_features
 from mllm.world import scenes as S
-from mllm.data.lessons import COLOUR_NEXT, EXISTENCE_FIRST, LessonMix, tokenizer_texts
+from mllm.data.grounding_prepare import GROUNDING_PROMPT
+from mllm.data.lessons import (COLOUR_NEXT, EXISTENCE_FIRST, LessonMix, answering_objects, fresh_scene,
+                               tokenizer_texts)
 from mllm.model.tokenization import special_token_ids
 
 
@@ -125,6 +128,29 @@ def test_a_scene_with_no_question_of_the_asked_kind_gives_fewer_turns_not_a_hang
     assert len(turns) == 1 and turns[0][0] == "Which of these are in the image?"  # the statements turn alone
 
 
+def test_answering_objects_by_hand_and_yes_exactly_when_one_answers():
+    scene = _scene()  # red circle top left, blue star in the center, red circle bottom right
+    yn = S.YESNO_SUFFIX
+    cases = {"Is there a star in the image?" + yn: [False, True, False],
+             "Is there a blue circle in the image?" + yn: [False, False, False],
+             "Is there a red circle in the image?" + yn: [True, False, True],
+             "Are there exactly two circles in the image?" + yn: [True, False, True],
+             "Is there exactly one circle in the image?" + yn: [False, False, False],
+             "Is the blue star in the center of the image?" + yn: [False, True, False],
+             "Is the blue star in the top left of the image?" + yn: [False, False, False],
+             "What colour is the star?": [False, True, False],
+             "How many circles are there?": [True, False, True],
+             GROUNDING_PROMPT.format(expression="the red circle in the top left"): [True, False, False],
+             "Describe the image briefly.": None}
+    for question, hits in cases.items():
+        assert answering_objects(scene, question) == hits, question
+    rng = random.Random(0)
+    for _ in range(300):
+        scene = fresh_scene(rng)
+        for question, answer in S.yesno_pair(scene, rng)[1]:
+            assert any(answering_objects(scene, question)) == (answer == "Yes"), question
+
+
 def test_collate_masks_the_image_span_from_the_next_token_targets(tokenizer):
     ids = special_token_ids(tokenizer)
     items = [encode([("Is there a circle in the image?", "Yes")], tokenizer, ids, 4),
@@ -138,6 +164,53 @@ def test_collate_masks_the_image_span_from_the_next_token_targets(tokenizer):
         n = len(item["input_ids"])
         assert torch.equal(batch["lm_labels"][i, end:n - 1], item["input_ids"][end + 1:n])
         assert torch.equal(batch["labels"][i, :n], item["labels"])
+
+
+def test_question_first_puts_the_image_after_the_first_question_only(tokenizer):
+    ids = special_token_ids(tokenizer)
+    turns = [("Is there a circle in the image?", "Yes"), ("How many stars are there?", "1")]
+    first, after = encode(turns, tokenizer, ids, 4), encode(turns, tokenizer, ids, 4, question_first=True)
+    assert torch.equal(torch.sort(first["input_ids"]).values, torch.sort(after["input_ids"]).values)  # same tokens
+    for item, before_image in ((first, False), (after, True)):
+        start = int(item["image_bound"][0][0])
+        text_before = tokenizer.decode(item["input_ids"][:start])
+        assert ("Is there a circle in the image?" in text_before) == before_image
+        assert "How many stars" not in text_before
+
+
+def test_match_loss_is_the_weighted_cross_entropy_of_the_cells_answering_the_first_question(tmp_path, tokenizer):
+    stage, model = _read(tmp_path, tokenizer, question_first=True, match_weight=1.0)
+    conversations = [[("Is there a star in the image? Please answer yes or no.", "Yes")],  # the star: cell 3
+                     [("Is there exactly one circle in the image? Please answer yes or no.", "No")],  # none
+                     [("Describe the image briefly.", "two red circles and a blue star.")],  # not asked: left out
+                     [("What colour is the star?", "blue"), ("Is there a square in the image?", "No")]]  # cell 3
+    scenes = [_scene()] * len(conversations)
+    batch = collate([stage._encode(c) for c in conversations], stage.pad_id)
+    width = model.config.llm.hidden_size
+    with torch.no_grad():
+        stage.match_head.weight.zero_()
+        stage.match_head.bias.zero_()
+    hidden = torch.zeros(len(scenes), batch["input_ids"].shape[1], width)
+    # a head that outputs 0 everywhere: each target costs log 2 x 20, each other cell log 2; 3 rows x 4 cells kept
+    loss = stage._match_loss(scenes, conversations, batch, hidden)
+    assert float(loss.detach()) == pytest.approx(math.log(2) * (2 * 20 + 10) / 12, rel=1e-6)
+    # a head reading one feature that is high exactly on the right cells: no loss left
+    with torch.no_grad():
+        stage.match_head.weight[0, 0] = 1.0
+    right = torch.tensor([[-30, -30, -30, 30], [-30, -30, -30, -30], [0, 0, 0, 0], [-30, -30, -30, 30]], dtype=torch.float)
+    for b in range(len(scenes)):
+        start = int(batch["image_starts"][b])
+        hidden[b, start:start + 4, 0] = right[b]
+    assert float(stage._match_loss(scenes, conversations, batch, hidden).detach()) < 1e-9
+    hidden[0, int(batch["image_starts"][0]) + 2, 0] = 30  # a cell holding nothing asked flagged
+    assert float(stage._match_loss(scenes, conversations, batch, hidden).detach()) > 2.0
+    assert stage._match_loss(scenes[2:3], conversations[2:3], collate([stage._encode(conversations[2])], 0),
+                             hidden[2:3]) is None
+
+
+def test_the_match_head_needs_the_question_first(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="needs question_first"):
+        _read(tmp_path, tokenizer, match_weight=1.0)
 
 
 def _read(tmp_path, tokenizer, steps=4, **kw):
@@ -172,23 +245,27 @@ def _stop_after_saving(at_step: int):
     return save_then_stop
 
 
-def test_a_stopped_stage_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, tokenizer, monkeypatch):
-    straight, straight_model = _read(tmp_path / "straight", tokenizer)
+@pytest.mark.parametrize("match", [{}, {"question_first": True, "match_weight": 1.0}], ids=["plain", "match"])
+def test_a_stopped_stage_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, tokenizer, monkeypatch, match):
+    straight, straight_model = _read(tmp_path / "straight", tokenizer, **match)
     straight.run(progress=lambda line: None)
 
     save = BaseStage._save
     monkeypatch.setattr(BaseStage, "_save", _stop_after_saving(2))
-    stopped, _ = _read(tmp_path / "stopped", tokenizer)
+    stopped, _ = _read(tmp_path / "stopped", tokenizer, **match)
     with pytest.raises(KeyboardInterrupt):
         stopped.run(progress=lambda line: None)
     monkeypatch.setattr(BaseStage, "_save", save)
-    resumed, resumed_model = _read(tmp_path / "stopped", tokenizer)  # a new process: fresh model and slots
+    resumed, resumed_model = _read(tmp_path / "stopped", tokenizer, **match)  # a new process: fresh model and slots
     lines = []
     resumed.run(progress=lines.append)
     assert lines[0].startswith("read: resuming at step 2")
     for (name, a), (_, b) in zip(straight_model.state_dict().items(), resumed_model.state_dict().items()):
         assert torch.equal(a, b), name
     assert torch.equal(straight.slots.box.weight, resumed.slots.box.weight)
+    if match:
+        assert "loss_match" in straight.curve()[0]
+        assert torch.equal(straight.match_head.weight, resumed.match_head.weight)
 
 
 def test_a_finished_stage_hands_on_only_the_parts_it_trained(tmp_path, tokenizer):
