@@ -34,6 +34,10 @@
     q0  from=init mix=yesno turns=2 steps=1000 lr=1e-3 warmup=50 eval_every=250 eval_scenes=100   (one question + statements)
     q1  as q0 with layout=qfirst   (the image after the first question: each slot can match the question itself)
     m1  as q1 with match=1.0 match_layer=2   (each image position supervised: does it answer the question)
+    m2  as m1 with turns=1 statements=0   (the question alone)
+    m3  from=init,runs/probe/m1 mix=full alone=0.3 layout=qfirst match=1.0 freeze_slots=1 steps=300 lr=5e-4
+        (the full mix on top: descriptions, lookups, grounding; slots frozen so that docs/probes/pixels.py can align
+        the vision side to m1's slots meanwhile)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 
 order=band: the slots band-major, as descriptions name objects (`common.band_major_slots`). table=triple|rank: one
@@ -104,7 +108,7 @@ if args.get("tie") == "1":  # t0: the LM head tied to the input embeddings (a wo
 
     model.save_pretrained = save_untied
 settings = StageSettings(kind="read", steps=int(args.get("steps", 300)), lr=float(args.get("lr", 5e-4)),
-                         trains={"llm": 1.0, "slots": 1.0},
+                         trains={"llm": 1.0} if args.get("freeze_slots") == "1" else {"llm": 1.0, "slots": 1.0},
                          lm_weight=1.0, warmup=int(args.get("warmup", 20)), beta2=0.95, batch=32,
                          eval_scenes=int(args.get("eval_scenes", 300)), eval_every=int(args.get("eval_every", 100)),
                          save_every=50, mix=mixes[args["mix"]], turns=int(args.get("turns", 4)),

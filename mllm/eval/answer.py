@@ -292,7 +292,8 @@ def run(model_dir: str, questions: Path, out: Path, decoding: str = "greedy", ba
                 try:  # any failure of one record skips that record only
                     image = open_image(item["record"]["image"], questions.parent, image_root, where)
                     msgs = [{"role": "user", "content": [image, str(item["record"]["question"])]}]
-                    text, ordered = build_chat_prompt(msgs, tokenizer, system_prompt=system_prompt)
+                    text, ordered = build_chat_prompt(msgs, tokenizer, system_prompt=system_prompt,
+                                                      question_first=model.config.question_first)
                 except Exception as err:  # noqa: BLE001 - reported with its line, the run goes on
                     reason = str(err) if str(err).startswith(where) else f"{where}: {type(err).__name__}: {err}"
                     print(f"skipped {reason}", file=sys.stderr)

@@ -348,7 +348,7 @@ def ground(model, tokenizer, processor, image, expression: str, style: str = "pl
     shown = pad_image_to_square(image) if square_pad else image
     question = TEMPLATES[("rec", style)][template].format(expression=expression)
     text, images = build_chat_prompt([{"role": "user", "content": [shown, question]}], tokenizer,
-                                     system_prompt=system_prompt)
+                                     system_prompt=system_prompt, question_first=model.config.question_first)
     answer = generate(model, processor([text], [images]), tokenizer,
                       GenerationSettings(max_new_tokens=max_new_tokens))[0]
     parsed = parse_box(answer, GRID)

@@ -154,6 +154,9 @@ class MLLMConfig(PreTrainedConfig):
     use_image_id: bool = True
     vision_batch_size: int = 16
     slice_mode: bool = True
+    # not a MiniCPM-V key (written only when True, so the reference's layout is unchanged): this model was trained
+    # with the image after the question, and its prompts put it there (mllm.model.generation.build_chat_prompt)
+    question_first: bool = False
 
     def __post_init__(self, **kwargs):
         self.llm = self.llm if self.llm is not None else LLMConfig()
@@ -203,6 +206,8 @@ class MLLMConfig(PreTrainedConfig):
         out["vision_config"] = dataclasses.asdict(self.vision)
         out["slice_config"] = dataclasses.asdict(self.slice)
         out["patch_size"] = self.patch_size
+        if self.question_first:
+            out["question_first"] = True
         return out
 
     @classmethod

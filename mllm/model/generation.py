@@ -59,12 +59,14 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def build_chat_prompt(msgs: list[dict], tokenizer, images: list[Image.Image] | None = None,
-                      system_prompt: str | None = None) -> tuple[str, list[Image.Image]]:
+                      system_prompt: str | None = None, question_first: bool = False) -> tuple[str, list[Image.Image]]:
     """ChatML text with one `(<image>./</image>)` marker per image, and the images in marker order.
 
     `msgs` are {role, content} dicts whose content is a string or a list mixing strings and PIL images (the
     official convention: images become markers, pieces are joined with "\\n"). `images` given separately are
-    placed before the first user message's text when that message carries no image of its own.
+    placed before the first user message's text when that message carries no image of its own. With
+    `question_first` (a model trained so: its config's `question_first`) each user message's images go after
+    its text instead, in their order.
     """
     if not msgs or msgs[0].get("role") != "user":
         raise ValueError("msgs must start with a user message")
@@ -78,6 +80,8 @@ def build_chat_prompt(msgs: list[dict], tokenizer, images: list[Image.Image] | N
         if i == 0 and pending and not any(isinstance(p, Image.Image) for p in parts):
             parts = pending + parts
             pending = []
+        if question_first and role == "user":
+            parts = [p for p in parts if not isinstance(p, Image.Image)] + [p for p in parts if isinstance(p, Image.Image)]
         texts = []
         for part in parts:
             if isinstance(part, Image.Image):

@@ -208,7 +208,8 @@ class MLLMModel(PreTrainedModel):
 
         processor = processor or processor_for(self, tokenizer)
         images = image if isinstance(image, (list, tuple)) else ([image] if image is not None else [])
-        text, ordered = build_chat_prompt(msgs, tokenizer, images=images, system_prompt=system_prompt)
+        text, ordered = build_chat_prompt(msgs, tokenizer, images=images, system_prompt=system_prompt,
+                                          question_first=self.config.question_first)
         inputs = processor([text], [ordered])
         settings = GenerationSettings(decoding or ("sample" if sampling else "greedy"), max_new_tokens,
                                       min_new_tokens, overrides)

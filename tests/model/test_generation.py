@@ -97,3 +97,16 @@ def test_chat_prompt_layout(loaded):
     assert ordered == [image]
     with pytest.raises(ValueError, match="start with a user message"):
         build_chat_prompt([{"role": "assistant", "content": "x"}], tokenizer)
+
+
+def test_question_first_puts_each_user_messages_images_after_its_text(loaded):
+    _, tokenizer, _ = loaded
+    red, blue = picture(32, 32, "red"), picture(32, 32, "blue")
+    user = "<|im_start|>system\n<|im_end|>\n<|im_start|>user\n"
+    text, ordered = build_chat_prompt([{"role": "user", "content": "Hi"}], tokenizer, images=[red], system_prompt="",
+                                      question_first=True)
+    assert text == user + "Hi\n(<image>./</image>)<|im_end|>\n<|im_start|>assistant\n" and ordered == [red]
+    msgs = [{"role": "user", "content": [red, "Which?", blue]}, {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "Sure?"}]
+    text, ordered = build_chat_prompt(msgs, tokenizer, system_prompt="", question_first=True)
+    assert text.startswith(user + "Which?\n(<image>./</image>)\n(<image>./</image>)<|im_end|>") and ordered == [red, blue]

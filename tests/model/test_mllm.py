@@ -225,3 +225,11 @@ def test_unknown_config_key_fails_loudly(tmp_path, model):
     (tmp_path / "c" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="unknown config keys \\['qery_num'\\]"):
         MLLMModel.from_pretrained(tmp_path / "c")
+
+
+def test_question_first_is_written_only_when_set_and_read_back():
+    plain = small_config().to_dict()
+    assert "question_first" not in plain  # the MiniCPM-V layout unchanged for every other model
+    assert MLLMConfig.from_dict(plain).question_first is False
+    asked = small_config(question_first=True).to_dict()
+    assert asked["question_first"] is True and MLLMConfig.from_dict(asked).question_first is True
