@@ -456,6 +456,7 @@ class BaseStage:
                             "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "step": step,
                             "cpu_seconds": time.process_time() - started, "log": log, "after": self.after}
                            | ({"match_head": self.match_head.state_dict()} if self.match_head is not None else {}))
+        self.model.config.question_first = s.question_first  # the order its prompts must keep (chat, benches)
         self.model.save_pretrained(folder / "model", tokenizer=self.tokenizer)
         save_file(self.slots.state_dict(), str(folder / "slots.safetensors"))
         evaluations = [entry for entry in log if "yesno" in entry]

@@ -263,7 +263,8 @@ def test_a_stopped_stage_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path
     for (name, a), (_, b) in zip(straight_model.state_dict().items(), resumed_model.state_dict().items()):
         assert torch.equal(a, b), name
     assert torch.equal(straight.slots.box.weight, resumed.slots.box.weight)
-    if match:
+    if match:  # and the finished model says how its prompts are laid out
+        assert MLLMModel.from_pretrained(tmp_path / "stopped" / "model").config.question_first
         assert "loss_match" in straight.curve()[0]
         assert torch.equal(straight.match_head.weight, resumed.match_head.weight)
 
