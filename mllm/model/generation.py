@@ -81,7 +81,8 @@ def build_chat_prompt(msgs: list[dict], tokenizer, images: list[Image.Image] | N
             parts = pending + parts
             pending = []
         if question_first and role == "user":
-            parts = [p for p in parts if not isinstance(p, Image.Image)] + [p for p in parts if isinstance(p, Image.Image)]
+            shown = [p for p in parts if isinstance(p, Image.Image)]
+            parts = [p for p in parts if not isinstance(p, Image.Image)] + shown
         texts = []
         for part in parts:
             if isinstance(part, Image.Image):

@@ -109,4 +109,5 @@ def test_question_first_puts_each_user_messages_images_after_its_text(loaded):
     msgs = [{"role": "user", "content": [red, "Which?", blue]}, {"role": "assistant", "content": "red"},
             {"role": "user", "content": "Sure?"}]
     text, ordered = build_chat_prompt(msgs, tokenizer, system_prompt="", question_first=True)
-    assert text.startswith(user + "Which?\n(<image>./</image>)\n(<image>./</image>)<|im_end|>") and ordered == [red, blue]
+    assert text.startswith(user + "Which?\n(<image>./</image>)\n(<image>./</image>)<|im_end|>")
+    assert ordered == [red, blue]

@@ -197,7 +197,8 @@ def test_match_loss_is_the_weighted_cross_entropy_of_the_cells_answering_the_fir
     # a head reading one feature that is high exactly on the right cells: no loss left
     with torch.no_grad():
         stage.match_head.weight[0, 0] = 1.0
-    right = torch.tensor([[-30, -30, -30, 30], [-30, -30, -30, -30], [0, 0, 0, 0], [-30, -30, -30, 30]], dtype=torch.float)
+    right = torch.tensor([[-30, -30, -30, 30], [-30, -30, -30, -30], [0, 0, 0, 0], [-30, -30, -30, 30]],
+                         dtype=torch.float)
     for b in range(len(scenes)):
         start = int(batch["image_starts"][b])
         hidden[b, start:start + 4, 0] = right[b]
