@@ -142,7 +142,6 @@ def box_list(scene: S.Scene, rng: random.Random) -> Turn:
 
 
 _PLACE_OF = {phrase: cell for cell, phrase in S.CELL_PHRASES.items()}
-_CATEGORY_OF_PLURAL = {S.plural(category): category for category in S.CATEGORIES}
 _GROUNDING = re.compile(re.escape(GROUNDING_PROMPT).replace(re.escape("{expression}"), "(.+)"))
 
 
@@ -161,7 +160,7 @@ def answering_objects(scene: S.Scene, question: str) -> list[bool] | None:
     if m := re.fullmatch(r"Is there exactly one (\w+) in the image\?", q):
         return [o.category == m[1] and counts[m[1]] == 1 for o in objects]
     if m := re.fullmatch(r"Are there exactly (\w+) (\w+) in the image\?", q):
-        category = _CATEGORY_OF_PLURAL[m[2]]
+        category = S.mentioned_categories(m[2])[0]
         return [o.category == category and counts[category] == S.NUMBER_WORDS.index(m[1]) for o in objects]
     if m := re.fullmatch(r"Is there an? (?:(\w+) )?(\w+) in the image\?", q):
         return [o.category == m[2] and m[1] in (None, o.colour) for o in objects]
@@ -173,7 +172,7 @@ def answering_objects(scene: S.Scene, question: str) -> list[bool] | None:
     if m := re.fullmatch(r"Where is the (\w+) (\w+)\?", q):
         return [(o.colour, o.category) == (m[1], m[2]) for o in objects]
     if m := re.fullmatch(r"How many (\w+) are there\?", q):
-        return [o.category == _CATEGORY_OF_PLURAL[m[1]] for o in objects]
+        return [o.category == S.mentioned_categories(m[1])[0] for o in objects]
     if m := _GROUNDING.fullmatch(q):
         colour, category, qualifier = S.parse_referring_expression(m[1])
         hits = set(S.objects_matching(scene, colour, category, qualifier))

@@ -127,13 +127,17 @@ def collate(items: list[dict], pad_id: int) -> dict:
             "image_starts": torch.tensor(starts)}
 
 
+def image_positions(image_starts: torch.Tensor, query_num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols), each [B, Q]: the sequence positions of every sample's image span."""
+    rows = torch.arange(len(image_starts), device=image_starts.device)[:, None].expand(-1, query_num)
+    cols = image_starts[:, None] + torch.arange(query_num, device=image_starts.device)  # (B, Q)
+    return rows, cols
+
+
 def with_image_tokens(model, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
     """Text embeddings [B, T, D] with tokens [B, Q, D] in each sample's image span."""
     embeds = model.llm.get_input_embeddings()(batch["input_ids"])
-    query_num = tokens.shape[1]
-    rows = torch.arange(len(tokens), device=tokens.device)[:, None].expand(-1, query_num)
-    cols = batch["image_starts"][:, None] + torch.arange(query_num, device=tokens.device)  # (B, Q)
-    return embeds.index_put((rows, cols), tokens.to(embeds.dtype))
+    return embeds.index_put(image_positions(batch["image_starts"], tokens.shape[1]), tokens.to(embeds.dtype))
 
 
 def vision_tokens(model, processor: ImageProcessor, images: list) -> torch.Tensor:
@@ -221,9 +225,11 @@ class BaseStage:
     def _on_device(self, batch: dict) -> dict:
         return {name: value.to(self.device) for name, value in batch.items()}
 
-    def _logits(self, batch: dict, tokens: torch.Tensor) -> torch.Tensor:
+    def _forward(self, batch: dict, tokens: torch.Tensor, hidden_states: bool = False):
+        """The LLM's output on the batch with `tokens` [B, Q, D] in the image spans (its hidden states if asked)."""
         embeds = with_image_tokens(self.model, batch, tokens)
-        return self.model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+        return self.model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                              output_hidden_states=hidden_states)
 
     def mix_at(self, step: int) -> LessonMix:
         """The lesson mix of training step `step` (1-based)."""
@@ -246,8 +252,7 @@ class BaseStage:
                 mix = mix or s.mix
                 conversations = [mix.turns(scene, rng, s.turns) for scene in scenes]
                 batch = self._on_device(collate([self._encode(c) for c in conversations], self.pad_id))
-                out = self.model.llm(inputs_embeds=with_image_tokens(self.model, batch, tokens),
-                                     attention_mask=batch["attention_mask"], output_hidden_states=bool(s.match_weight))
+                out = self._forward(batch, tokens, hidden_states=bool(s.match_weight))
                 logits = out.logits.float().flatten(0, 1)  # (B*T, V)
                 if s.match_weight:
                     match = self._match_loss(scenes, conversations, batch, out.hidden_states[s.match_layer])
@@ -276,10 +281,8 @@ class BaseStage:
         at 0.05 without learning). A yes/no answer is then one hop, "is any cell flagged": from a random LLM,
         existence 1.00 and position .77 after 500 steps where the same run without it stayed at .50
         (docs/probes/README.md, m1 / q1)."""
-        q = self.query_num
-        rows = torch.arange(len(scenes), device=hidden.device)[:, None].expand(-1, q)
-        cols = batch["image_starts"][:, None] + torch.arange(q, device=hidden.device)  # (B, Q)
-        flags = self.match_head(hidden[rows, cols].float()).squeeze(-1)  # (B, Q)
+        positions = image_positions(batch["image_starts"], self.query_num)
+        flags = self.match_head(hidden[positions].float()).squeeze(-1)  # (B, Q)
         targets, keep = torch.zeros_like(flags), []
         for b, (scene, conversation) in enumerate(zip(scenes, conversations)):
             hits = answering_objects(scene, conversation[0][0])
@@ -336,7 +339,7 @@ class BaseStage:
                 batch = self._on_device(labels)
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
                     tokens, _ = self._image_tokens([c[1] for c in chunk], [c[2] for c in chunk])
-                    logits = self._logits(batch, tokens).float()
+                    logits = self._forward(batch, tokens).logits.float()
                 for i, (kind, _, _, _, answer) in enumerate(chunk):
                     yes, no = logits[i, int(answer_at[i]), self.yes_no]
                     hits[kind].append(("Yes" if yes > no else "No") == answer)

@@ -382,7 +382,7 @@ def test_slot_regression_alone_never_runs_the_llm(tmp_path, tokenizer):
     def no_llm(*args, **kwargs):
         raise AssertionError("the LLM ran")
 
-    stage._logits = no_llm
+    stage._forward = no_llm
     rng = random.Random(0)
     scenes, images = stage._scenes(rng, 2)
     parts = stage.loss(scenes, images, rng)
