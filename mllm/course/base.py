@@ -1,7 +1,7 @@
 """`mllm course --stage base`: the tiny model from random init (`stage_base`): phase 0, the supervised
 pretraining of a from-scratch vision tower and resampler on the synthetic world's scene labels, then the stages
-of `mllm.train.base_recipe` (the LLM describes scenes given as slot vectors, then answers questions about them
-too; vision is aligned to the slots with the LLM frozen; everything is tuned together).
+of `mllm.train.base_recipe` (the LLM answers questions about scenes given as slot vectors, the image after the first
+question, then learns the whole mix; vision is aligned to the slots with the LLM frozen; everything is tuned together).
 
 The real MiniCPM-V starts from a SigLIP encoder that was pretrained on billions of image-text pairs; the tiny
 course model has no such start, and a vision tower trained only through the LLM's next-token loss learns
@@ -37,8 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllm.course.shared import Budget, answer_yesno, describe_and_score, ground_and_score, world_dir
-from mllm.data.lessons import (COLOUR_NEXT, DESCRIBE_ALONE, EXISTENCE_FIRST, LOOKUP_ONLY, LessonMix, tokenizer_texts,
-                                with_descriptions)
+from mllm.data.lessons import QUESTIONS_AND_STATEMENTS, LessonMix, tokenizer_texts
 from mllm.jsonio import write_json_atomic
 from mllm.model.configuration import MLLMConfig
 from mllm.model.image_processing import ImageProcessor
@@ -207,38 +206,38 @@ def base_config(tokenizer) -> MLLMConfig:
 
 
 def base_stages(budget: Budget) -> list[StageSettings]:
-    """describe -> redescribe -> read -> bind -> settle -> lookup -> resettle -> align -> tune with the budget's
-    steps and rates (`mllm.train.base_recipe` says what each kind does). The LLM describes scenes before it answers
-    anything: only an LLM that learnt descriptions first walks the objects in the slots one by one, and every
-    read-kind stage after it keeps descriptions in its mix so that the walk survives the questions
-    (`DESCRIBE_ALONE`, `with_descriptions`). bind, settle, lookup and resettle are read-kind stages on fresh
-    schedules at a lower rate: in the questions-first recipe colour binding stayed at chance through 1,000 steps of
-    read (.51), then reached .94 in 300 steps of colour questions at 5e-4; lookup teaches the LLM to read one value
-    out of one slot (`LOOKUP_ONLY`); measured in docs/probes/README.md."""
-    common = {"batch": budget.base_batch, "eval_scenes": budget.base_eval_scenes,
-              "eval_every": budget.base_eval_every, "save_every": budget.base_save_every}
-    reads = {"kind": "read", "trains": {"llm": 1.0, "slots": 1.0}, "lm_weight": 1.0, "beta2": 0.95, **common}
-    rereads = {"lr": budget.rebind_lr, "warmup": 20, **reads}  # the read-kind stages after read, fresh schedules
-    full = LessonMix(alone=0.3)  # a share of conversations one writing turn alone, asked first
+    """read -> settle -> align -> tune with the budget's steps and rates (`mllm.train.base_recipe` says what each
+    kind does). Every stage puts the image after the conversation's first question and trains the match head: each
+    image position says whether its cell holds an object that question asks about, so that a yes/no answer is one
+    hop ("is any cell flagged") instead of two that give no gradient until both exist.
+
+    read    the random LLM and the slot tables on yes/no questions of all four kinds plus the statements turn
+            (`QUESTIONS_AND_STATEMENTS`, two turns per scene): measured 1.00 / .96 / 1.00 / 1.00 (colour / count /
+            existence / position, held-out, from slots) at 1,000 steps at 1e-3, where the image first stayed at
+            chance (.50/.65/.50/.50) and the question first without the head reached .52/.67/.48/.66
+    settle  the full mix (descriptions, lookups, grounding; a share of conversations one writing turn alone, asked
+            first) on a fresh schedule at settle_lr, slots frozen (they are what align's regression aims at): the
+            yes/no numbers kept, greedy descriptions 0.30 -> 0.45 of pairs named in 300 steps
+    align   vision + a fresh resampler regress the slots and read back words, LLM frozen: .92/.52/.70/.80 from
+            pixels after 3,000 steps (~0.3 s a step: no LLM in it)
+    tune    everything, the LLM at tune_llm_lr_scale, the full mix with caption noise: .97/.65/.98/.91 after 300
+    (docs/probes/README.md, "Stop 34": q0, q1, m1, m3, a2, tB)."""
+    common = {"batch": budget.base_batch, "eval_scenes": budget.base_eval_scenes, "eval_every": budget.base_eval_every,
+              "save_every": budget.base_save_every, "question_first": True, "match_weight": budget.match_weight}
+    reads = {"kind": "read", "lm_weight": 1.0, "beta2": 0.95, **common}
     return [
-        # two schedules, not one: from the same init and scenes, one 1,000-step schedule at 1e-3 stayed on a plateau
-        # (loss 0.45, greedy descriptions naming 0.029 of the pairs at step 1,000); 500 steps decayed to zero, then
-        # 500 more from a fresh warm-up, reached loss 0.06 and 0.989 in the probe d0L, but only 0.28 and 0.125 with
-        # other draws of the same lessons (runs/course6): when the LLM leaves the plateau varies (docs/probes/README.md)
-        *(StageSettings(name=name, steps=budget.describe_steps, lr=budget.read_lr, warmup=50, mix=DESCRIBE_ALONE,
-                        **reads) for name in ("describe", "redescribe")),
-        StageSettings(steps=budget.read_steps, lr=budget.read_lr, warmup=50, mix=full,
-                      curriculum=((with_descriptions(EXISTENCE_FIRST), budget.read_existence_steps),), **reads),
-        StageSettings(name="bind", steps=budget.bind_steps, mix=with_descriptions(COLOUR_NEXT), **rereads),
-        StageSettings(name="settle", steps=budget.settle_steps, mix=full, **rereads),
-        StageSettings(name="lookup", steps=budget.lookup_steps, mix=with_descriptions(LOOKUP_ONLY), **rereads),
-        StageSettings(name="resettle", steps=budget.resettle_steps, mix=full, **rereads),
+        StageSettings(steps=budget.read_steps, lr=budget.read_lr, warmup=50, trains={"llm": 1.0, "slots": 1.0},
+                      mix=QUESTIONS_AND_STATEMENTS, turns=2, **reads),
+        StageSettings(name="settle", steps=budget.settle_steps, lr=budget.settle_lr, warmup=20, trains={"llm": 1.0},
+                      mix=LessonMix(alone=0.3), **reads),
+        # align trains no LLM: the head (read on the LLM's hidden states) has nothing to teach it there
         StageSettings(kind="align", steps=budget.align_steps, lr=budget.align_lr, trains={"vision": 1.0},
-                      answer_weight=0.0, slot_weight=1.0, readout_weight=1.0, warmup=50, beta2=0.98, **common),
+                      answer_weight=0.0, slot_weight=1.0, readout_weight=1.0, warmup=50, beta2=0.98,
+                      **common | {"match_weight": 0.0, "eval_every": 2 * budget.base_eval_every}),
         StageSettings(kind="tune", steps=budget.tune_steps, lr=budget.tune_lr,
                       trains={"vision": 1.0, "llm": budget.tune_llm_lr_scale}, lm_weight=0.5, slot_weight=1.0,
-                      readout_weight=1.0,
-                      warmup=50, beta2=0.98, mix=LessonMix(caption_noise=budget.caption_noise, alone=0.3), **common),
+                      readout_weight=1.0, warmup=50, beta2=0.98,
+                      mix=LessonMix(caption_noise=budget.caption_noise, alone=0.3), **common),
     ]
 
 
@@ -269,7 +268,7 @@ def _fresh_resampler(model, seed: int) -> None:
 
 
 def _read_beside(out: Path, budget: Budget, seed: int) -> None:
-    """The read-kind stages (describe to resettle) in their own process on one core (phase 0 has the other); a
+    """The read-kind stages (read, settle) in their own process on one core (phase 0 has the other); a
     finished stage hands on only the LLM and the slots (`BaseStage.load_finished`)."""
     torch.set_num_threads(1)
     model, tokenizer = _fresh_model(out / "world", out / "base" / "init", seed)
@@ -319,8 +318,7 @@ def vision_phase(stage: Path, world: Path, budget: Budget, seed: int):
 
 
 def stage_base(out: Path, budget: Budget, seed: int) -> dict:
-    """Phase 0 (vision pretraining, `pretrain` above), then describe, redescribe, read, bind, settle, lookup,
-    resettle, align and tune (`base_stages`); the last stage's model is the base. With two cores or more, phase 0
+    """Phase 0 (vision pretraining, `pretrain` above), then read, settle, align and tune (`base_stages`); the last stage's model is the base. With two cores or more, phase 0
     and the read-kind stages (which share no parameters) run side by side, one core each. Every phase resumes: a
     finished one is reused, a stopped one goes on from its last saved state, so a stopped run goes on where it
     was."""

@@ -25,24 +25,19 @@ class Budget:
     vision_pretrain_steps: int = 3000  # phase 0: the vision side on the scenes' labels
     vision_pretrain_batch: int = 64
     vision_pretrain_lr: float = 3e-3
-    describe_steps: int = 500  # the LLM from random init writes descriptions of scenes given as slot vectors,
-    # twice, each on its own schedule (describe, redescribe)
-    read_steps: int = 1000  # then the lessons' questions too, descriptions kept
-    read_existence_steps: int = 700  # ... the first of them on existence questions (a curriculum)
-    read_lr: float = 1e-3  # describe and read
-    bind_steps: int = 300  # then, on a fresh schedule at rebind_lr, colour questions (descriptions kept)
-    settle_steps: int = 250  # ... and the full mix again
-    lookup_steps: int = 300  # then open lookups (colour, place, count of one object), at rebind_lr
-    resettle_steps: int = 250  # ... and the full mix once more
-    rebind_lr: float = 5e-4
-    align_steps: int = 1000  # vision + resampler regress the slots and read back words (no LLM in the step)
+    read_steps: int = 1000  # the LLM from random init: yes/no questions + the statements turn, from slot vectors
+    read_lr: float = 1e-3
+    settle_steps: int = 400  # then the full mix (descriptions, lookups, grounding) on a fresh schedule
+    settle_lr: float = 5e-4
+    match_weight: float = 1.0  # each image position says whether it answers the first question (all but align)
+    align_steps: int = 3000  # vision + resampler regress the slots and read back words (no LLM in the step)
     align_lr: float = 1e-3
-    tune_steps: int = 900  # everything; the LLM at tune_llm_lr_scale x tune_lr
+    tune_steps: int = 300  # everything; the LLM at tune_llm_lr_scale x tune_lr
     tune_lr: float = 3e-4
     tune_llm_lr_scale: float = 0.5
-    base_batch: int = 32  # scenes per step (4 turns each) in read, align and tune
-    base_eval_scenes: int = 300  # held-out scenes (a yes/no pair each) for the stages' curves
-    base_eval_every: int = 250
+    base_batch: int = 32  # scenes per step (a conversation each) in every base stage
+    base_eval_scenes: int = 100  # held-out scenes (a yes/no pair each) for the stages' curves
+    base_eval_every: int = 250  # align: twice this (its steps are short and many)
     base_save_every: int = 50
     sft_steps: int = 150
     grounding_steps: int = 325
@@ -54,9 +49,8 @@ class Budget:
 
     @classmethod
     def quick(cls) -> "Budget":
-        return cls(n_train=200, n_test=40, vision_pretrain_steps=20, vision_pretrain_batch=16, describe_steps=10,
-                   read_steps=30, read_existence_steps=10, bind_steps=5, settle_steps=5, lookup_steps=5,
-                   resettle_steps=5, align_steps=10, tune_steps=10, base_batch=8, base_eval_scenes=20, base_eval_every=10,
+        return cls(n_train=200, n_test=40, vision_pretrain_steps=20, vision_pretrain_batch=16, read_steps=30,
+                   settle_steps=5, align_steps=10, tune_steps=10, base_batch=8, base_eval_scenes=20, base_eval_every=10,
                    base_save_every=10, sft_steps=10, grounding_steps=20, sft_batch=8, eval_limit=40, smoke_test=True)
 
 

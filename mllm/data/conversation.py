@@ -21,10 +21,12 @@ Conventions (decided once; every trainer and loss in `mllm.train` relies on them
   tokenizers' eos IS `<|im_end|>` (MiniCPM-V 2.6's too), so that position learns `<|im_end|>` again, exactly as
   the reference does; the final `<|im_end|>` has no next token and stays -100. Everything else is -100.
 - Images: the exercise's `"image": "path"` uses the key `<image>`: replaced in place in the first user message,
-  or, if absent there, placeholder + "\\n" + content. `"image": {"<image_00>": path, ...}` keys each appear once
-  anywhere in the conversation and are replaced in place. Images are ordered by where their key appears, which
-  is the order of their views in `pixel_values` and of their spans in `image_bound`. `<image_id>k</image_id>` is
-  added only for sliced images, numbered among sliced images (the training quirk of §8.1.7).
+  or, if absent there, placeholder + "\\n" + content (after the text instead, wherever the key was, for a model
+  trained with the question first: `place_images(question_first=True)`). `"image": {"<image_00>": path, ...}`
+  keys each appear once anywhere in the conversation and are replaced in place. Images are ordered by where their
+  key appears, which is the order of their views in `pixel_values` and of their spans in `image_bound`.
+  `<image_id>k</image_id>` is added only for sliced images, numbered among sliced images (the training quirk of
+  §8.1.7).
 - Truncation to `max_length` keeps every image whole: if the closing token of any view would be cut, the sample
   fails with `TruncationError` (it cannot be fixed by cutting text). A sample with no target token left
   raises `NoTargetError` ("No tokens available to compute loss", as the reference). Datasets count both.
@@ -113,11 +115,25 @@ def image_key_order(conversation: Sequence[dict], keys: Sequence[str]) -> list[s
     return sorted(keys, key=text.index)
 
 
-def place_images(conversation: Sequence[dict], grids: dict[str, Sequence[int] | None], query_num: int
-                 ) -> tuple[list[dict], list[str]]:
+def _without_key(content: str, key: str) -> str:
+    """`content` with its first `key` taken out: the text on either side joined by a newline where the key stood on
+    a line of its own, by a space where it stood inside a line."""
+    if key not in content:
+        return content
+    before, after = content.split(key, 1)
+    joiner = "\n" if before.endswith("\n") or after.startswith("\n") else " "
+    before, after = before.rstrip(" \n"), after.lstrip(" \n")
+    return before + joiner + after if before and after else before or after
+
+
+def place_images(conversation: Sequence[dict], grids: dict[str, Sequence[int] | None], query_num: int,
+                 question_first: bool = False) -> tuple[list[dict], list[str]]:
     """Replace each image key by its placeholder; returns (new conversation, keys in textual order).
 
-    grids: key -> slice grid [cols, rows] (None when the image is not sliced).
+    grids: key -> slice grid [cols, rows] (None when the image is not sliced). `question_first` (a model trained so:
+    its config's `question_first`): the single `<image>` goes after the first user message's text, wherever the
+    data put it (the exercise's files write "<image>\n" + question), as `build_chat_prompt` places it at inference.
+    Multi-image keys stay where the text puts them.
     """
     order = image_key_order(conversation, list(grids))
     ids = dict(zip(order, sliced_image_ids([grids[k] for k in order])))
@@ -125,7 +141,9 @@ def place_images(conversation: Sequence[dict], grids: dict[str, Sequence[int] | 
     if order == [SINGLE_IMAGE_KEY]:
         first = next(i for i, m in enumerate(out) if m["role"] == "user")
         content = out[first]["content"]
-        if SINGLE_IMAGE_KEY not in content:
+        if question_first:
+            content = "\n".join(filter(None, (_without_key(content, SINGLE_IMAGE_KEY), SINGLE_IMAGE_KEY)))
+        elif SINGLE_IMAGE_KEY not in content:
             content = SINGLE_IMAGE_KEY + "\n" + content
         out[first]["content"] = expand_image_markers(content, [grids[SINGLE_IMAGE_KEY]], query_num,
                                                      image_ids=[ids[SINGLE_IMAGE_KEY]], marker=SINGLE_IMAGE_KEY)

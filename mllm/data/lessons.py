@@ -233,7 +233,13 @@ def with_descriptions(mix: LessonMix, alone: float = 0.3) -> LessonMix:
     return replace(mix, short=0.1, detailed=0.2, alone=alone)
 
 
-# The base's first stage, from a random LLM: descriptions alone, each asked first. Only an LLM that learnt to write
+# The base's first stage (`read`), from a random LLM: yes/no questions of every kind, the statements turn after them.
+# With the image after the question and the match head, 1,000 steps at 1e-3 took it to 1.00 / .96 / 1.00 / 1.00
+# (colour / count / existence / position) from slots; without the statements turn .73 / .79 / .50 / .91
+# (docs/probes/README.md, "Stop 34": m1, m2).
+QUESTIONS_AND_STATEMENTS = LessonMix(yesno=1.0, lookup=0.0, short=0.0, detailed=0.0, grounding=0.0)
+
+# Stop 33's first stage (the probes' recipes still use these four), from a random LLM: descriptions alone, each asked first. Only an LLM that learnt to write
 # descriptions before any question finds the next object in the slots (teacher-forced next-object colour .92-1.00
 # for objects 1-6 and greedy descriptions naming 0.989 of the pairs, after two 500-step schedules at 1e-3); every
 # LLM that met the questions first stayed at .6-.75 after the first object, whatever else was changed

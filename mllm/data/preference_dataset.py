@@ -52,8 +52,10 @@ def pair_key(idx) -> str:
 class PreferenceDataset(Dataset):
     def __init__(self, data_path: str | os.PathLike, tokenizer, image_processor: ImageProcessor, query_num: int,
                  image_folder: str | os.PathLike = ".", model_max_length: int | None = 2048,
-                 reference: dict[str, dict] | None = None, image_cache: str | os.PathLike | None = None):
+                 reference: dict[str, dict] | None = None, image_cache: str | os.PathLike | None = None,
+                 question_first: bool = False):
         self.data_path = Path(data_path)
+        self.question_first = question_first  # the image after the question (`place_images`)
         self.image_cache = image_cache
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -77,12 +79,12 @@ class PreferenceDataset(Dataset):
     def from_config(cls, data_path, tokenizer, config, image_folder=".", max_slice_nums: int | None = None,
                     model_max_length: int | None = 2048, reference: dict | None = None,
                     image_cache=None) -> "PreferenceDataset":
-        """Slicing and query count from an MLLMConfig; `max_slice_nums` overrides the config's."""
+        """Slicing, query count and image placement from an MLLMConfig; `max_slice_nums` overrides the config's."""
         processor = ImageProcessor.from_config(config.slice)
         if max_slice_nums is not None:
             processor.max_slice_nums = max_slice_nums
         return cls(data_path, tokenizer, processor, config.query_num, image_folder, model_max_length, reference,
-                   image_cache)
+                   image_cache, config.question_first)
 
     def _read(self) -> list[dict]:
         records, self.format_name = read_preference_pairs(self.data_path, self.image_cache)
@@ -126,7 +128,8 @@ class PreferenceDataset(Dataset):
         sample = {"idx": record.get("idx", index), "pixel_values": image["pixel_values"],
                   "tgt_sizes": image["tgt_sizes"]}
         for side in SIDES:
-            conversation, _ = place_images(self.conversation(record, side), {"<image>": image["grid"]}, self.query_num)
+            conversation, _ = place_images(self.conversation(record, side), {"<image>": image["grid"]}, self.query_num,
+                                           self.question_first)
             try:
                 ids = conversation_to_ids(conversation, self.tokenizer, self.model_max_length, self.query_num,
                                           self.token_ids)

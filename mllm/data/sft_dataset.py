@@ -71,8 +71,9 @@ class SupervisedDataset(Dataset):
     def __init__(self, data_path: str | os.PathLike, tokenizer, image_processor: ImageProcessor, query_num: int,
                  image_folder: str | os.PathLike = ".", model_max_length: int | None = 2048,
                  skip_bad_images: bool = False, data_format: str = "auto",
-                 image_cache: str | os.PathLike | None = None):
+                 image_cache: str | os.PathLike | None = None, question_first: bool = False):
         self.data_path = Path(data_path)
+        self.question_first = question_first  # the image after the first question (`place_images`)
         self.data_format = data_format
         self.image_cache = image_cache  # where image bytes of datasets data are written (formats.image_file)
         self.format_name = None
@@ -94,12 +95,12 @@ class SupervisedDataset(Dataset):
     def from_config(cls, data_path, tokenizer, config, image_folder=".", max_slice_nums: int | None = None,
                     model_max_length: int | None = 2048, skip_bad_images: bool = False, data_format: str = "auto",
                     image_cache=None) -> "SupervisedDataset":
-        """Slicing and query count from an MLLMConfig; `max_slice_nums` overrides the config's."""
+        """Slicing, query count and image placement from an MLLMConfig; `max_slice_nums` overrides the config's."""
         processor = ImageProcessor.from_config(config.slice)
         if max_slice_nums is not None:
             processor.max_slice_nums = max_slice_nums
         return cls(data_path, tokenizer, processor, config.query_num, image_folder, model_max_length,
-                   skip_bad_images, data_format, image_cache)
+                   skip_bad_images, data_format, image_cache, config.question_first)
 
     # ---- reading and checking ------------------------------------------------------------------------------
     def _read(self) -> list[dict]:
@@ -161,7 +162,8 @@ class SupervisedDataset(Dataset):
 
     def _encode(self, record: dict, grids: dict) -> dict:
         try:
-            conversation, order = place_images(record["conversations"], grids, self.query_num) if grids else \
+            conversation, order = place_images(record["conversations"], grids, self.query_num,
+                                               self.question_first) if grids else \
                 (record["conversations"], [])
             sample = conversation_to_ids(conversation, self.tokenizer, self.model_max_length, self.query_num,
                                          self.token_ids)

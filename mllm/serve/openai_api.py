@@ -250,12 +250,14 @@ def requested_max_tokens(request: ChatRequest) -> int | None:
     return request.max_completion_tokens or request.max_tokens
 
 
-def prepare_job(request: ChatRequest, tokenizer, processor, image_root: Path | None, context_length: int) -> Job:
-    """Everything a request needs before the model: images decoded, prompt built and processed (runs in a thread)."""
+def prepare_job(request: ChatRequest, tokenizer, processor, image_root: Path | None, context_length: int,
+                question_first: bool = False) -> Job:
+    """Everything a request needs before the model: images decoded, prompt built and processed (runs in a thread).
+    `question_first`: the served model's config's (its images after each user message's text)."""
     check_unsupported(request)
     max_tokens = requested_max_tokens(request)
     turns, system_prompt = parse_messages(request.messages, image_root)
-    text, images = build_chat_prompt(turns, tokenizer, system_prompt=system_prompt)
+    text, images = build_chat_prompt(turns, tokenizer, system_prompt=system_prompt, question_first=question_first)
     inputs = processor([text], [images])
     prompt_tokens = int(inputs["attention_mask"].sum())
     room = context_length - prompt_tokens
@@ -357,7 +359,8 @@ def create_app(model, tokenizer, processor, model_name: str, max_batch: int = 8,
             raise APIError(404, f"The model {request.model!r} does not exist; this server serves {model_name!r}",
                            "model", "model_not_found")
         # images are decoded and sliced, the prompt tokenized, in a thread: the event loop only moves bytes
-        job = await run_in_threadpool(prepare_job, request, tokenizer, processor, image_root, context_length)
+        job = await run_in_threadpool(prepare_job, request, tokenizer, processor, image_root, context_length,
+                                      model.config.question_first)
         completion_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if request.stream:
             pieces = watch_stream(job)

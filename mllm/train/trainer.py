@@ -350,7 +350,8 @@ def yesno_accuracy(model, processor, items: list[dict], batch_size: int = 8, max
             prompts, images = [], []
             for item in chunk:
                 text, ordered = build_chat_prompt([{"role": "user", "content": item["question"]}],
-                                                  processor.tokenizer, images=[load_image(item["image"])])
+                                                  processor.tokenizer, images=[load_image(item["image"])],
+                                                  question_first=model.config.question_first)
                 prompts.append(text)
                 images.append(ordered)
             answers = generate(model, processor(prompts, images), processor.tokenizer,

@@ -1,4 +1,4 @@
-"""The base recipe end to end on a tiny world: vision pretraining, describe, read, align and tune, evaluations,
+"""The base recipe end to end on a tiny world: vision pretraining, read, settle, align and tune, evaluations,
 and a second run that resumes instead of training again (every finished phase is reused, the model is the same)."""
 
 import json
@@ -12,9 +12,8 @@ from mllm.course.shared import Budget
 
 
 def _budget():
-    return Budget(n_train=8, n_test=4, vision_pretrain_steps=3, vision_pretrain_batch=4, describe_steps=2, read_steps=4,
-                  bind_steps=2,
-                  settle_steps=2, lookup_steps=2, resettle_steps=2, align_steps=2, tune_steps=2, base_batch=2,
+    return Budget(n_train=8, n_test=4, vision_pretrain_steps=3, vision_pretrain_batch=4, read_steps=4, settle_steps=2,
+                  align_steps=2, tune_steps=2, base_batch=2,
                   base_eval_scenes=3, base_eval_every=2, base_save_every=2, eval_limit=4)
 
 
@@ -22,21 +21,19 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
     first = stage_base(tmp_path, _budget(), seed=0)
     base = tmp_path / "base"
     assert first["vision_pretrain"]["step"] == 3
-    names = ["describe", "redescribe", "read", "bind", "settle", "lookup", "resettle", "align", "tune"]
+    names = ["read", "settle", "align", "tune"]
     assert [s["stage"] for s in first["stages"]] == names
-    assert [s["steps"] for s in first["stages"]] == [2, 2, 4, 2, 2, 2, 2, 2, 2]
-    mixes = [s["settings"]["mix"] for s in first["stages"][1:]]  # from redescribe on
-    assert first["stages"][0]["settings"] == first["stages"][1]["settings"] | {"name": "describe"}
-    # describe: descriptions alone, asked first; every read-kind stage after it keeps descriptions in its mix
-    assert mixes[0]["yesno"] == mixes[0]["lookup"] == mixes[0]["grounding"] == 0.0 and mixes[0]["alone"] == 1.0
-    assert not mixes[0]["statements"] and mixes[0]["detailed"] > 0
-    existence, _ = first["stages"][2]["settings"]["curriculum"][0]
-    assert existence["yesno_kinds"] == ["existence"] and existence["detailed"] > 0 and existence["alone"] > 0
-    assert all(m["detailed"] > 0 and m["alone"] > 0 for m in mixes[1:6])
-    assert mixes[2]["yesno_kinds"] == ["color"] and mixes[2]["lookup"] == 0.0  # bind: colour questions
-    assert mixes[3]["yesno_kinds"] is None and mixes[3]["yesno"] > 0  # settle: the full mix again
-    assert mixes[4]["lookup"] == 1.0 and mixes[4]["yesno"] == 0.0  # lookup: open lookups
-    assert mixes[5] == mixes[3]  # resettle: the full mix once more
+    assert [s["steps"] for s in first["stages"]] == [4, 2, 2, 2]
+    settings = [s["settings"] for s in first["stages"]]
+    # every stage puts the image after the first question; all but align (no LLM trained) train the match head
+    assert all(s["question_first"] for s in settings)
+    assert [s["match_weight"] for s in settings] == [1.0, 1.0, 0.0, 1.0]
+    read, settle = settings[0]["mix"], settings[1]["mix"]
+    # read: yes/no questions of every kind and the statements turn, nothing else; settle: the full mix, slots frozen
+    assert read["yesno"] == 1.0 and read["yesno_kinds"] is None and read["statements"] and settings[0]["turns"] == 2
+    assert read["lookup"] == read["short"] == read["detailed"] == read["grounding"] == 0.0
+    assert settle["detailed"] > 0 and settle["grounding"] > 0 and settle["lookup"] > 0 and settle["alone"] > 0
+    assert set(settings[0]["trains"]) == {"llm", "slots"} and set(settings[1]["trains"]) == {"llm"}
     assert all(0.0 <= s["describe"] <= 1.0 for s in first["stages"])  # greedy descriptions scored at the end
     for kind in names:
         curve = json.loads((base / kind / "log.json").read_text())
@@ -46,7 +43,7 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
     assert (base / "base_curves.png").stat().st_size > 0
     config = json.loads((base / "model" / "config.json").read_text())
     assert config["query_num"] == SLOT_GRID ** 2 and config["use_image_id"] is False
-    assert config["slice_config"]["max_slice_nums"] == 1
+    assert config["slice_config"]["max_slice_nums"] == 1 and config["question_first"] is True
     assert set(first["chair"]) == {"CHAIRs", "CHAIRi", "Recall", "Len"} and first["yesno"]["n_questions"] == 4
     minutes = first["vision_pretrain"]["cpu_minutes"] + sum(s["cpu_minutes"] for s in first["stages"])
     assert first["train_cpu_minutes"] == round(minutes, 1)
@@ -54,7 +51,7 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
 
     # the tuned stage's weights differ from the read stages' in the LLM and the vision side; each read-kind stage
     # goes on from the one before it and changes the LLM
-    chain = [load_file(base / name / "model" / "model.safetensors") for name in names[:7]]
+    chain = [load_file(base / name / "model" / "model.safetensors") for name in names[:2]]
     for before, after in zip(chain, chain[1:]):
         assert any(not bool((before[k] == after[k]).all()) for k in after if k.startswith("llm."))
     read = chain[-1]
@@ -110,7 +107,7 @@ def test_read_beside_the_vision_pretraining_gives_the_serial_base(tmp_path, monk
     two = load_file(tmp_path / "two" / "base" / "model" / "model.safetensors")
     one = load_file(tmp_path / "one" / "base" / "model" / "model.safetensors")
     assert all(torch.allclose(two[k], one[k], atol=1e-5) for k in one)
-    names_read_kind = ("describe", "redescribe", "read", "bind", "settle", "lookup", "resettle")
+    names_read_kind = ("read", "settle")
     # every read-kind stage ran beside phase 0, from the init's vision, and that vision was not handed on
     init = load_file(tmp_path / "two" / "base" / "init" / "model.safetensors")
     phase0 = load_file(tmp_path / "two" / "base" / "phase0" / "model.safetensors")
@@ -119,7 +116,7 @@ def test_read_beside_the_vision_pretraining_gives_the_serial_base(tmp_path, monk
         read = load_file(tmp_path / "two" / "base" / name / "model" / "model.safetensors")
         assert torch.equal(read[key], init[key]) and not torch.equal(read[key], phase0[key])
     assert [s["steps"] for s in side_by_side["stages"]] == [s["steps"] for s in serial["stages"]]
-    assert side_by_side["stages"][2]["steps"] == 4  # read
+    assert side_by_side["stages"][0]["steps"] == 4  # read
 
 
 def test_alignment_starts_from_a_fresh_resampler(tmp_path, monkeypatch):
@@ -170,7 +167,7 @@ def test_a_stopped_run_stops_the_stages_beside_it(tmp_path, monkeypatch):
 
     monkeypatch.setattr(course_base, "vision_phase", interrupted)
     budget = _budget()
-    budget.describe_steps = 10_000  # the reader would train for a long while
+    budget.read_steps = 10_000  # the reader would train for a long while
     try:
         stage_base(tmp_path, budget, seed=0)
     except KeyboardInterrupt:

@@ -74,6 +74,26 @@ def test_unsliced_image_has_no_id_and_tag_is_prepended_when_absent(tok):
     assert conv[0]["content"] == "Is there a cat?"  # input untouched
 
 
+@pytest.mark.parametrize("content", ["<image>\nIs there a cat?", "Is there a cat?", "Is there a cat?\n<image>",
+                                     "Is there <image> a cat?"])
+def test_question_first_puts_the_single_image_after_the_first_question(tok, content):
+    conv = [{"role": "user", "content": content}, {"role": "assistant", "content": "Yes"},
+            {"role": "user", "content": "What colour is it?"}, {"role": "assistant", "content": "Red"}]
+    placed, order = place_images(conv, {"<image>": [2, 1]}, query_num=1, question_first=True)
+    assert order == ["<image>"]
+    image = "<image_id>0</image_id><image><unk></image><slice><unk></slice><slice><unk></slice>"
+    assert placed[0]["content"] == "Is there a cat?\n" + image
+    assert [m["content"] for m in placed[1:]] == ["Yes", "What colour is it?", "Red"]
+    assert conv[0]["content"] == content  # input untouched
+    # the ids: the question's tokens, then the image span, then the end of the message
+    out = conversation_to_ids(placed, tok, query_num=1)
+    tokens = tok.convert_ids_to_tokens(out["input_ids"].tolist())
+    user = tokens.index("user")
+    assert tokens[user + 1:user + 8] == ["Ċ", "Is", "Ġthere", "Ġa", "Ġcat", "?", "Ċ"]
+    assert tokens[user + 8:user + 11] == ["<image_id>", "0", "</image_id>"]
+    assert out["image_bound"][0, 0] == user + 12  # after <image>
+
+
 def test_multi_image_keys_in_textual_order(tok):
     conv = [{"role": "user", "content": "<image_01> and <image_00>"}, {"role": "assistant", "content": "Yes"}]
     assert image_key_order(conv, ["<image_00>", "<image_01>"]) == ["<image_01>", "<image_00>"]

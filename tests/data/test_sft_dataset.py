@@ -131,3 +131,23 @@ def test_iteration_ends_and_out_of_range_index_raises(tmp_path, tok):
     assert len(list(iter(dataset))) == 2
     with pytest.raises(IndexError):
         dataset[2]
+
+
+def test_a_question_first_model_gets_its_image_after_the_question(tmp_path, tok):
+    """`from_config` of a model trained with the question first (its config's `question_first`) places the data's
+    "<image>\\n" + question image after the question, as the model's own chat does; other models keep it first."""
+    from mllm.model.configuration import MLLMConfig
+
+    make(tmp_path, tok, [record(0, "img/small.png")])  # writes the image and train.json
+    config = MLLMConfig.from_preset("tiny")
+    config.slice.max_slice_nums, config.slice.scale_resolution, config.query_num = 1, 56, Q
+    question = tok.encode("\n" + QUESTION, add_special_tokens=False)
+    image_after_question = {}
+    for question_first in (False, True):
+        config.question_first = question_first
+        sample = SupervisedDataset.from_config(tmp_path / "train.json", tok, config, image_folder=tmp_path)[0]
+        ids, (start, end) = sample["input_ids"].tolist(), sample["image_bound"][0].tolist()
+        at = next(i for i in range(len(ids)) if ids[i:i + len(question)] == question)  # the question's tokens
+        image_after_question[question_first] = at < start
+        assert end - start == Q
+    assert image_after_question == {False: False, True: True}

@@ -185,6 +185,32 @@ def test_files_inside_the_image_root_are_read(client, image_root):
         assert reply.choices[0].message.content == by_data, url
 
 
+def test_a_question_first_model_is_served_its_image_after_the_question(client, loaded, monkeypatch):
+    """A model trained with the question first (its config's `question_first`) gets each image after the user's
+    text, whatever order the message's parts come in, as `mllm chat` gives it; the answer is the direct one."""
+    from mllm.model.generation import GenerationSettings, build_chat_prompt, generate
+    from mllm.serve import openai_api
+
+    model, tokenizer, processor = loaded
+    monkeypatch.setattr(model.config, "question_first", True)
+    seen = []
+    prepare = openai_api.prepare_job
+    monkeypatch.setattr(openai_api, "prepare_job", lambda *a: seen.append(a[-1]) or prepare(*a))
+    image, question = scene_image(2), "Is there a red moon in the image?"
+    reply = client.chat.completions.create(model=MODEL, messages=image_message(data_uri(image), question),
+                                           max_tokens=8, temperature=0)
+    assert seen == [True]
+    text, images = build_chat_prompt([{"role": "user", "content": [image, question]}], tokenizer,
+                                     question_first=True)
+    assert text.index(question) < text.index("(<image>./</image>)")
+    inputs = processor([text], [images])
+    assert reply.choices[0].message.content == generate(model, inputs, tokenizer, GenerationSettings("greedy", 8))[0]
+    assert reply.usage.prompt_tokens == int(inputs["attention_mask"].sum())
+    job = prepare(openai_api.ChatRequest(model=MODEL, messages=image_message(data_uri(image), question)), tokenizer,
+                  processor, None, 4096, True)
+    assert torch.equal(job.inputs["input_ids"], inputs["input_ids"])
+
+
 # ---- the queue -----------------------------------------------------------------------------------------------------
 
 def test_concurrent_requests_share_a_batch_and_each_gets_its_own_answer(server, loaded):

@@ -156,3 +156,21 @@ def test_a_missing_reference_cache_is_computed_first(tiny_checkpoint, preference
     assert set(got) == set(ref)
     for key in ref:
         assert got[key]["chosen_logp"] == pytest.approx(ref[key]["chosen_logp"], abs=1e-4)
+
+
+def test_a_question_first_model_gets_its_image_after_the_question(tiny_checkpoint, preference_data):
+    """The pairs' questions carry no image key: a model trained with the question first (its config's
+    `question_first`) gets the image after the question on both sides, as its chat puts it; others before it."""
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    config = MLLMModel.from_pretrained(tiny_checkpoint).config
+    question = tokenizer.encode("Describe the image in detail.", add_special_tokens=False)[1:]  # past the first word
+    image_after_question = {}
+    for question_first in (False, True):
+        config.question_first = question_first
+        sample = PreferenceDataset.from_config(preference_data / "pairs.json", tokenizer, config, preference_data)[0]
+        for side in ("chosen", "rejected"):
+            ids, start = sample[f"{side}_input_ids"].tolist(), int(sample[f"{side}_image_bound"][0, 0])
+            at = next(i for i in range(len(ids)) if ids[i:i + len(question)] == question)
+            image_after_question[question_first, side] = at < start
+    assert image_after_question == {(False, "chosen"): False, (False, "rejected"): False,
+                                    (True, "chosen"): True, (True, "rejected"): True}

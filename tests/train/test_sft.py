@@ -301,3 +301,25 @@ def test_bf16_autocast_on_the_cpu_follows_the_fp32_loss_curve(tiny_checkpoint, d
         assert abs(a - b) <= 0.01 * a, (fp32, lowp)
     assert lowp != fp32  # bf16 really ran (bit-identical losses would mean autocast was off)
     assert all(p.dtype == torch.float32 for p in runs[True]["model"].parameters())
+
+
+def test_in_run_yes_no_samples_follow_the_models_question_first(tiny_checkpoint, data, monkeypatch):
+    """The trainer's yes/no samples are asked as the model's chat asks: a model trained with the question first
+    gets the image after the question."""
+    from mllm.model import generation
+    from mllm.model.loading import load_pretrained
+    from mllm.train.trainer import yesno_accuracy, yesno_items
+
+    model, tokenizer, processor = load_pretrained(tiny_checkpoint)
+    items = yesno_items(json.loads((data / "test.json").read_text()), data)[:2]
+    prompts = []
+    monkeypatch.setattr(generation, "generate", lambda model, inputs, *a: prompts.append(inputs["input_ids"]) or
+                        ["Yes"] * len(inputs["input_ids"]))
+    question = tokenizer.encode("Please answer yes or no.", add_special_tokens=False)
+    image_start = tokenizer.convert_tokens_to_ids("<image>")
+    for question_first in (False, True):
+        model.config.question_first = question_first
+        assert yesno_accuracy(model, processor, items) == 0.5  # items 0 and 1: Yes and No
+        ids = prompts[-1][0].tolist()
+        at = next(i for i in range(len(ids)) if ids[i:i + len(question)] == question)
+        assert (at < ids.index(image_start)) == question_first
