@@ -239,7 +239,9 @@ def with_descriptions(mix: LessonMix, alone: float = 0.3) -> LessonMix:
 # (docs/probes/README.md, "Stop 34": m1, m2).
 QUESTIONS_AND_STATEMENTS = LessonMix(yesno=1.0, lookup=0.0, short=0.0, detailed=0.0, grounding=0.0)
 
-# Stop 33's first stage (the probes' recipes still use these four), from a random LLM: descriptions alone, each asked first. Only an LLM that learnt to write
+# Stop 33's recipe, not the course's now (these four and `with_descriptions` stay for the probes and for describe
+# stages before the question-first read, the next variant to measure: docs/probes/README.md, "Stop 35").
+# Its first stage, from a random LLM: descriptions alone, each asked first. Only an LLM that learnt to write
 # descriptions before any question finds the next object in the slots (teacher-forced next-object colour .92-1.00
 # for objects 1-6 and greedy descriptions naming 0.989 of the pairs, after two 500-step schedules at 1e-3); every
 # LLM that met the questions first stayed at .6-.75 after the first object, whatever else was changed
