@@ -221,7 +221,7 @@ def base_stages(budget: Budget) -> list[StageSettings]:
     align   vision + a fresh resampler regress the slots and read back words, LLM frozen: .92/.52/.70/.80 from
             pixels after 3,000 steps (~0.3 s a step: no LLM in it)
     tune    everything, the LLM at tune_llm_lr_scale, the full mix with caption noise: .97/.65/.98/.91 after 300
-    (docs/probes/README.md, "Stop 34": q0, q1, m1, m3, a2, tB)."""
+    (docs/probes/README.md, "Stop 34": q0, q1, m1, m3, a2, tB; the course run end to end: "Stop 35")."""
     common = {"batch": budget.base_batch, "eval_scenes": budget.base_eval_scenes, "eval_every": budget.base_eval_every,
               "save_every": budget.base_save_every, "question_first": True, "match_weight": budget.match_weight}
     reads = {"kind": "read", "lm_weight": 1.0, "beta2": 0.95, **common}
@@ -318,8 +318,9 @@ def vision_phase(stage: Path, world: Path, budget: Budget, seed: int):
 
 
 def stage_base(out: Path, budget: Budget, seed: int) -> dict:
-    """Phase 0 (vision pretraining, `pretrain` above), then read, settle, align and tune (`base_stages`); the last stage's model is the base. With two cores or more, phase 0
-    and the read-kind stages (which share no parameters) run side by side, one core each. Every phase resumes: a
+    """Phase 0 (vision pretraining, `pretrain` above), then read, settle, align and tune (`base_stages`); the last
+    stage's model is the base. With two cores or more, phase 0 and the read-kind stages (which share no parameters)
+    run side by side, one core each. Every phase resumes: a
     finished one is reused, a stopped one goes on from its last saved state, so a stopped run goes on where it
     was."""
     world = world_dir(out, budget, seed)

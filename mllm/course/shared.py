@@ -138,7 +138,8 @@ def ground_and_score(model_dir: Path, world: Path, out_dir: Path, limit: int | N
     with open(questions, "w") as f:
         for line in (world / "rec_test.jsonl").read_text().splitlines():
             rec = json.loads(line)
-            f.write(json.dumps({"image": rec["img_path"], "question": GROUNDING_PROMPT.format(expression=rec["expression"]),
+            question = GROUNDING_PROMPT.format(expression=rec["expression"])
+            f.write(json.dumps({"image": rec["img_path"], "question": question,
                                 "bbox": rec["bbox"], "width": rec["width"], "height": rec["height"],
                                 "split": "synthetic", "image_id": rec["image_id"]}) + "\n")
     answers = out_dir / "rec_answers.jsonl"
