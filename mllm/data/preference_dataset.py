@@ -114,9 +114,8 @@ class PreferenceDataset(Dataset):
         return len(self.records)
 
     def conversation(self, record: dict, side: str) -> list[dict]:
-        question = record["question"]
-        content = question if "<image>" in question else "<image>\n" + question
-        return [{"role": "user", "content": content}, {"role": "assistant", "content": record[side]}]
+        # place_images adds the image where the question has no `<image>` key
+        return [{"role": "user", "content": record["question"]}, {"role": "assistant", "content": record[side]}]
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]

@@ -99,10 +99,9 @@ def encode(turns: list[tuple[str, str]], tokenizer, token_ids: dict, query_num: 
     after it with `question_first` (MiniCPM-V's chat takes either order): then every image position can look at the
     question, so that whether a cell answers it is computed where the cell is (see `match_weight`)."""
     conversation = []
-    for k, (question, answer) in enumerate(turns):
-        content = question if k else question + "\n<image>" if question_first else "<image>\n" + question
-        conversation += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
-    conversation, _ = place_images(conversation, {"<image>": None}, query_num)
+    for question, answer in turns:  # place_images puts the image into the first question, before or after its text
+        conversation += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    conversation, _ = place_images(conversation, {"<image>": None}, query_num, question_first)
     return conversation_to_ids(conversation, tokenizer, query_num=query_num, token_ids=token_ids)
 
 
