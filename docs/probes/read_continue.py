@@ -38,6 +38,11 @@
     m3  from=init,runs/probe/m1 mix=full alone=0.3 layout=qfirst match=1.0 freeze_slots=1 steps=300 lr=5e-4
         (the full mix on top: descriptions, lookups, grounding; slots frozen so that docs/probes/pixels.py can align
         the vision side to m1's slots meanwhile)
+    j1  from=init mix=yesno_desc turns=2 layout=qfirst match=1.0 steps=1000 lr=1e-3 warmup=50 eval_every=250
+        eval_scenes=100   (the course's read with descriptions kept: does the walk come beside the questions?)
+    p1  from=RUN/base/read mix=full alone=0.3 layout=qfirst match=1.0 pointer=1.0 freeze_slots=1 steps=400
+        (the course's settle with the pointer head: does a supervised pointer find the next object?)
+    gp1 as p1 with boxes=1   (grounding answers point at the referred object's cell too)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 
 order=band: the slots band-major, as descriptions name objects (`common.band_major_slots`). table=triple|rank: one
@@ -53,7 +58,8 @@ from pathlib import Path
 import torch
 
 from common import band_major_slots, compact_slots, extra_slot_table, read_chain
-from mllm.data.lessons import COLOUR_NEXT, EXISTENCE_FIRST, LOOKUP_ONLY, LessonMix
+from mllm.data.lessons import (COLOUR_NEXT, EXISTENCE_FIRST, LOOKUP_ONLY, QUESTIONS_AND_STATEMENTS, LessonMix,
+                                with_descriptions)
 from mllm.train.base_recipe import BaseStage, StageSettings
 
 args = dict(a.split("=", 1) for a in sys.argv[1:])
@@ -85,6 +91,8 @@ mixes = {
     "describe": LessonMix(**only | {"short": 0.33, "detailed": 0.67}, statements=statements,
                           alone=float(args.get("alone", 0.0))),
     "yesno": LessonMix(**only | {"yesno": 1.0}, statements=statements),  # q0/q1: yes/no questions of all kinds
+    # j1: the course's read (stop 35) with descriptions kept: 30 % one description alone, some after the statements
+    "yesno_desc": with_descriptions(QUESTIONS_AND_STATEMENTS, float(args.get("alone", 0.3))),
     "existence": EXISTENCE_FIRST,  # read's first curriculum step: existence questions + the inventory turn
     # ... with descriptions kept (e4): a share alone, asked first, and some after the questions
     "existence_desc": dataclasses.replace(EXISTENCE_FIRST, short=0.1, detailed=0.2,
@@ -114,5 +122,9 @@ settings = StageSettings(kind="read", steps=int(args.get("steps", 300)), lr=floa
                          save_every=50, mix=mixes[args["mix"]], turns=int(args.get("turns", 4)),
                          # q1: the image after the first question; m1: each image position told whether it answers it
                          question_first=args.get("layout") == "qfirst", match_weight=float(args.get("match", 0.0)),
-                         match_layer=int(args.get("match_layer", 2)))
+                         match_layer=int(args.get("match_layer", 2)),
+                         # p1: each description token points at the cell of the object its sentence is about
+                         pointer_weight=float(args.get("pointer", 0.0)),
+                         pointer_layer=int(args.get("pointer_layer", 2)),
+                         pointer_boxes=args.get("boxes") == "1")  # gp1: grounding answers point at their object
 print(BaseStage(model, tokenizer, slots, settings, Path(args["out"])).run(progress=lambda s: print(s, flush=True)))

@@ -16,9 +16,9 @@ scenes given as slot vectors (no pixels), one thread:
                category (given every earlier sentence right)? By k: finding the next object, without greedy's cascade
     next1      the same with the place-first sentences ("In the top left there is a small red ring."): the colour
                given the object's place
-    next0      as next with the description asked first (no statements turn before it)
+    next0      as next with the description asked first (no statements turn before it); next10: next1 so
     PROBE@band, PROBE@compact, PROBE@rank, PROBE@triple: stages trained with the slots band-major, occupied first
-               (in description order) or with one more slot table
+               (in description order) or with one more slot table; PROBE@qfirst: the image after the first question
 
 The tokenizer and config come from RUN/base/phase0; each STAGE_FOLDER's finished LLM and slots are loaded in order
 (e.g. RUN/base/read RUN/base/bind RUN/base/settle; "grow:4" among them deepens the LLM there, `common.read_chain`).
@@ -40,7 +40,10 @@ from mllm.world import scenes as S
 torch.set_num_threads(1)
 probe = sys.argv[1]
 probe, _, variant = probe.partition("@")  # e.g. describe_after@band, describe_after@rank
-if variant in ("band", "compact"):  # the slots reordered (`common.band_major_slots`, `common.compact_slots`)
+QFIRST = variant == "qfirst"  # stages trained with the image after the first question (the course's base, stop 35)
+if QFIRST:
+    pass
+elif variant in ("band", "compact"):  # the slots reordered (`common.band_major_slots`, `common.compact_slots`)
     if probe not in ("describe", "describe_after", "next", "next1", "next0"):
         raise SystemExit(f"@{variant} is for the describe probes (the others index slots row-major)")
     band_major_slots() if variant == "band" else compact_slots()
@@ -56,7 +59,7 @@ def prompt(question: str, before: list | None = None) -> tuple[torch.Tensor, int
     """Ids up to the position that predicts the last answer's first word [1, T] (after the turns `before`), and
     where the image span starts. Labels are pre-shifted (labels[t] is the token after t) and each answer's begin
     with the newline after the assistant tag."""
-    x = encode((before or []) + [(question, "X")], tokenizer, stage.token_ids, stage.query_num)
+    x = encode((before or []) + [(question, "X")], tokenizer, stage.token_ids, stage.query_num, QFIRST)
     at = (x["labels"] != -100).nonzero().flatten()
     first = int(at[[0] + [i for i in range(1, len(at)) if at[i] - at[i - 1] > 1]][-1])  # the last answer's start
     return x["input_ids"][:first + 2][None], int(x["image_bound"][0][0])
@@ -64,10 +67,10 @@ def prompt(question: str, before: list | None = None) -> tuple[torch.Tensor, int
 
 def best_answer(scene, question: str, answers: list[str]) -> int:
     """Index of the answer with the highest summed log-prob of its tokens."""
-    batch = collate([encode([(question, a)], tokenizer, stage.token_ids, stage.query_num) for a in answers],
+    batch = collate([encode([(question, a)], tokenizer, stage.token_ids, stage.query_num, QFIRST) for a in answers],
                     stage.pad_id)
     tokens, _ = stage._image_tokens([scene] * len(answers), [])
-    logprobs = stage._logits(batch, tokens).float().log_softmax(-1)
+    logprobs = stage._forward(batch, tokens).logits.float().log_softmax(-1)
     scores = []
     for i, labels in enumerate(batch["labels"]):
         at = (labels != -100).nonzero().flatten()
@@ -81,7 +84,7 @@ def unique_objects(scene, by_category: bool) -> list:
 
 
 rng = random.Random({"where": 123, "colour": 123, "attention": 5, "describe": 7, "describe_p": 7, "describe_after": 7, "next": 7,
-                     "next1": 7, "next0": 7}[probe])
+                     "next1": 7, "next0": 7, "next10": 7}[probe])
 with torch.no_grad():
     if probe in ("where", "colour"):
         hits, n, chosen = 0, 0, Counter()
@@ -126,17 +129,19 @@ with torch.no_grad():
         for name, per_layer in zip(("answer position", "category word"), (totals / n).tolist()):
             for layer, (target, average) in enumerate(per_layer):
                 print(f"from the {name}, layer {layer}: asked object's slot {target:.3f}, an occupied slot {average:.3f}")
-    elif probe in ("next", "next1", "next0"):
-        form = int(probe == "next1")  # `detailed_description`'s variant: 1 writes the place first
+    elif probe in ("next", "next1", "next0", "next10"):
+        form = int(probe in ("next1", "next10"))  # `detailed_description`'s variant: 1 writes the place first
         right = {}  # k -> [colour right, category right, n]
         for _ in range(100):
             scene = fresh_scene(rng)
             mentions = S.scene_mentions(scene, rng)
             text = S.detailed_description(mentions, form)
-            turns = ([] if probe == "next0" else [statements(scene, rng)]) + [("Describe the image in detail.", text)]
-            batch = collate([encode(turns, tokenizer, stage.token_ids, stage.query_num)], stage.pad_id)
+            # qfirst: one of the world's prompts (the course's base never saw the probe's fixed one)
+            asked = rng.choice(S.DETAILED_PROMPTS) if QFIRST else "Describe the image in detail."
+            turns = ([] if probe in ("next0", "next10") else [statements(scene, rng)]) + [(asked, text)]
+            batch = collate([encode(turns, tokenizer, stage.token_ids, stage.query_num, QFIRST)], stage.pad_id)
             tokens, _ = stage._image_tokens([scene], [])
-            predicted = stage._logits(batch, tokens)[0].argmax(-1)  # predicted[t]: the token after t
+            predicted = stage._forward(batch, tokens).logits[0].argmax(-1)  # predicted[t]: the token after t
             ids = batch["input_ids"][0].tolist()
             pieces = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             answer = pieces["input_ids"]

@@ -30,6 +30,8 @@ class Budget:
     settle_steps: int = 400  # then the full mix (descriptions, lookups, grounding) on a fresh schedule
     settle_lr: float = 5e-4
     match_weight: float = 1.0  # each image position says whether it answers the first question (all but align)
+    # settle, tune: each description token pointed at its object's cell; off: measured no better (docs/probes, stop 36)
+    pointer_weight: float = 0.0
     align_steps: int = 3000  # vision + resampler regress the slots and read back words (no LLM in the step)
     align_lr: float = 1e-3
     tune_steps: int = 300  # everything; the LLM at tune_llm_lr_scale x tune_lr
@@ -38,6 +40,7 @@ class Budget:
     base_batch: int = 32  # scenes per step (a conversation each) in every base stage
     base_eval_scenes: int = 100  # held-out scenes (a yes/no pair each) for the stages' curves
     base_eval_every: int = 250  # align: twice this (its steps are short and many)
+    base_ground_scenes: int = 30  # held-out scenes each stage grounds one object of, greedily, at each evaluation
     base_save_every: int = 50
     sft_steps: int = 150
     grounding_steps: int = 325
@@ -51,7 +54,8 @@ class Budget:
     def quick(cls) -> "Budget":
         return cls(n_train=200, n_test=40, vision_pretrain_steps=20, vision_pretrain_batch=16, read_steps=30,
                    settle_steps=5, align_steps=10, tune_steps=10, base_batch=8, base_eval_scenes=20, base_eval_every=10,
-                   base_save_every=10, sft_steps=10, grounding_steps=20, sft_batch=8, eval_limit=40, smoke_test=True)
+                   base_ground_scenes=4, base_save_every=10, sft_steps=10, grounding_steps=20, sft_batch=8,
+                   eval_limit=40, smoke_test=True)
 
 
 def world_dir(out: Path, budget: Budget, seed: int) -> Path:

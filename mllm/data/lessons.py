@@ -180,6 +180,29 @@ def answering_objects(scene: S.Scene, question: str) -> list[bool] | None:
     return None
 
 
+_PIECE_END = re.compile(r"\. |, | and ")  # where a description's sentence or list item ends
+
+
+def described_objects(scene: S.Scene, description: str) -> list[tuple[int, int, int]]:
+    """(start, end, object index) per sentence or list item of a world description that names one of the scene's
+    objects: the span of characters in which the text is about that object (an added absent object's piece, the
+    count sentence and the text after the last piece get none). Objects are named in raster order, each as its
+    colour and one of its category's names; a colour-category pair held twice is matched in that order. The
+    supervision of the base's pointer head: which image cell each description token is about."""
+    starts = [0] + [m.end() for m in _PIECE_END.finditer(description)]
+    pieces = list(zip(starts, starts[1:] + [len(description)]))
+    out, searched = [], 0
+    for index, obj in enumerate(scene.objects):
+        names = "|".join(re.escape(n) for n in S.CATEGORIES[obj.category])
+        found = re.compile(rf"\b{re.escape(obj.colour)} (?:{names})\b").search(description, searched)
+        if found is None:
+            continue  # not named (a description of another scene, or one cut short)
+        searched = found.end()
+        start, end = next(p for p in pieces if p[0] <= found.start() < p[1])
+        out.append((start, end, index))
+    return out
+
+
 @dataclass(frozen=True)
 class LessonMix:
     """Weights of the turn makers; `statements` is a last turn added to every conversation when True."""

@@ -37,7 +37,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from mllm.data.conversation import conversation_to_ids, place_images
-from mllm.data.lessons import LessonMix, answering_objects, fresh_scene
+from mllm.data.boxes import iou, parse_box
+from mllm.data.grounding_prepare import GROUNDING_PROMPT
+from mllm.data.lessons import LessonMix, answering_objects, described_objects, fresh_scene, grounding_turn
 from mllm.jsonio import write_json_atomic
 from mllm.model.checkpoint import load_state_dict
 from mllm.model.decode import decode
@@ -49,6 +51,7 @@ from mllm.world import scenes as S
 
 PARTS = ("llm", "slots", "vision")  # what a stage may train; vision = vision tower + resampler
 MODEL_PARTS = {"llm": ("llm",), "vision": ("vpm", "resampler")}  # the model's submodules (state-dict prefixes)
+POINTER_DIM = 64  # width of the pointer head's query and key
 MATCH_POS_WEIGHT = 20.0  # the match head's targets (about 1 cell in 36) against its non-targets
 
 
@@ -67,6 +70,10 @@ class StageSettings:
     question_first: bool = False  # the image after the conversation's first question, not before it
     match_weight: float = 0.0  # binary cross-entropy of each image position saying whether it answers that question
     match_layer: int = 2  # ... read from the hidden states after this many decoder layers
+    # cross-entropy of a pointer from each description token to the image cell of the object its sentence is about
+    pointer_weight: float = 0.0
+    pointer_layer: int = 2  # ... from the hidden states after this many decoder layers
+    pointer_boxes: bool = False  # ... and from each grounding answer's tokens to the referred object's cell
     warmup: int = 100
     beta2: float = 0.95
     bf16: bool | None = None  # bf16 autocast; None: where it pays on this machine (`bf16_autocast_pays`)
@@ -75,6 +82,7 @@ class StageSettings:
     eval_every: int = 250
     eval_scenes: int = 300  # held-out scenes; one yes/no pair each
     describe_scenes: int = 30  # held-out scenes described greedily at each evaluation (0: none)
+    ground_scenes: int = 30  # held-out scenes with one object to ground greedily at each evaluation (0: none)
     mix: LessonMix = field(default_factory=LessonMix)
     curriculum: tuple[tuple[LessonMix, int], ...] = ()  # (mix, steps) in order before `mix`: the first steps
     name: str = ""  # the stage's folder and label when one kind runs more than once (default: kind)
@@ -151,6 +159,34 @@ def vision_tokens(model, processor: ImageProcessor, images: list) -> torch.Tenso
     return model.get_vision_embedding(strips, torch.tensor(sizes, dtype=torch.int32))
 
 
+def pointer_targets(scene: S.Scene, conversation: list[tuple[str, str]], ids: list[int], tokenizer,
+                    grid: int, boxes: bool = False) -> list[tuple[int, int]]:
+    """(position in `ids`, image cell) for every token of the conversation's descriptions that predicts a token
+    of a sentence or list item about one of the scene's objects (`described_objects`): the cell of that object.
+    With `boxes`, also every token predicting one of a grounding answer's: the referred object's cell."""
+    cell_of = [features[0] for features in slot_features(scene, grid)]
+    out = []
+    for prompt, answer in conversation:
+        if prompt in S.SHORT_PROMPTS or prompt in S.DETAILED_PROMPTS:
+            about = described_objects(scene, answer)
+        elif boxes and prompt.startswith(GROUNDING_PROMPT[:GROUNDING_PROMPT.index("{")]):
+            hits = [i for i, hit in enumerate(answering_objects(scene, prompt) or []) if hit]
+            about = [(0, len(answer), hits[0])] if len(hits) == 1 else []
+        else:
+            continue
+        pieces = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+        answer_ids, offsets = pieces["input_ids"], pieces["offset_mapping"]
+        # where the answer's tokens from its second on sit in the conversation (its first may merge with the "\n")
+        at = next((i for i in range(len(ids)) if ids[i:i + len(answer_ids) - 1] == answer_ids[1:]), None)
+        if at is None or len(answer_ids) < 2:
+            continue
+        for start, end, index in about:
+            for j in range(1, len(answer_ids)):
+                if start <= offsets[j][1] - 1 < end:  # token j (at at + j - 1) is about the object: its predictor
+                    out.append((at + j - 2, cell_of[index]))  # (by its last character: " At" starts a sentence)
+    return out
+
+
 # ---- the stage ------------------------------------------------------------------------------------------------
 class BaseStage:
     """One stage of the recipe over a model, its tokenizer and the slot tables; `run` trains, resumes, saves."""
@@ -171,6 +207,7 @@ class BaseStage:
         self.yes_no = [tokenizer.encode(w, add_special_tokens=False)[0] for w in ("Yes", "No")]
         self.heldout = self._heldout()
         self.describe_heldout = self._describe_heldout()
+        self.ground_heldout = self._ground_heldout()
         self.device = model.device  # the model and the slots on one device; batches follow them
         self.bf16 = bf16_autocast_pays(self.device.type) if settings.bf16 is None else settings.bf16
         self.match_head = None  # a throwaway head of the stage (in its state.pt, never in the model)
@@ -181,6 +218,13 @@ class BaseStage:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 self.match_head = torch.nn.Linear(model.config.llm.hidden_size, 1).to(self.device)
+        self.pointer_head = None  # throwaway as well: a query of the text position, a key of each image position
+        if settings.pointer_weight:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed + 1)
+                hidden = model.config.llm.hidden_size
+                self.pointer_head = torch.nn.ModuleDict({"query": torch.nn.Linear(hidden, POINTER_DIM),
+                                                         "key": torch.nn.Linear(hidden, POINTER_DIM)}).to(self.device)
 
     # the parts and what they compute
     def _modules(self, part: str) -> list[torch.nn.Module]:
@@ -190,8 +234,10 @@ class BaseStage:
 
     def _set_trainable(self) -> list[dict]:
         groups = []
-        if self.match_head is not None:
-            groups.append({"params": list(self.match_head.parameters()), "lr": self.settings.lr,
+        for head in (self.match_head, self.pointer_head):
+            if head is None:
+                continue
+            groups.append({"params": list(head.parameters()), "lr": self.settings.lr,
                            "initial_lr": self.settings.lr})
         for part in PARTS:
             trains = part in self.settings.trains
@@ -251,12 +297,16 @@ class BaseStage:
                 mix = mix or s.mix
                 conversations = [mix.turns(scene, rng, s.turns) for scene in scenes]
                 batch = self._on_device(collate([self._encode(c) for c in conversations], self.pad_id))
-                out = self._forward(batch, tokens, hidden_states=bool(s.match_weight))
+                out = self._forward(batch, tokens, hidden_states=bool(s.match_weight or s.pointer_weight))
                 logits = out.logits.float().flatten(0, 1)  # (B*T, V)
                 if s.match_weight:
                     match = self._match_loss(scenes, conversations, batch, out.hidden_states[s.match_layer])
                     if match is not None:
                         parts["match"] = match
+                if s.pointer_weight:
+                    pointer = self._pointer_loss(scenes, conversations, batch, out.hidden_states[s.pointer_layer])
+                    if pointer is not None:
+                        parts["pointer"] = pointer
         if s.answer_weight:
             parts["answer"] = F.cross_entropy(logits, batch["labels"].flatten(), ignore_index=-100)
         if s.lm_weight:
@@ -268,7 +318,7 @@ class BaseStage:
             parts["readout"] = self.slots.readout_loss(scenes, tokens.float(),
                                                        self.model.llm.get_input_embeddings().weight)
         weights = {"answer": s.answer_weight, "lm": s.lm_weight, "slots": s.slot_weight, "readout": s.readout_weight,
-                   "match": s.match_weight}
+                   "match": s.match_weight, "pointer": s.pointer_weight}
         parts["total"] = sum(weights[name] * value for name, value in parts.items())
         return parts
 
@@ -295,6 +345,27 @@ class BaseStage:
             return None
         return F.binary_cross_entropy_with_logits(flags[keep], targets[keep],
                                                   pos_weight=torch.tensor(MATCH_POS_WEIGHT, device=flags.device))
+
+    def _pointer_loss(self, scenes, conversations, batch: dict, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Cross-entropy of the pointer head over the image positions [B, Q] from every description token's hidden
+        state [B, T, D]: the cell of the object the sentence (or list item) that the next token belongs to is about
+        (`described_objects`). A description names objects one after another, and the LLM of the read stages does
+        not find the next one (teacher-forced, the next object's colour .4-.5 after the first): the next token's
+        loss reaches that step only through reading the found cell and writing its words. The pointer supervises
+        the step itself, as the match head supervises the lookup of a question. None when the batch holds no
+        description."""
+        keys = self.pointer_head["key"](hidden[image_positions(batch["image_starts"], self.query_num)].float())
+        rows, at, cells = [], [], []
+        for b, (scene, conversation) in enumerate(zip(scenes, conversations)):
+            for position, cell in pointer_targets(scene, conversation, batch["input_ids"][b].tolist(), self.tokenizer,
+                                                  self.slots.grid, self.settings.pointer_boxes):
+                rows.append(b), at.append(position), cells.append(cell)
+        if not rows:
+            return None
+        rows_t = torch.tensor(rows, device=hidden.device)
+        queries = self.pointer_head["query"](hidden[rows_t, torch.tensor(at, device=hidden.device)].float())  # (N, P)
+        logits = (queries[:, None, :] * keys[rows_t]).sum(-1) / POINTER_DIM ** 0.5  # (N, Q)
+        return F.cross_entropy(logits, torch.tensor(cells, device=hidden.device))
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -375,6 +446,35 @@ class BaseStage:
                     total += len(pairs)
         return round(named / max(1, total), 4)
 
+    # held-out grounding
+    def _ground_heldout(self) -> list[tuple]:
+        """(scene, image, prompt, true box on the unpadded 0-1000 grid) per held-out scene: the grounding prompt
+        about one object its expression picks out alone, as the course's grounding bench asks."""
+        rng = random.Random(f"base/ground/{self.seed}")
+        out = []
+        while len(out) < self.settings.ground_scenes:
+            scene, image = self._heldout_scene(rng)
+            turn = grounding_turn(scene, rng)
+            if turn is not None:
+                out.append((scene, image, turn[0], parse_box(turn[1])[0]))
+        return out
+
+    @torch.no_grad()
+    def ground(self, max_new_tokens: int = 24) -> dict:
+        """Greedy boxes for the held-out grounding prompts: Acc@0.5 (IoU of the first parsed box with the truth at
+        least 0.5; an unparsable answer counts as a miss), mean IoU and the share parsed. The stage's own view of
+        what the course's grounding bench measures on the finished model."""
+        hits, ious, parsed = 0, [], 0
+        with self._eval_mode():
+            for scene, image, prompt, truth in self.ground_heldout:  # prompts differ in length: one at a time
+                text = self._greedy(prompt, [scene], [image], max_new_tokens)[0]
+                found = parse_box(text)
+                overlap = iou(found[0], truth) if found is not None else 0.0
+                parsed, hits = parsed + (found is not None), hits + (overlap >= 0.5)
+                ious.append(overlap)
+        n = max(1, len(ious))
+        return {"acc": round(hits / n, 4), "iou": round(sum(ious) / n, 4), "parsed": round(parsed / n, 4)}
+
     def _greedy(self, prompt: str, scenes: list, images: list, max_new_tokens: int) -> list[str]:
         """Greedy answers to `prompt` asked first about each scene, up to <|im_end|> (the project's decode loop)."""
         end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -426,6 +526,8 @@ class BaseStage:
             self.slots.load_state_dict(state["slots"])
             if self.match_head is not None:
                 self.match_head.load_state_dict(state["match_head"])
+            if self.pointer_head is not None:
+                self.pointer_head.load_state_dict(state["pointer_head"])
             optimizer.load_state_dict(state["optimizer"])
             schedule.load_state_dict(state["schedule"])
             rng.setstate(_as_rng_state(state["rng"]))
@@ -449,23 +551,29 @@ class BaseStage:
                             **{f"loss_{k}": round(float(v.detach()), 4) for k, v in parts.items()}})
             if step % s.eval_every == 0 or step == s.steps:
                 log.append({"step": step, "cpu_minutes": cpu_minutes, "yesno": self.evaluate()}
-                           | ({"describe": self.describe()} if s.describe_scenes else {}))
+                           | ({"describe": self.describe()} if s.describe_scenes else {})
+                           | ({"ground": self.ground()} if s.ground_scenes else {}))
                 described = f", descriptions name {log[-1]['describe']:.3f} of pairs" if s.describe_scenes else ""
-                progress(f"{s.label} step {step}/{s.steps} ({cpu_minutes} CPU-min): {log[-1]['yesno']}{described}")
+                grounded = f", grounding Acc@0.5 {log[-1]['ground']['acc']:.3f}" if s.ground_scenes else ""
+                progress(f"{s.label} step {step}/{s.steps} ({cpu_minutes} CPU-min): {log[-1]['yesno']}{described}"
+                         f"{grounded}")
             if step % s.save_every == 0 or step == s.steps:
                 self._save({"model": self.model.state_dict(), "slots": self.slots.state_dict(),
                             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                             "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "step": step,
                             "cpu_seconds": time.process_time() - started, "log": log, "after": self.after}
-                           | ({"match_head": self.match_head.state_dict()} if self.match_head is not None else {}))
+                           | ({"match_head": self.match_head.state_dict()} if self.match_head is not None else {})
+                           | ({"pointer_head": self.pointer_head.state_dict()}
+                              if self.pointer_head is not None else {}))
         self.model.config.question_first = s.question_first  # the order its prompts must keep (chat, benches)
         self.model.save_pretrained(folder / "model", tokenizer=self.tokenizer)
         save_file(self.slots.state_dict(), str(folder / "slots.safetensors"))
         evaluations = [entry for entry in log if "yesno" in entry]
         summary = {"stage": s.label, "steps": s.steps, "cpu_minutes": log[-1]["cpu_minutes"],
                    "yesno": evaluations[-1]["yesno"], "bf16": self.bf16, "settings": _jsonable(s), "after": self.after}
-        if "describe" in evaluations[-1]:
-            summary["describe"] = evaluations[-1]["describe"]
+        for extra in ("describe", "ground"):
+            if extra in evaluations[-1]:
+                summary[extra] = evaluations[-1][extra]
         write_json_atomic(folder / "done.json", summary)
         (folder / "state.pt").unlink()  # the finished weights are in model/ and slots.safetensors
         return summary
@@ -500,7 +608,8 @@ def _as_rng_state(state) -> tuple:
 
 # what changes only the curve, the saving or the arithmetic, not what a stage learns: bf16 autocast follows the
 # machine (a stage finished where bf16 is fast is reused where it is not; done.json's own "bf16" says which ran)
-_NOT_TRAINING = {"log_every", "save_every", "eval_every", "eval_scenes", "describe_scenes", "name", "bf16"}
+_NOT_TRAINING = {"log_every", "save_every", "eval_every", "eval_scenes", "describe_scenes", "ground_scenes", "name",
+                 "bf16"}
 
 
 def chain_fingerprint(stages) -> str:

@@ -7,14 +7,14 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from mllm.course.base import SLOT_GRID, stage_base
+from mllm.course.base import SLOT_GRID, base_stages, stage_base
 from mllm.course.shared import Budget
 
 
 def _budget():
     return Budget(n_train=8, n_test=4, vision_pretrain_steps=3, vision_pretrain_batch=4, read_steps=4, settle_steps=2,
                   align_steps=2, tune_steps=2, base_batch=2,
-                  base_eval_scenes=3, base_eval_every=2, base_save_every=2, eval_limit=4)
+                  base_eval_scenes=3, base_eval_every=2, base_ground_scenes=2, base_save_every=2, eval_limit=4)
 
 
 def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
@@ -28,6 +28,9 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
     # every stage puts the image after the first question; all but align (no LLM trained) train the match head
     assert all(s["question_first"] for s in settings)
     assert [s["match_weight"] for s in settings] == [1.0, 1.0, 0.0, 1.0]
+    # the budget's pointer weight goes to the stages that write descriptions (read writes none): off by default
+    assert [s["pointer_weight"] for s in settings] == [0.0, 0.0, 0.0, 0.0]
+    assert [s.pointer_weight for s in base_stages(Budget(pointer_weight=1.0))] == [0.0, 1.0, 0.0, 1.0]
     read, settle = settings[0]["mix"], settings[1]["mix"]
     # read: yes/no questions of every kind and the statements turn, nothing else; settle: the full mix, slots frozen
     assert read["yesno"] == 1.0 and read["yesno_kinds"] is None and read["statements"] and settings[0]["turns"] == 2
@@ -35,10 +38,12 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
     assert settle["detailed"] > 0 and settle["grounding"] > 0 and settle["lookup"] > 0 and settle["alone"] > 0
     assert set(settings[0]["trains"]) == {"llm", "slots"} and set(settings[1]["trains"]) == {"llm"}
     assert all(0.0 <= s["describe"] <= 1.0 for s in first["stages"])  # greedy descriptions scored at the end
+    assert all(set(s["ground"]) == {"acc", "iou", "parsed"} for s in first["stages"])  # and greedy boxes
     for kind in names:
         curve = json.loads((base / kind / "log.json").read_text())
         assert [e["step"] for e in curve if "yesno" in e] == ([2, 4] if kind == "read" else [2])
         assert [e["step"] for e in curve if "describe" in e] == [e["step"] for e in curve if "yesno" in e]
+        assert [e["step"] for e in curve if "ground" in e] == [e["step"] for e in curve if "yesno" in e]
         assert not (base / kind / "state.pt").exists()  # a finished stage keeps its model, not its optimiser
     assert (base / "base_curves.png").stat().st_size > 0
     config = json.loads((base / "model" / "config.json").read_text())

@@ -14,12 +14,13 @@ from mllm.model.configuration import MLLMConfig
 from mllm.model.modeling_mllm import MLLMModel
 from mllm.model.tokenization import build_tokenizer
 from mllm.train import base_recipe
-from mllm.train.base_recipe import BaseStage, StageSettings, collate, encode
+from mllm.train.base_recipe import BaseStage, StageSettings, collate, encode, pointer_targets
 from mllm.train.scene_slots import BOX_BINS, SceneSlots, place_words, slot_features
 from mllm.world import scenes as S
+from mllm.data.boxes import format_box, iou, pixel_to_grid
 from mllm.data.grounding_prepare import GROUNDING_PROMPT
-from mllm.data.lessons import (COLOUR_NEXT, EXISTENCE_FIRST, LessonMix, answering_objects, fresh_scene,
-                               tokenizer_texts)
+from mllm.data.lessons import (COLOUR_NEXT, EXISTENCE_FIRST, LessonMix, answering_objects, described_objects,
+                               fresh_scene, tokenizer_texts)
 from mllm.model.tokenization import special_token_ids
 
 
@@ -209,12 +210,84 @@ def test_match_loss_is_the_weighted_cross_entropy_of_the_cells_answering_the_fir
                              hidden[2:3]) is None
 
 
+DESCRIPTION = ("The image shows three objects on a light background. A small red circle is in the top left. A small "
+               "green moon is on the left. A small blue star is in the center. A small red circle is in the bottom "
+               "right.")
+
+
+def test_described_objects_gives_each_sentence_or_item_its_object():
+    scene = _scene()
+    spans = described_objects(scene, DESCRIPTION)  # the count sentence and the absent moon's sentence: none
+    assert [(DESCRIPTION[a:b], index) for a, b, index in spans] == [
+        ("A small red circle is in the top left. ", 0), ("A small blue star is in the center. ", 1),
+        ("A small red circle is in the bottom right.", 2)]
+    short = "a red circle, a blue star and a red circle."
+    assert [(short[a:b], i) for a, b, i in described_objects(scene, short)] == [
+        ("a red circle, ", 0), ("a blue star and ", 1), ("a red circle.", 2)]
+    assert [i for _, _, i in described_objects(scene, "a blue star.")] == [1]  # the circles not named
+
+
+def test_pointer_targets_are_the_cells_of_the_objects_the_next_tokens_describe(tokenizer):
+    scene, ids = _scene(), special_token_ids(tokenizer)
+    conversation = [("Is there a star in the image? Please answer yes or no.", "Yes"),
+                    (S.DETAILED_PROMPTS[0], DESCRIPTION)]
+    item = encode(conversation, tokenizer, ids, 4, question_first=True)
+    tokens = item["input_ids"].tolist()
+    targets = pointer_targets(scene, conversation, tokens, tokenizer, grid=2)
+    about = {}
+    for position, cell in targets:  # what each cell's positions predict, in order
+        about.setdefault(cell, []).append(tokenizer.decode(tokens[position + 1:position + 2]))
+    # the circles' cells 0 and 3 (the second circle shares the star's cell), each token once
+    assert "".join(about[0]).strip() == "A small red circle is in the top left."
+    assert "".join(about[3]).strip() == ("A small blue star is in the center. A small red circle is in the bottom "
+                                         "right.")
+    assert len({p for p, _ in targets}) == len(targets)
+    assert pointer_targets(scene, conversation[:1], tokens, tokenizer, grid=2) == []  # no description, no target
+    # with boxes: a grounding answer's tokens (all but its first) at the referred object's cell, the star's
+    grounding = [(GROUNDING_PROMPT.format(expression="the blue star"), "[375,375,625,625]")]
+    tokens = encode(grounding, tokenizer, ids, 4, question_first=True)["input_ids"].tolist()
+    assert pointer_targets(scene, grounding, tokens, tokenizer, grid=2) == []
+    boxed = pointer_targets(scene, grounding, tokens, tokenizer, grid=2, boxes=True)
+    assert {cell for _, cell in boxed} == {3}
+    assert "".join(tokenizer.decode(tokens[p + 1:p + 2]) for p, _ in boxed) == "375,375,625,625]"
+    unclear = [(GROUNDING_PROMPT.format(expression="the red circle"), "[83,83,250,250]")]  # two red circles
+    assert pointer_targets(scene, unclear, encode(unclear, tokenizer, ids, 4)["input_ids"].tolist(), tokenizer,
+                           grid=2, boxes=True) == []
+
+
+def test_pointer_loss_is_the_cross_entropy_over_the_image_cells(tmp_path, tokenizer):
+    stage, model = _read(tmp_path, tokenizer, question_first=True, pointer_weight=1.0)
+    conversations = [[(S.DETAILED_PROMPTS[0], DESCRIPTION)], [("Is there a star in the image?", "Yes")]]
+    scenes = [_scene()] * 2
+    batch = collate([stage._encode(c) for c in conversations], stage.pad_id)
+    hidden = torch.zeros(2, batch["input_ids"].shape[1], model.config.llm.hidden_size)
+    with torch.no_grad():
+        for layer in stage.pointer_head.values():
+            layer.weight.zero_()
+            layer.bias.zero_()
+    # a head that scores every cell alike: log 4 at every target position
+    assert float(stage._pointer_loss(scenes, conversations, batch, hidden).detach()) == pytest.approx(math.log(4))
+    # query and key read feature 0 and 1; the text positions hold which cell is next, the cells who they are
+    targets = pointer_targets(scenes[0], conversations[0], batch["input_ids"][0].tolist(), tokenizer, grid=2)
+    with torch.no_grad():
+        stage.pointer_head["query"].weight[:4, :4] = torch.eye(4) * 40
+        stage.pointer_head["key"].weight[:4, :4] = torch.eye(4) * 40
+    start = int(batch["image_starts"][0])
+    hidden[0, start:start + 4, :4] = torch.eye(4)
+    for position, cell in targets:
+        hidden[0, position, cell] = 1.0
+    assert float(stage._pointer_loss(scenes, conversations, batch, hidden).detach()) < 1e-6
+    assert stage._pointer_loss(scenes[1:], conversations[1:], collate([stage._encode(conversations[1])], 0),
+                               hidden[1:]) is None
+
+
 def test_the_match_head_needs_the_question_first(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="needs question_first"):
         _read(tmp_path, tokenizer, match_weight=1.0)
 
 
 def _read(tmp_path, tokenizer, steps=4, **kw):
+    kw = {"ground_scenes": 2} | kw  # each held-out grounding prompt decodes alone: few in tests
     model = _model(tokenizer)
     slots = SceneSlots(tokenizer, model.config.llm.hidden_size, grid=2)
     settings = StageSettings(kind="read", steps=steps, lr=2e-3, trains={"llm": 1.0, "slots": 1.0}, batch=4,
@@ -246,7 +319,9 @@ def _stop_after_saving(at_step: int):
     return save_then_stop
 
 
-@pytest.mark.parametrize("match", [{}, {"question_first": True, "match_weight": 1.0}], ids=["plain", "match"])
+@pytest.mark.parametrize("match", [{}, {"question_first": True, "match_weight": 1.0},
+                                   {"question_first": True, "match_weight": 1.0, "pointer_weight": 1.0}],
+                         ids=["plain", "match", "pointer"])
 def test_a_stopped_stage_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, tokenizer, monkeypatch, match):
     straight, straight_model = _read(tmp_path / "straight", tokenizer, **match)
     straight.run(progress=lambda line: None)
@@ -268,6 +343,10 @@ def test_a_stopped_stage_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path
         assert MLLMModel.from_pretrained(tmp_path / "stopped" / "model").config.question_first
         assert "loss_match" in straight.curve()[0]
         assert torch.equal(straight.match_head.weight, resumed.match_head.weight)
+    if "pointer_weight" in match:  # the pointer head resumes too, and it trained
+        assert "loss_pointer" in straight.curve()[0]
+        for name, weight in straight.pointer_head.state_dict().items():
+            assert torch.equal(weight, resumed.pointer_head.state_dict()[name]), name
 
 
 def test_a_finished_stage_hands_on_only_the_parts_it_trained(tmp_path, tokenizer):
@@ -444,6 +523,23 @@ def test_describe_scores_the_pairs_greedy_descriptions_name(tmp_path, tokenizer)
     pairs = [len({(o.colour, o.category) for o in scene.objects}) for scene, _, _ in heldout]
     assert stage.describe() == round(6 / sum(pairs), 4)  # six scenes named, one pair each
     assert next(calls, None) is None  # every prompt's group was described
+
+
+def test_ground_scores_acc_at_half_iou_mean_iou_and_parsed_share(tmp_path, tokenizer):
+    """Held-out grounding prompts each about one object; answers by hand: the true box for every third scene, a
+    box apart from it for the next, words without a box for the last: Acc@0.5 1/3, mean IoU 1/3, parsed 2/3."""
+    stage, _ = _read(tmp_path, tokenizer, ground_scenes=9)
+    heldout = stage.ground_heldout
+    assert len(heldout) == 9
+    texts = {}
+    for k, (scene, _, prompt, truth) in enumerate(heldout):
+        assert re.fullmatch(re.escape(GROUNDING_PROMPT).replace(re.escape("{expression}"), "the .+"), prompt)
+        assert truth in [pixel_to_grid(o.bbox, scene.width, scene.height, square_pad=False) for o in scene.objects]
+        apart = [0, 0, 10, 10] if truth[0] >= 500 else [990, 990, 1000, 1000]
+        assert iou(apart, truth) == 0.0
+        texts[prompt] = [f" {format_box(truth)}", f" {format_box(apart)}", " the moon"][k % 3]
+    stage._greedy = lambda prompt, scenes, images, max_new_tokens: [texts[prompt]]
+    assert stage.ground() == {"acc": round(3 / 9, 4), "iou": round(3 / 9, 4), "parsed": round(6 / 9, 4)}
 
 
 def test_a_stage_is_never_resumed_or_reused_on_top_of_another_chain(tmp_path, tokenizer, monkeypatch):
