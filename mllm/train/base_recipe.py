@@ -352,8 +352,9 @@ class BaseStage:
         (`described_objects`). A description names objects one after another, and the LLM of the read stages does
         not find the next one (teacher-forced, the next object's colour .4-.5 after the first): the next token's
         loss reaches that step only through reading the found cell and writing its words. The pointer supervises
-        the step itself, as the match head supervises the lookup of a question. None when the batch holds no
-        description."""
+        the step itself, as the match head supervises the lookup of a question. Measured (docs/probes/README.md,
+        "Stop 36"): it learns the cells (loss 3.6 -> ~0.5) but the descriptions do not improve, so the course leaves
+        it off. None when the batch holds no description."""
         keys = self.pointer_head["key"](hidden[image_positions(batch["image_starts"], self.query_num)].float())
         rows, at, cells = [], [], []
         for b, (scene, conversation) in enumerate(zip(scenes, conversations)):
