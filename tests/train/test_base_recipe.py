@@ -14,7 +14,8 @@ from mllm.model.configuration import MLLMConfig
 from mllm.model.modeling_mllm import MLLMModel
 from mllm.model.tokenization import build_tokenizer
 from mllm.train import base_recipe
-from mllm.train.base_recipe import BaseStage, StageSettings, collate, encode, pointer_targets
+from mllm.train.base_recipe import BaseStage, StageSettings, collate, encode
+from mllm.train.stage_heads import pointer_targets
 from mllm.train.scene_slots import BOX_BINS, SceneSlots, place_words, slot_features
 from mllm.world import scenes as S
 from mllm.data.boxes import format_box, iou, pixel_to_grid

@@ -1,0 +1,118 @@
+"""The base stages' throwaway heads on the LLM's hidden states (in a stage's state.pt, never in the model): what
+each image position or text position is told to compute, so that a hop the answer needs gets its own gradient.
+
+    match    each image position: does its cell hold an object the conversation's first question asks about
+    pointer  each description (or grounding answer) token: which cell holds the object its text is about
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mllm.data.grounding_prepare import GROUNDING_PROMPT
+from mllm.data.lessons import answering_objects, described_objects
+from mllm.train.scene_slots import slot_features
+from mllm.world import scenes as S
+
+POINTER_DIM = 64  # width of the pointer head's query and key
+MATCH_POS_WEIGHT = 20.0  # the match head's targets (about 1 cell in 36) against its non-targets
+
+
+def image_positions(image_starts: torch.Tensor, query_num: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols), each [B, Q]: the sequence positions of every sample's image span."""
+    rows = torch.arange(len(image_starts), device=image_starts.device)[:, None].expand(-1, query_num)
+    cols = image_starts[:, None] + torch.arange(query_num, device=image_starts.device)  # (B, Q)
+    return rows, cols
+
+
+def new_match_head(hidden_size: int, seed: int) -> torch.nn.Linear:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.nn.Linear(hidden_size, 1)
+
+
+def new_pointer_head(hidden_size: int, seed: int) -> torch.nn.ModuleDict:
+    """A query of the text position and a key of each image position."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.nn.ModuleDict({"query": torch.nn.Linear(hidden_size, POINTER_DIM),
+                                    "key": torch.nn.Linear(hidden_size, POINTER_DIM)})
+
+
+def match_loss(head: torch.nn.Module, scenes, conversations, batch: dict, hidden: torch.Tensor,
+               grid: int) -> torch.Tensor | None:
+    """Binary cross-entropy of the match head on every image position's hidden state [B, Q, D]: does its cell
+    hold an object the conversation's first question asks about (`answering_objects`). None when no
+    conversation of the batch starts with such a question. About one cell in 36 is a target, so targets weigh
+    `MATCH_POS_WEIGHT` times more (unweighted, flagging no cell at all is a cheap optimum: measured, the loss sat
+    at 0.05 without learning). A yes/no answer is then one hop, "is any cell flagged": from a random LLM,
+    existence 1.00 and position .77 after 500 steps where the same run without it stayed at .50
+    (docs/probes/README.md, m1 / q1)."""
+    positions = image_positions(batch["image_starts"], grid * grid)
+    flags = head(hidden[positions].float()).squeeze(-1)  # (B, Q)
+    targets, keep = torch.zeros_like(flags), []
+    for b, (scene, conversation) in enumerate(zip(scenes, conversations)):
+        hits = answering_objects(scene, conversation[0][0])
+        if hits is None:
+            continue
+        keep.append(b)
+        for hit, features in zip(hits, slot_features(scene, grid)):
+            if hit:
+                targets[b, features[0]] = 1.0  # the object's cell
+    if not keep:
+        return None
+    return F.binary_cross_entropy_with_logits(flags[keep], targets[keep],
+                                              pos_weight=torch.tensor(MATCH_POS_WEIGHT, device=flags.device))
+
+
+def pointer_targets(scene: S.Scene, conversation: list[tuple[str, str]], ids: list[int], tokenizer,
+                    grid: int, boxes: bool = False) -> list[tuple[int, int]]:
+    """(position in `ids`, image cell) for every token of the conversation's descriptions that predicts a token
+    of a sentence or list item about one of the scene's objects (`described_objects`): the cell of that object.
+    With `boxes`, also every token predicting one of a grounding answer's: the referred object's cell."""
+    cell_of = [features[0] for features in slot_features(scene, grid)]
+    out = []
+    for prompt, answer in conversation:
+        if prompt in S.SHORT_PROMPTS or prompt in S.DETAILED_PROMPTS:
+            about = described_objects(scene, answer)
+        elif boxes and prompt.startswith(GROUNDING_PROMPT[:GROUNDING_PROMPT.index("{")]):
+            hits = [i for i, hit in enumerate(answering_objects(scene, prompt) or []) if hit]
+            about = [(0, len(answer), hits[0])] if len(hits) == 1 else []
+        else:
+            continue
+        pieces = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
+        answer_ids, offsets = pieces["input_ids"], pieces["offset_mapping"]
+        # where the answer's tokens from its second on sit in the conversation (its first may merge with the "\n")
+        at = next((i for i in range(len(ids)) if ids[i:i + len(answer_ids) - 1] == answer_ids[1:]), None)
+        if at is None or len(answer_ids) < 2:
+            continue
+        for start, end, index in about:
+            for j in range(1, len(answer_ids)):
+                if start <= offsets[j][1] - 1 < end:  # token j (at at + j - 1) is about the object: its predictor
+                    out.append((at + j - 2, cell_of[index]))  # (by its last character: " At" starts a sentence)
+    return out
+
+
+def pointer_loss(head: torch.nn.ModuleDict, scenes, conversations, batch: dict, hidden: torch.Tensor, tokenizer,
+                 grid: int, boxes: bool = False) -> torch.Tensor | None:
+    """Cross-entropy of the pointer head over the image positions [B, Q] from every description token's hidden
+    state [B, T, D]: the cell of the object the sentence (or list item) that the next token belongs to is about
+    (`described_objects`). A description names objects one after another, and the LLM of the read stages does
+    not find the next one (teacher-forced, the next object's colour .4-.5 after the first): the next token's
+    loss reaches that step only through reading the found cell and writing its words. The pointer supervises
+    the step itself, as the match head supervises the lookup of a question. Measured (docs/probes/README.md,
+    "Stop 36"): it learns the cells (loss 3.6 -> ~0.5) but the descriptions do not improve, so the course leaves
+    it off. None when the batch holds no description."""
+    keys = head["key"](hidden[image_positions(batch["image_starts"], grid * grid)].float())
+    rows, at, cells = [], [], []
+    for b, (scene, conversation) in enumerate(zip(scenes, conversations)):
+        for position, cell in pointer_targets(scene, conversation, batch["input_ids"][b].tolist(), tokenizer, grid,
+                                              boxes):
+            rows.append(b), at.append(position), cells.append(cell)
+    if not rows:
+        return None
+    rows_t = torch.tensor(rows, device=hidden.device)
+    queries = head["query"](hidden[rows_t, torch.tensor(at, device=hidden.device)].float())  # (N, P)
+    logits = (queries[:, None, :] * keys[rows_t]).sum(-1) / POINTER_DIM ** 0.5  # (N, Q)
+    return F.cross_entropy(logits, torch.tensor(cells, device=hidden.device))
