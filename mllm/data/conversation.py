@@ -156,7 +156,7 @@ def place_images(conversation: Sequence[dict], grids: dict[str, Sequence[int] | 
     return out, order
 
 
-def _find(ids: list[int], pattern: list[int], start: int = 0) -> list[int]:
+def find_sequence(ids: list[int], pattern: list[int], start: int = 0) -> list[int]:
     """Every index i >= start with ids[i:i+len(pattern)] == pattern."""
     n = len(pattern)
     return [i for i in range(start, len(ids) - n + 1) if ids[i:i + n] == pattern]
@@ -166,7 +166,7 @@ def response_mask(input_ids: list[int], tokenizer, token_ids: dict) -> torch.Ten
     """context [L] (long): 0 on each assistant reply from the "\\n" after "assistant" through `<|im_end|>`."""
     role = tokenizer.encode("assistant", add_special_tokens=False)
     context = torch.ones(len(input_ids), dtype=torch.long)
-    for start in _find(input_ids, [token_ids["chat_start"]] + role):
+    for start in find_sequence(input_ids, [token_ids["chat_start"]] + role):
         first = start + 1 + len(role)  # the "\n" after the role name
         ends = [i for i in range(first, len(input_ids)) if input_ids[i] == token_ids["chat_end"]]
         last = ends[0] if ends else len(input_ids) - 1
@@ -200,8 +200,8 @@ def conversation_to_ids(conversation: Sequence[dict], tokenizer, max_length: int
     ids = ids[:-1]  # drop the trailing "\n" (§8.1 step 1)
     n_replies = sum(m["role"] == "assistant" for m in conversation)
     role = tokenizer.encode("assistant", add_special_tokens=False)
-    if len(_find(ids, [token_ids["chat_start"]] + role)) != n_replies:
-        raise ValueError(f"found {len(_find(ids, [token_ids['chat_start']] + role))} assistant headers for "
+    if len(find_sequence(ids, [token_ids["chat_start"]] + role)) != n_replies:
+        raise ValueError(f"found {len(find_sequence(ids, [token_ids['chat_start']] + role))} assistant headers for "
                          f"{n_replies} assistant messages (does a message contain '<|im_start|>assistant'?)")
 
     input_ids = torch.tensor(ids, dtype=torch.long)  # (L,)

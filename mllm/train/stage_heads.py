@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mllm.data.conversation import find_sequence
 from mllm.data.grounding_prepare import GROUNDING_PROMPT
 from mllm.data.lessons import answering_objects, described_objects
 from mllm.train.scene_slots import slot_features
@@ -84,9 +85,10 @@ def pointer_targets(scene: S.Scene, conversation: list[tuple[str, str]], ids: li
         pieces = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
         answer_ids, offsets = pieces["input_ids"], pieces["offset_mapping"]
         # where the answer's tokens from its second on sit in the conversation (its first may merge with the "\n")
-        at = next((i for i in range(len(ids)) if ids[i:i + len(answer_ids) - 1] == answer_ids[1:]), None)
-        if at is None or len(answer_ids) < 2:
+        found = find_sequence(ids, answer_ids[1:]) if len(answer_ids) > 1 else []
+        if not found:
             continue
+        at = found[0]
         for start, end, index in about:
             for j in range(1, len(answer_ids)):
                 if start <= offsets[j][1] - 1 < end:  # token j (at at + j - 1) is about the object: its predictor
