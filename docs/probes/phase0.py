@@ -2,7 +2,8 @@
 thread, into a folder that `pixels.py phase0=` takes: to measure a change of its targets without a whole course.
 
     .venv/bin/python docs/probes/phase0.py base=runs/course7/base out=runs/probe/pc0/phase0 [steps=3000]
-        (pc0: with the patch count target; the course's own phase 0 of runs/course7 had none)
+        (pc0: commit 559f5f3, whose phase 0 also taught each patch its shape's count in the scene; removed
+        after it, as from pixels count stayed at chance: docs/probes/README.md, stop 37)
 """
 import json
 import sys

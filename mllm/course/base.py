@@ -9,8 +9,7 @@ colours and counts but barely shapes (measured: "a purple moon" x4 for one purpl
 This phase stands in for that pretraining, with two throwaway linear heads:
 
     patch head      each patch of the source view -> the shape and the colour of the object covering its
-                    centre (or background), and how many objects of that shape the scene holds: dense targets
-                    that teach the tower to see shapes locally and to count where each object is
+                    centre (or background): dense targets that teach the tower to see shapes locally
     resampler head  the Q resampled tokens, flattened -> for each cell of the 3x3 grid that descriptions
                     and position questions use, which shapes and which colours have an object centred there,
                     and which shape-colour pairs the image holds: what the LLM will be asked about
@@ -53,7 +52,6 @@ from mllm.world.scenes import CATEGORIES, COLOURS
 SHAPES = list(CATEGORIES)
 COLOUR_NAMES = list(COLOURS)
 GRID = 3  # the 3x3 cells of ROWS x COLUMNS
-MAX_COUNT = 6  # a scene holds at most six objects
 N_SCENE_TARGETS = GRID * GRID * (len(SHAPES) + len(COLOUR_NAMES)) + len(SHAPES) * len(COLOUR_NAMES)
 
 
@@ -78,17 +76,6 @@ def patch_targets(scene: dict, rows: int, cols: int) -> tuple[torch.Tensor, torc
     return shape, colour
 
 
-def patch_counts(scene: dict, shape: torch.Tensor) -> torch.Tensor:
-    """How many objects of its patch's category the scene holds, per patch of `patch_targets`' shape classes
-    [rows*cols] (0 = background): what a count question asks of a cell, so that the tower computes it where the
-    object is (from pixels the base answered counts at .52-.70 where slots gave .96: the resampler's one
-    cross-attention cannot compare a cell's shape with every other object's)."""
-    totals = torch.bincount(torch.tensor([SHAPES.index(o["category"]) + 1 for o in scene["objects"]], dtype=torch.long),
-                            minlength=len(SHAPES) + 1)
-    totals[0] = 0
-    return totals.clamp(max=MAX_COUNT)[shape]
-
-
 def scene_targets(scene: dict) -> torch.Tensor:
     """Multi-hot [N_SCENE_TARGETS]: per 3x3 cell (by object centre) the shapes, then the colours; then the
     shape-colour pairs present anywhere."""
@@ -109,7 +96,6 @@ class PretrainHeads(nn.Module):
         super().__init__()
         self.patch_shape = nn.Linear(vision_width, len(SHAPES) + 1)
         self.patch_colour = nn.Linear(vision_width, len(COLOUR_NAMES) + 1)
-        self.patch_count = nn.Linear(vision_width, MAX_COUNT + 1)
         self.scene = nn.Linear(num_queries * embed_dim, N_SCENE_TARGETS)
 
 
@@ -124,7 +110,7 @@ def _examples(world: Path, processor: ImageProcessor, limit: int | None) -> list
         rows, cols = (int(v) for v in views["tgt_sizes"][0])
         shape, colour = patch_targets(scene, rows, cols)
         examples.append({"strip": views["pixel_values"][0], "size": (rows, cols), "shape": shape,
-                         "colour": colour, "count": patch_counts(scene, shape), "scene": scene_targets(scene)})
+                         "colour": colour, "scene": scene_targets(scene)})
     return examples
 
 
@@ -154,13 +140,10 @@ def pretrain(model, world: Path, steps: int = 1500, batch_size: int = 64, lr: fl
         real = patches[patch_mask.flatten(1)]  # (sum N_i, Dv): view by view, row-major, as the targets concatenate
         shape_t = torch.cat([e["shape"] for e in batch])
         colour_t = torch.cat([e["colour"] for e in batch])
-        count_t = torch.cat([e["count"] for e in batch])
         shape_logits, colour_logits = heads.patch_shape(real), heads.patch_colour(real)
-        count_logits = heads.patch_count(real)
         scene_logits = heads.scene(resampled.flatten(1))  # (B, N_SCENE_TARGETS)
         scene_t = torch.stack([e["scene"] for e in batch])
         loss = (F.cross_entropy(shape_logits, shape_t) + F.cross_entropy(colour_logits, colour_t)
-                + F.cross_entropy(count_logits, count_t)
                 + scene_weight * F.binary_cross_entropy_with_logits(scene_logits, scene_t))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -172,12 +155,11 @@ def pretrain(model, world: Path, steps: int = 1500, batch_size: int = 64, lr: fl
                 fg = shape_t > 0
                 shape_acc = (shape_logits.argmax(-1)[fg] == shape_t[fg]).float().mean().item()
                 colour_acc = (colour_logits.argmax(-1)[fg] == colour_t[fg]).float().mean().item()
-                count_acc = (count_logits.argmax(-1)[fg] == count_t[fg]).float().mean().item()
                 predicted = scene_logits > 0
                 tp = (predicted & (scene_t > 0)).sum().item()
                 f1 = 2 * tp / max(1, predicted.sum().item() + (scene_t > 0).sum().item())
             log.append({"step": step + 1, "loss": round(loss.item(), 4), "patch_shape_acc": round(shape_acc, 3),
-                        "patch_colour_acc": round(colour_acc, 3), "patch_count_acc": round(count_acc, 3),
+                        "patch_colour_acc": round(colour_acc, 3),
                         "scene_f1": round(f1, 3), "minutes": round((time.time() - started) / 60, 2),
                         "cpu_minutes": round((time.process_time() - cpu_started) / 60, 2)})
             print(f"vision pretraining {log[-1]}", flush=True)
