@@ -17,6 +17,10 @@ scenes given as slot vectors (no pixels), one thread:
     next1      the same with the place-first sentences ("In the top left there is a small red ring."): the colour
                given the object's place
     next0      as next with the description asked first (no statements turn before it); next10: next1 so
+    pointed:L  next0's teacher-forced descriptions: the weight query head 0 of decoder layer L gives the k-th
+               object's cell from the positions that predict its colour word and its category word (the attention
+               pointer of `StageSettings.pointer_attention` is trained on that head), and how often it is the
+               head's largest weight among the 36 cells
     PROBE@band, PROBE@compact, PROBE@rank, PROBE@triple: stages trained with the slots band-major, occupied first
                (in description order) or with one more slot table; PROBE@qfirst: the image after the first question
 
@@ -40,6 +44,7 @@ from mllm.world import scenes as S
 torch.set_num_threads(1)
 probe = sys.argv[1]
 probe, _, variant = probe.partition("@")  # e.g. describe_after@band, describe_after@rank
+probe, _, POINTED_LAYER = probe.partition(":")  # pointed:2
 QFIRST = variant == "qfirst"  # stages trained with the image after the first question (the course's base, stop 35)
 if QFIRST:
     pass
@@ -84,7 +89,7 @@ def unique_objects(scene, by_category: bool) -> list:
 
 
 rng = random.Random({"where": 123, "colour": 123, "attention": 5, "describe": 7, "describe_p": 7, "describe_after": 7, "next": 7,
-                     "next1": 7, "next0": 7, "next10": 7}[probe])
+                     "next1": 7, "next0": 7, "next10": 7, "pointed": 7}[probe])
 with torch.no_grad():
     if probe in ("where", "colour"):
         hits, n, chosen = 0, 0, Counter()
@@ -129,7 +134,7 @@ with torch.no_grad():
         for name, per_layer in zip(("answer position", "category word"), (totals / n).tolist()):
             for layer, (target, average) in enumerate(per_layer):
                 print(f"from the {name}, layer {layer}: asked object's slot {target:.3f}, an occupied slot {average:.3f}")
-    elif probe in ("next", "next1", "next0", "next10"):
+    elif probe in ("next", "next1", "next0", "next10", "pointed"):
         form = int(probe in ("next1", "next10"))  # `detailed_description`'s variant: 1 writes the place first
         right = {}  # k -> [colour right, category right, n]
         for _ in range(100):
@@ -138,10 +143,17 @@ with torch.no_grad():
             text = S.detailed_description(mentions, form)
             # qfirst: one of the world's prompts (the course's base never saw the probe's fixed one)
             asked = rng.choice(S.DETAILED_PROMPTS) if QFIRST else "Describe the image in detail."
-            turns = ([] if probe in ("next0", "next10") else [statements(scene, rng)]) + [(asked, text)]
+            turns = ([] if probe in ("next0", "next10", "pointed") else [statements(scene, rng)]) + [(asked, text)]
             batch = collate([encode(turns, tokenizer, stage.token_ids, stage.query_num, QFIRST)], stage.pad_id)
             tokens, _ = stage._image_tokens([scene], [])
             predicted = stage._forward(batch, tokens).logits[0].argmax(-1)  # predicted[t]: the token after t
+            if probe == "pointed":
+                embeds = with_image_tokens(model, batch, tokens)
+                weights = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                    output_attentions=True).attentions[int(POINTED_LAYER)][0, 0]  # (T, T)
+                start = int(batch["image_starts"][0])
+                cells = weights[:, start:start + stage.query_num]  # (T, Q)
+                cell_of = [f[0] for f in slot_features(scene, slots.grid)]
             ids = batch["input_ids"][0].tolist()
             pieces = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             answer = pieces["input_ids"]
@@ -153,11 +165,21 @@ with torch.no_grad():
                 searched = text.index(f" {m.name}", colour_at) + 1
                 for word_at in (colour_at, searched):
                     token = next(j for j, (a, b) in enumerate(pieces["offset_mapping"]) if a <= word_at < b)
-                    hits.append(int(predicted[span + token - 1]) == answer[token])
-                row = right.setdefault(k + 1, [0, 0, 0])
-                row[0], row[1], row[2] = row[0] + hits[0], row[1] + hits[1], row[2] + 1
-        for k, (colour, category, n) in sorted(right.items()):
-            print(f"object {k}: colour {colour / n:.2f}, category {category / n:.2f} (n={n})")
+                    if probe == "pointed":
+                        cell = cell_of[k]  # mentions follow scene.objects
+                        at = cells[span + token - 1]
+                        hits += [float(at[cell]), float(at.argmax() == cell)]
+                    else:
+                        hits.append(int(predicted[span + token - 1]) == answer[token])
+                row = right.setdefault(k + 1, [0.0] * len(hits) + [0])
+                right[k + 1] = [a + b for a, b in zip(row, hits + [1])]
+        for k, (*sums, n) in sorted(right.items()):
+            if probe == "pointed":
+                print(f"object {k}: weight on its cell / argmax there, from the position predicting the colour "
+                      f"{sums[0] / n:.2f} / {sums[1] / n:.2f}, the category {sums[2] / n:.2f} / {sums[3] / n:.2f} "
+                      f"(n={n})")
+            else:
+                print(f"object {k}: colour {sums[0] / n:.2f}, category {sums[1] / n:.2f} (n={n})")
     else:
         end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         named = total = 0

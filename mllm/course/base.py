@@ -225,19 +225,21 @@ def base_stages(budget: Budget) -> list[StageSettings]:
     common = {"batch": budget.base_batch, "eval_scenes": budget.base_eval_scenes, "eval_every": budget.base_eval_every,
               "save_every": budget.base_save_every, "ground_scenes": budget.base_ground_scenes, "question_first": True,
               "match_weight": budget.match_weight}
+    pointer = {"pointer_weight": budget.pointer_weight, "pointer_boxes": budget.pointer_boxes,
+               "pointer_attention": budget.pointer_attention, "read_weight": budget.read_weight}
     reads = {"kind": "read", "lm_weight": 1.0, "beta2": 0.95, **common}
     return [
         StageSettings(steps=budget.read_steps, lr=budget.read_lr, warmup=50, trains={"llm": 1.0, "slots": 1.0},
                       mix=QUESTIONS_AND_STATEMENTS, turns=2, **reads),
         StageSettings(name="settle", steps=budget.settle_steps, lr=budget.settle_lr, warmup=20, trains={"llm": 1.0},
-                      mix=LessonMix(alone=0.3), pointer_weight=budget.pointer_weight, **reads),
+                      mix=LessonMix(alone=0.3), **pointer, **reads),
         # align trains no LLM: the head (read on the LLM's hidden states) has nothing to teach it there
         StageSettings(kind="align", steps=budget.align_steps, lr=budget.align_lr, trains={"vision": 1.0},
                       answer_weight=0.0, slot_weight=1.0, readout_weight=1.0, warmup=50, beta2=0.98,
                       **common | {"match_weight": 0.0, "eval_every": 2 * budget.base_eval_every}),
         StageSettings(kind="tune", steps=budget.tune_steps, lr=budget.tune_lr,
                       trains={"vision": 1.0, "llm": budget.tune_llm_lr_scale}, lm_weight=0.5, slot_weight=1.0,
-                      readout_weight=1.0, warmup=50, beta2=0.98, pointer_weight=budget.pointer_weight,
+                      readout_weight=1.0, warmup=50, beta2=0.98, **pointer,
                       mix=LessonMix(caption_noise=budget.caption_noise, alone=0.3), **common),
     ]
 

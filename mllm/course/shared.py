@@ -32,6 +32,11 @@ class Budget:
     match_weight: float = 1.0  # each image position says whether it answers the first question (all but align)
     # settle, tune: each description token pointed at its object's cell; off: measured no better (docs/probes, stop 36)
     pointer_weight: float = 0.0
+    pointer_boxes: bool = False  # ... and each grounding answer's tokens at the referred object's cell
+    # ... the pointer as head 0 of the LLM's layer 2 itself, and the next object word read from that head alone
+    # (off: measured better teacher-forced after 700 steps, not yet through a whole course; docs/probes, stop 37)
+    pointer_attention: bool = False
+    read_weight: float = 0.0
     align_steps: int = 3000  # vision + resampler regress the slots and read back words (no LLM in the step)
     align_lr: float = 1e-3
     tune_steps: int = 300  # everything; the LLM at tune_llm_lr_scale x tune_lr

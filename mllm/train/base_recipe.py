@@ -46,7 +46,8 @@ from mllm.model.image_processing import ImageProcessor
 from mllm.model.loading import bf16_autocast_pays
 from mllm.model.tokenization import special_token_ids
 from mllm.train.scene_slots import SceneSlots
-from mllm.train.stage_heads import image_positions, match_loss, new_match_head, new_pointer_head, pointer_loss
+from mllm.train.stage_heads import (attention_pointer_losses, image_positions, match_loss, new_match_head,
+                                   new_pointer_head, pointer_loss)
 from mllm.world import scenes as S
 
 PARTS = ("llm", "slots", "vision")  # what a stage may train; vision = vision tower + resampler
@@ -72,6 +73,8 @@ class StageSettings:
     pointer_weight: float = 0.0
     pointer_layer: int = 2  # ... from the hidden states after this many decoder layers
     pointer_boxes: bool = False  # ... and from each grounding answer's tokens to the referred object's cell
+    pointer_attention: bool = False  # ... taught to head 0 of decoder layer pointer_layer, not to a throwaway head
+    read_weight: float = 0.0  # with pointer_attention: cross-entropy of the next object word from that head alone
     warmup: int = 100
     beta2: float = 0.95
     bf16: bool | None = None  # bf16 autocast; None: where it pays on this machine (`bf16_autocast_pays`)
@@ -180,8 +183,12 @@ class BaseStage:
                                  "question cannot look at it")
             self.match_head = new_match_head(model.config.llm.hidden_size, seed).to(self.device)
         self.pointer_head = None  # throwaway as well (`stage_heads.pointer_loss`)
-        if settings.pointer_weight:
+        if settings.pointer_weight and not settings.pointer_attention:
             self.pointer_head = new_pointer_head(model.config.llm.hidden_size, seed + 1).to(self.device)
+        if settings.read_weight and not (settings.pointer_weight and settings.pointer_attention):
+            raise ValueError("StageSettings.read_weight reads through the attention pointer: it needs pointer_weight "
+                             "and pointer_attention")
+        self.object_words = slots.word_ids().to(self.device)  # what `read_weight` reads
 
     # the parts and what they compute
     def _modules(self, part: str) -> list[torch.nn.Module]:
@@ -261,9 +268,7 @@ class BaseStage:
                     if match is not None:
                         parts["match"] = match
                 if s.pointer_weight:
-                    pointer = self._pointer_loss(scenes, conversations, batch, out.hidden_states[s.pointer_layer])
-                    if pointer is not None:
-                        parts["pointer"] = pointer
+                    parts |= self._pointer_loss(scenes, conversations, batch, out.hidden_states[s.pointer_layer])
         if s.answer_weight:
             parts["answer"] = F.cross_entropy(logits, batch["labels"].flatten(), ignore_index=-100)
         if s.lm_weight:
@@ -275,16 +280,22 @@ class BaseStage:
             parts["readout"] = self.slots.readout_loss(scenes, tokens.float(),
                                                        self.model.llm.get_input_embeddings().weight)
         weights = {"answer": s.answer_weight, "lm": s.lm_weight, "slots": s.slot_weight, "readout": s.readout_weight,
-                   "match": s.match_weight, "pointer": s.pointer_weight}
+                   "match": s.match_weight, "pointer": s.pointer_weight, "read": s.read_weight}
         parts["total"] = sum(weights[name] * value for name, value in parts.items())
         return parts
 
     def _match_loss(self, scenes, conversations, batch: dict, hidden: torch.Tensor) -> torch.Tensor | None:
         return match_loss(self.match_head, scenes, conversations, batch, hidden, self.slots.grid)
 
-    def _pointer_loss(self, scenes, conversations, batch: dict, hidden: torch.Tensor) -> torch.Tensor | None:
-        return pointer_loss(self.pointer_head, scenes, conversations, batch, hidden, self.tokenizer, self.slots.grid,
-                            self.settings.pointer_boxes)
+    def _pointer_loss(self, scenes, conversations, batch: dict, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        s = self.settings
+        if s.pointer_attention:
+            return attention_pointer_losses(self.model.llm, s.pointer_layer, scenes, conversations, batch, hidden,
+                                            self.tokenizer, self.slots.grid, s.pointer_boxes,
+                                            self.object_words if s.read_weight else None)
+        pointer = pointer_loss(self.pointer_head, scenes, conversations, batch, hidden, self.tokenizer,
+                               self.slots.grid, s.pointer_boxes)
+        return {} if pointer is None else {"pointer": pointer}
 
     @contextlib.contextmanager
     def _eval_mode(self):

@@ -94,6 +94,11 @@ class SceneSlots(nn.Module):
         self.places = WordTable(tokenizer, [w for cell in CELLS for w in place_words(cell)])  # 2 per place
         self.counts = WordTable(tokenizer, list(COUNT_WORDS))
 
+    def word_ids(self) -> torch.Tensor:
+        """The first token of every colour, category, size, place and count word the slots hold (sorted, unique)."""
+        tables = (self.colours, self.categories, self.sizes, self.places, self.counts)
+        return torch.unique(torch.cat([table.ids[:, 0] for table in tables])).cpu()
+
     def _objects(self, scenes: list[S.Scene]) -> tuple[torch.Tensor, torch.Tensor]:
         """(scene index [N], `slot_features` [N, 10]) of every object of the batch."""
         rows, feats = [], []

@@ -2,7 +2,8 @@
 each image position or text position is told to compute, so that a hop the answer needs gets its own gradient.
 
     match    each image position: does its cell hold an object the conversation's first question asks about
-    pointer  each description (or grounding answer) token: which cell holds the object its text is about
+    pointer  each description (or grounding answer) token: which cell holds the object its text is about (a
+             throwaway query/key pair, or one attention head of the LLM itself)
 """
 
 from __future__ import annotations
@@ -96,6 +97,18 @@ def pointer_targets(scene: S.Scene, conversation: list[tuple[str, str]], ids: li
     return out
 
 
+def _pointed(scenes, conversations, batch: dict, tokenizer, grid: int, boxes: bool, device):
+    """(rows [N], text positions [N], cells [N]) of every pointer target of the batch, or None."""
+    rows, at, cells = [], [], []
+    for b, (scene, conversation) in enumerate(zip(scenes, conversations)):
+        for position, cell in pointer_targets(scene, conversation, batch["input_ids"][b].tolist(), tokenizer, grid,
+                                              boxes):
+            rows.append(b), at.append(position), cells.append(cell)
+    if not rows:
+        return None
+    return tuple(torch.tensor(v, device=device) for v in (rows, at, cells))
+
+
 def pointer_loss(head: torch.nn.ModuleDict, scenes, conversations, batch: dict, hidden: torch.Tensor, tokenizer,
                  grid: int, boxes: bool = False) -> torch.Tensor | None:
     """Cross-entropy of the pointer head over the image positions [B, Q] from every description token's hidden
@@ -106,15 +119,58 @@ def pointer_loss(head: torch.nn.ModuleDict, scenes, conversations, batch: dict, 
     the step itself, as the match head supervises the lookup of a question. Measured (docs/probes/README.md,
     "Stop 36"): it learns the cells (loss 3.6 -> ~0.5) but the descriptions do not improve, so the course leaves
     it off. None when the batch holds no description."""
-    keys = head["key"](hidden[image_positions(batch["image_starts"], grid * grid)].float())
-    rows, at, cells = [], [], []
-    for b, (scene, conversation) in enumerate(zip(scenes, conversations)):
-        for position, cell in pointer_targets(scene, conversation, batch["input_ids"][b].tolist(), tokenizer, grid,
-                                              boxes):
-            rows.append(b), at.append(position), cells.append(cell)
-    if not rows:
+    pointed = _pointed(scenes, conversations, batch, tokenizer, grid, boxes, hidden.device)
+    if pointed is None:
         return None
-    rows_t = torch.tensor(rows, device=hidden.device)
-    queries = head["query"](hidden[rows_t, torch.tensor(at, device=hidden.device)].float())  # (N, P)
-    logits = (queries[:, None, :] * keys[rows_t]).sum(-1) / POINTER_DIM ** 0.5  # (N, Q)
-    return F.cross_entropy(logits, torch.tensor(cells, device=hidden.device))
+    rows, at, cells = pointed
+    keys = head["key"](hidden[image_positions(batch["image_starts"], grid * grid)].float())  # (B, Q, P)
+    queries = head["query"](hidden[rows, at].float())  # (N, P)
+    logits = (queries[:, None, :] * keys[rows]).sum(-1) / POINTER_DIM ** 0.5  # (N, Q)
+    return F.cross_entropy(logits, cells)
+
+
+def attention_pointer_losses(llm, layer_index: int, scenes, conversations, batch: dict, hidden: torch.Tensor,
+                             tokenizer, grid: int, boxes: bool = False,
+                             read_words: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The pointer's targets taught to the LLM's own attention (`llm` an LLMForCausalLM, `hidden` [B, T, D] the input
+    of its decoder layer `layer_index`):
+
+    pointer  -log of the weight query head 0 of that layer gives the target cell's image position, over every
+             position the token attends to (causal, padding off). The throwaway pointer learnt where the next object
+             is but the descriptions did not use it (stop 36); here the head that finds the cell is one the LLM reads
+             through.
+    read     with `read_words` (token ids: the world's colour, category, size and place words), where the next token
+             is one of them: cross-entropy of that token from head 0's own output alone (its share of the output
+             projection, then the final norm and the LM head), so that what the head finds is written as the word.
+
+    Empty when the batch holds no description."""
+    pointed = _pointed(scenes, conversations, batch, tokenizer, grid, boxes, hidden.device)
+    if pointed is None:
+        return {}
+    rows, at, cells = pointed
+    attention = llm.model.layers[layer_index].self_attn
+    x = llm.model.layers[layer_index].input_layernorm(hidden)  # (B, T, D)
+    B, T, _ = x.shape
+    hd = attention.head_dim
+    cos, sin = llm.model.rotary_emb(torch.arange(T, device=x.device)[None], x.dtype)  # (1, 1, T, hd) each
+    cos, sin = cos[0, 0], sin[0, 0]  # (T, hd)
+    keys = attention.k_proj(x)[..., :hd]  # (B, T, hd): key/value head 0, which query head 0 reads
+    keys = (keys * cos).addcmul(keys.roll(hd // 2, dims=-1), sin)
+    queries = attention.q_proj(x[rows, at])[..., :hd]  # (N, hd)
+    queries = (queries * cos[at]).addcmul(queries.roll(hd // 2, dims=-1), sin[at])
+    scores = (queries[:, None, :] * keys[rows]).sum(-1).float() * attention.scale  # (N, T)
+    positions = torch.arange(T, device=x.device)
+    allowed = (positions[None] <= at[:, None]) & batch["attention_mask"][rows].bool()
+    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    targets = batch["image_starts"][rows] + cells  # (N,) the target cells' sequence positions
+    out = {"pointer": F.cross_entropy(scores, targets)}
+    if read_words is not None:
+        following = batch["input_ids"][rows, at + 1]  # (N,) the token each position predicts
+        words = torch.isin(following, read_words)
+        if words.any():
+            values = attention.v_proj(x)[..., :hd]  # (B, T, hd): value head 0
+            read = torch.einsum("nt,ntd->nd", scores[words].softmax(-1).to(values.dtype), values[rows[words]])
+            written = read @ attention.o_proj.weight[:, :hd].T  # (n, D): head 0's share of the output projection
+            logits = llm.lm_head(llm.model.norm(written)).float()  # (n, V)
+            out["read"] = F.cross_entropy(logits, following[words])
+    return out

@@ -31,6 +31,9 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
     # the budget's pointer weight goes to the stages that write descriptions (read writes none): off by default
     assert [s["pointer_weight"] for s in settings] == [0.0, 0.0, 0.0, 0.0]
     assert [s.pointer_weight for s in base_stages(Budget(pointer_weight=1.0))] == [0.0, 1.0, 0.0, 1.0]
+    wired = base_stages(Budget(pointer_weight=1.0, pointer_boxes=True, pointer_attention=True, read_weight=0.5))
+    assert [(s.pointer_boxes, s.pointer_attention, s.read_weight) for s in wired] == [
+        (False, False, 0.0), (True, True, 0.5), (False, False, 0.0), (True, True, 0.5)]
     read, settle = settings[0]["mix"], settings[1]["mix"]
     # read: yes/no questions of every kind and the statements turn, nothing else; settle: the full mix, slots frozen
     assert read["yesno"] == 1.0 and read["yesno_kinds"] is None and read["statements"] and settings[0]["turns"] == 2

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mllm.model.configuration import MLLMConfig
 from mllm.model.modeling_mllm import MLLMModel
 from mllm.model.tokenization import build_tokenizer
 from mllm.train import base_recipe
-from mllm.train.base_recipe import BaseStage, StageSettings, collate, encode
+from mllm.train.base_recipe import BaseStage, StageSettings, collate, encode, with_image_tokens
 from mllm.train.stage_heads import pointer_targets
 from mllm.train.scene_slots import BOX_BINS, SceneSlots, place_words, slot_features
 from mllm.world import scenes as S
@@ -267,7 +268,8 @@ def test_pointer_loss_is_the_cross_entropy_over_the_image_cells(tmp_path, tokeni
             layer.weight.zero_()
             layer.bias.zero_()
     # a head that scores every cell alike: log 4 at every target position
-    assert float(stage._pointer_loss(scenes, conversations, batch, hidden).detach()) == pytest.approx(math.log(4))
+    assert float(stage._pointer_loss(scenes, conversations, batch, hidden)["pointer"].detach()) == pytest.approx(
+        math.log(4))
     # query and key read feature 0 and 1; the text positions hold which cell is next, the cells who they are
     targets = pointer_targets(scenes[0], conversations[0], batch["input_ids"][0].tolist(), tokenizer, grid=2)
     with torch.no_grad():
@@ -277,9 +279,64 @@ def test_pointer_loss_is_the_cross_entropy_over_the_image_cells(tmp_path, tokeni
     hidden[0, start:start + 4, :4] = torch.eye(4)
     for position, cell in targets:
         hidden[0, position, cell] = 1.0
-    assert float(stage._pointer_loss(scenes, conversations, batch, hidden).detach()) < 1e-6
+    assert float(stage._pointer_loss(scenes, conversations, batch, hidden)["pointer"].detach()) < 1e-6
     assert stage._pointer_loss(scenes[1:], conversations[1:], collate([stage._encode(conversations[1])], 0),
-                               hidden[1:]) is None
+                               hidden[1:]) == {}
+
+
+def test_the_attention_pointer_is_minus_log_the_llm_heads_own_weight_on_the_target_cell(tmp_path, tokenizer):
+    stage, model = _read(tmp_path, tokenizer, question_first=True, pointer_weight=1.0, pointer_attention=True,
+                         pointer_layer=1)
+    assert stage.pointer_head is None  # no throwaway head: the LLM's layer 1, head 0 is taught
+    conversations = [[(S.DETAILED_PROMPTS[0], DESCRIPTION)], [("Is there a star in the image?", "Yes")]]
+    scenes = [_scene()] * 2
+    batch = collate([stage._encode(c) for c in conversations], stage.pad_id)
+    tokens = torch.randn(2, stage.query_num, model.config.llm.hidden_size)
+    out = stage._forward(batch, tokens, hidden_states=True)
+    loss = stage._pointer_loss(scenes, conversations, batch, out.hidden_states[1])["pointer"]
+    # the reference: the model's own attention weights (eager path), layer 1, query head 0
+    with torch.no_grad():
+        embeds = with_image_tokens(model, batch, tokens)
+        weights = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                            output_attentions=True).attentions[1][:, 0]  # (B, T, T)
+    targets = pointer_targets(scenes[0], conversations[0], batch["input_ids"][0].tolist(), tokenizer, grid=2)
+    start = int(batch["image_starts"][0])
+    expected = -torch.stack([weights[0, position, start + cell].log() for position, cell in targets]).mean()
+    assert len(targets) > 10
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-4)
+    loss.backward()  # it trains the LLM's own projections of that layer
+    assert model.llm.model.layers[1].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.llm.model.layers[1].self_attn.k_proj.weight.grad.abs().sum() > 0
+
+
+def test_the_read_is_the_next_object_word_from_the_pointer_heads_own_output(tmp_path, tokenizer):
+    stage, model = _read(tmp_path, tokenizer, question_first=True, pointer_weight=1.0, pointer_attention=True,
+                         pointer_layer=1, read_weight=1.0)
+    conversation = [(S.DETAILED_PROMPTS[0], DESCRIPTION)]
+    batch = collate([stage._encode(conversation)], stage.pad_id)
+    tokens = torch.randn(1, stage.query_num, model.config.llm.hidden_size)
+    out = stage._forward(batch, tokens, hidden_states=True)
+    losses = stage._pointer_loss([_scene()], [conversation], batch, out.hidden_states[1])
+    # the reference: layer 1's attention with every head but 0 cut from the output projection, then norm and LM head
+    llm = model.llm.model
+    attention = llm.layers[1].self_attn
+    hd = attention.head_dim
+    with torch.no_grad():
+        attention.o_proj.weight[:, hd:] = 0.0
+        T = batch["input_ids"].shape[1]
+        cos, sin = llm.rotary_emb(torch.arange(T)[None], torch.float32)
+        written, _ = attention(llm.layers[1].input_layernorm(out.hidden_states[1]), cos, sin, None, True)
+        logits = model.llm.lm_head(llm.norm(written))[0]  # (T, V)
+    ids = batch["input_ids"][0]
+    positions = [p for p, _ in pointer_targets(_scene(), conversation, ids.tolist(), tokenizer, grid=2)
+                 if int(ids[p + 1]) in stage.object_words.tolist()]
+    assert 4 <= len(positions) < len(pointer_targets(_scene(), conversation, ids.tolist(), tokenizer, grid=2))
+    expected = F.cross_entropy(logits[positions], ids[[p + 1 for p in positions]])
+    assert float(losses["read"].detach()) == pytest.approx(float(expected), rel=1e-4)
+    words = {tokenizer.decode([int(i)]).strip() for i in stage.object_words}
+    assert {"red", "star", "small", "top", "left", "two"} <= words and "is" not in words
+    with pytest.raises(ValueError, match="needs pointer_weight and pointer_attention"):
+        _read(tmp_path, tokenizer, question_first=True, pointer_weight=1.0, read_weight=1.0)
 
 
 def test_the_match_head_needs_the_question_first(tmp_path, tokenizer):
@@ -321,8 +378,10 @@ def _stop_after_saving(at_step: int):
 
 
 @pytest.mark.parametrize("match", [{}, {"question_first": True, "match_weight": 1.0},
-                                   {"question_first": True, "match_weight": 1.0, "pointer_weight": 1.0}],
-                         ids=["plain", "match", "pointer"])
+                                   {"question_first": True, "match_weight": 1.0, "pointer_weight": 1.0},
+                                   {"question_first": True, "pointer_weight": 1.0, "pointer_attention": True,
+                                    "read_weight": 1.0, "mix": LessonMix(alone=0.5)}],
+                         ids=["plain", "match", "pointer", "attention_read"])
 def test_a_stopped_stage_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path, tokenizer, monkeypatch, match):
     straight, straight_model = _read(tmp_path / "straight", tokenizer, **match)
     straight.run(progress=lambda line: None)
@@ -342,12 +401,15 @@ def test_a_stopped_stage_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path
     assert torch.equal(straight.slots.box.weight, resumed.slots.box.weight)
     if match:  # and the finished model says how its prompts are laid out
         assert MLLMModel.from_pretrained(tmp_path / "stopped" / "model").config.question_first
+    if "match_weight" in match:
         assert "loss_match" in straight.curve()[0]
         assert torch.equal(straight.match_head.weight, resumed.match_head.weight)
-    if "pointer_weight" in match:  # the pointer head resumes too, and it trained
+    if "pointer_weight" in match:  # the pointer head (when it is a throwaway one) resumes too, and it trained
         assert "loss_pointer" in straight.curve()[0]
-        for name, weight in straight.pointer_head.state_dict().items():
+        for name, weight in (straight.pointer_head.state_dict() if straight.pointer_head else {}).items():
             assert torch.equal(weight, resumed.pointer_head.state_dict()[name]), name
+    if "read_weight" in match:  # the attention pointer has no head of its own: the LLM is all there is to resume
+        assert straight.pointer_head is None and "loss_read" in straight.curve()[0]
 
 
 def test_a_finished_stage_hands_on_only_the_parts_it_trained(tmp_path, tokenizer):
