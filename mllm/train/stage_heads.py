@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from mllm.data.conversation import find_sequence
 from mllm.data.grounding_prepare import GROUNDING_PROMPT
 from mllm.data.lessons import answering_objects, described_objects
+from mllm.model.llm import apply_rope
 from mllm.train.scene_slots import slot_features
 from mllm.world import scenes as S
 
@@ -155,9 +156,9 @@ def attention_pointer_losses(llm, layer_index: int, scenes, conversations, batch
     cos, sin = llm.model.rotary_emb(torch.arange(T, device=x.device)[None], x.dtype)  # (1, 1, T, hd) each
     cos, sin = cos[0, 0], sin[0, 0]  # (T, hd)
     keys = attention.k_proj(x)[..., :hd]  # (B, T, hd): key/value head 0, which query head 0 reads
-    keys = (keys * cos).addcmul(keys.roll(hd // 2, dims=-1), sin)
+    keys = apply_rope(keys, cos, sin)
     queries = attention.q_proj(x[rows, at])[..., :hd]  # (N, hd)
-    queries = (queries * cos[at]).addcmul(queries.roll(hd // 2, dims=-1), sin[at])
+    queries = apply_rope(queries, cos[at], sin[at])
     scores = (queries[:, None, :] * keys[rows]).sum(-1).float() * attention.scale  # (N, T)
     positions = torch.arange(T, device=x.device)
     allowed = (positions[None] <= at[:, None]) & batch["attention_mask"][rows].bool()
