@@ -188,7 +188,7 @@ class BaseStage:
         if settings.read_weight and not (settings.pointer_weight and settings.pointer_attention):
             raise ValueError("StageSettings.read_weight reads through the attention pointer: it needs pointer_weight "
                              "and pointer_attention")
-        self.object_words = slots.word_ids().to(self.device)  # what `read_weight` reads
+        self.object_words = slots.word_ids().to(self.device) if settings.read_weight else None  # what it reads
 
     # the parts and what they compute
     def _modules(self, part: str) -> list[torch.nn.Module]:
@@ -292,7 +292,7 @@ class BaseStage:
         if s.pointer_attention:
             return attention_pointer_losses(self.model.llm, s.pointer_layer, scenes, conversations, batch, hidden,
                                             self.tokenizer, self.slots.grid, s.pointer_boxes,
-                                            self.object_words if s.read_weight else None)
+                                            self.object_words)
         pointer = pointer_loss(self.pointer_head, scenes, conversations, batch, hidden, self.tokenizer,
                                self.slots.grid, s.pointer_boxes)
         return {} if pointer is None else {"pointer": pointer}

@@ -140,9 +140,10 @@ def attention_pointer_losses(llm, layer_index: int, scenes, conversations, batch
              position the token attends to (causal, padding off). The throwaway pointer learnt where the next object
              is but the descriptions did not use it (stop 36); here the head that finds the cell is one the LLM reads
              through.
-    read     with `read_words` (token ids: the world's colour, category, size and place words), where the next token
-             is one of them: cross-entropy of that token from head 0's own output alone (its share of the output
-             projection, then the final norm and the LM head), so that what the head finds is written as the word.
+    read     with `read_words` (token ids: the slots' colour, category, size, place and count words), where the next
+             token is one of them: cross-entropy of that token from head 0's own output alone (its share of the
+             output projection, then the final norm and the LM head), so that what the head finds is written as the
+             word.
 
     Empty when the batch holds no description."""
     pointed = _pointed(scenes, conversations, batch, tokenizer, grid, boxes, hidden.device)
@@ -151,8 +152,7 @@ def attention_pointer_losses(llm, layer_index: int, scenes, conversations, batch
     rows, at, cells = pointed
     attention = llm.model.layers[layer_index].self_attn
     x = llm.model.layers[layer_index].input_layernorm(hidden)  # (B, T, D)
-    B, T, _ = x.shape
-    hd = attention.head_dim
+    T, hd = x.shape[1], attention.head_dim
     cos, sin = llm.model.rotary_emb(torch.arange(T, device=x.device)[None], x.dtype)  # (1, 1, T, hd) each
     cos, sin = cos[0, 0], sin[0, 0]  # (T, hd)
     keys = attention.k_proj(x)[..., :hd]  # (B, T, hd): key/value head 0, which query head 0 reads
