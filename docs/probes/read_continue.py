@@ -45,6 +45,7 @@
     gp1 as p1 with boxes=1   (grounding answers point at the referred object's cell too)
     ap2 as gp1 with attend=1 pointer_layer=2   (the pointer is the LLM's own attention: layer 2, head 0; ap3: layer 3)
     ar2 from=RUN/base/read,runs/probe/ap2, as ap2 with read=1.0 steps=300   (ap2b: the same without read=)
+    br2 as ar2 with read_box=1.0   (each box digit from head 0's output and the position's state, through layer 2)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 
 order=band: the slots band-major, as descriptions name objects (`common.band_major_slots`). table=triple|rank: one
@@ -131,5 +132,6 @@ settings = StageSettings(kind="read", steps=int(args.get("steps", 300)), lr=floa
                          pointer_boxes=args.get("boxes") == "1",  # gp1: grounding answers point at their object
                          # ap2 / ap3: the pointer taught to head 0 of decoder layer pointer_layer itself
                          pointer_attention=args.get("attend") == "1",
-                         read_weight=float(args.get("read", 0.0)))  # ar2: the next object word from that head alone
+                         read_weight=float(args.get("read", 0.0)),
+                         box_read_weight=float(args.get("read_box", 0.0)))  # br2: box digits through the layer  # ar2: the next object word from that head alone
 print(BaseStage(model, tokenizer, slots, settings, Path(args["out"])).run(progress=lambda s: print(s, flush=True)))

@@ -75,6 +75,7 @@ class StageSettings:
     pointer_boxes: bool = False  # ... and from each grounding answer's tokens to the referred object's cell
     pointer_attention: bool = False  # ... taught to head 0 of decoder layer pointer_layer, not to a throwaway head
     read_weight: float = 0.0  # with pointer_attention: cross-entropy of the next object word from that head alone
+    box_read_weight: float = 0.0  # with pointer_attention and pointer_boxes: ... of each box digit, through the layer
     warmup: int = 100
     beta2: float = 0.95
     bf16: bool | None = None  # bf16 autocast; None: where it pays on this machine (`bf16_autocast_pays`)
@@ -164,6 +165,7 @@ class BaseStage:
         self.model, self.tokenizer, self.slots, self.settings = model, tokenizer, slots, settings
         self.folder, self.seed = Path(folder), seed
         self.after = chain_fingerprint(after)
+        self.after_before_stop38 = chain_fingerprint(after, as_before_stop38=True)  # accepted in records too
         self.token_ids = special_token_ids(tokenizer)
         self.pad_id = tokenizer.pad_token_id or 0
         self.query_num = model.config.query_num
@@ -188,7 +190,15 @@ class BaseStage:
         if settings.read_weight and not (settings.pointer_weight and settings.pointer_attention):
             raise ValueError("StageSettings.read_weight reads through the attention pointer: it needs pointer_weight "
                              "and pointer_attention")
+        if settings.box_read_weight and not (settings.pointer_weight and settings.pointer_attention
+                                             and settings.pointer_boxes):
+            raise ValueError("StageSettings.box_read_weight reads through the attention pointer on boxes: it needs "
+                             "pointer_weight, pointer_attention and pointer_boxes")
         self.object_words = slots.word_ids().to(self.device) if settings.read_weight else None  # what it reads
+        self.box_digits = None  # ... and the digits of its boxes
+        if settings.box_read_weight:
+            self.box_digits = torch.tensor([tokenizer.encode(str(d), add_special_tokens=False)[0] for d in range(10)],
+                                           device=self.device)
 
     # the parts and what they compute
     def _modules(self, part: str) -> list[torch.nn.Module]:
@@ -280,7 +290,8 @@ class BaseStage:
             parts["readout"] = self.slots.readout_loss(scenes, tokens.float(),
                                                        self.model.llm.get_input_embeddings().weight)
         weights = {"answer": s.answer_weight, "lm": s.lm_weight, "slots": s.slot_weight, "readout": s.readout_weight,
-                   "match": s.match_weight, "pointer": s.pointer_weight, "read": s.read_weight}
+                   "match": s.match_weight, "pointer": s.pointer_weight, "read": s.read_weight,
+                   "read_box": s.box_read_weight}
         parts["total"] = sum(weights[name] * value for name, value in parts.items())
         return parts
 
@@ -292,7 +303,7 @@ class BaseStage:
         if s.pointer_attention:
             return attention_pointer_losses(self.model.llm, s.pointer_layer, scenes, conversations, batch, hidden,
                                             self.tokenizer, self.slots.grid, s.pointer_boxes,
-                                            self.object_words)
+                                            self.object_words, self.box_digits)
         pointer = pointer_loss(self.pointer_head, scenes, conversations, batch, hidden, self.tokenizer,
                                self.slots.grid, s.pointer_boxes)
         return {} if pointer is None else {"pointer": pointer}
@@ -512,7 +523,7 @@ class BaseStage:
         """Refuse a stage's saved state or finished weights trained after other stages than this run's (an earlier
         stage changed since): they would carry on the other chain's weights. Records from before the fingerprint
         (None) are taken as they are."""
-        if recorded is not None and recorded != self.after:
+        if recorded is not None and recorded not in (self.after, self.after_before_stop38):
             raise ValueError(f"{path}: this stage was trained on top of other earlier stages than this run's (their "
                              f"settings changed since: fingerprint {recorded}, now {self.after}); move "
                              f"{path.parent} away to train it again on this chain (nothing is deleted)")
@@ -542,11 +553,24 @@ _NOT_TRAINING = {"log_every", "save_every", "eval_every", "eval_scenes", "descri
                  "bf16"}
 
 
-def chain_fingerprint(stages) -> str:
+def chain_fingerprint(stages, as_before_stop38: bool = False) -> str:
     """A short hash of the training settings of `stages` in order (what changes only the curve, the saving or the
-    arithmetic left out, as in `_check_same_training`)."""
-    settings = [{k: v for k, v in _jsonable(s).items() if k not in _NOT_TRAINING} for s in stages]
+    arithmetic left out, as in `_check_same_training`). Fields at their defaults are left out too: a field added
+    later defaults to the behaviour from before it, so finished stages keep their fingerprints.
+    `as_before_stop38`: the hash as recorded until then (every field of the time, defaults included)."""
+    defaults = _with_defaults({"curriculum": [], "mix": {}})
+    settings = []
+    for stage in stages:
+        fields = {k: v for k, v in _jsonable(stage).items() if k not in _NOT_TRAINING}
+        if as_before_stop38:
+            fields = {k: v for k, v in fields.items() if k not in _ADDED_SINCE_STOP38}
+        else:
+            fields = {k: v for k, v in fields.items() if k not in defaults or v != defaults[k]}
+        settings.append(fields)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_ADDED_SINCE_STOP38 = {"box_read_weight"}  # not in the fingerprints recorded before defaults were left out
 
 
 def _check_same_training(path: Path, recorded: dict, wanted: dict) -> None:

@@ -132,7 +132,8 @@ def pointer_loss(head: torch.nn.ModuleDict, scenes, conversations, batch: dict, 
 
 def attention_pointer_losses(llm, layer_index: int, scenes, conversations, batch: dict, hidden: torch.Tensor,
                              tokenizer, grid: int, boxes: bool = False,
-                             read_words: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                             read_words: torch.Tensor | None = None,
+                             box_digits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The pointer's targets taught to the LLM's own attention (`llm` an LLMForCausalLM, `hidden` [B, T, D] the input
     of its decoder layer `layer_index`):
 
@@ -144,6 +145,11 @@ def attention_pointer_losses(llm, layer_index: int, scenes, conversations, batch
              token is one of them: cross-entropy of that token from head 0's own output alone (its share of the
              output projection, then the final norm and the LM head), so that what the head finds is written as the
              word.
+    read_box with `box_digits` (the digit tokens) and `boxes`, where the next token is a digit of a grounding answer's
+             box: cross-entropy of that digit from the position's own input to the layer plus head 0's output, through
+             the layer's MLP, the final norm and the LM head (the later layers skipped). Unlike a word, a digit is not
+             in the cell the head finds: which coordinate and digit come next is known only at the position, so the
+             position's state joins the head's output.
 
     Empty when the batch holds no description."""
     pointed = _pointed(scenes, conversations, batch, tokenizer, grid, boxes, hidden.device)
@@ -165,13 +171,24 @@ def attention_pointer_losses(llm, layer_index: int, scenes, conversations, batch
     scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
     targets = batch["image_starts"][rows] + cells  # (N,) the target cells' sequence positions
     out = {"pointer": F.cross_entropy(scores, targets)}
+    following = batch["input_ids"][rows, at + 1]  # (N,) the token each position predicts
+    reads = {}
     if read_words is not None:
-        following = batch["input_ids"][rows, at + 1]  # (N,) the token each position predicts
-        words = torch.isin(following, read_words)
-        if words.any():
-            values = attention.v_proj(x)[..., :hd]  # (B, T, hd): value head 0
-            read = torch.einsum("nt,ntd->nd", scores[words].softmax(-1).to(values.dtype), values[rows[words]])
-            written = read @ attention.o_proj.weight[:, :hd].T  # (n, D): head 0's share of the output projection
-            logits = llm.lm_head(llm.model.norm(written)).float()  # (n, V)
-            out["read"] = F.cross_entropy(logits, following[words])
+        reads["read"] = torch.isin(following, read_words)
+    if box_digits is not None and boxes:
+        reads["read_box"] = torch.isin(following, box_digits)
+    if not any(where.any() for where in reads.values()):
+        return out
+    values = attention.v_proj(x)[..., :hd]  # (B, T, hd): value head 0
+    layer = llm.model.layers[layer_index]
+    for name, where in reads.items():
+        if not where.any():
+            continue
+        read = torch.einsum("nt,ntd->nd", scores[where].softmax(-1).to(values.dtype), values[rows[where]])
+        written = read @ attention.o_proj.weight[:, :hd].T  # (n, D): head 0's share of the output projection
+        if name == "read_box":  # the position's own state joins it, through the layer's MLP
+            written = written + hidden[rows[where], at[where]]
+            written = written + layer.mlp(layer.post_attention_layernorm(written))
+        logits = llm.lm_head(llm.model.norm(written)).float()  # (n, V)
+        out[name] = F.cross_entropy(logits, following[where])
     return out

@@ -1,6 +1,7 @@
 """The base recipe's parts: scenes as slot vectors (hand-worked), lesson batches, and the stages' training loop
 (loss falls, the right parts change, a stopped stage resumes to the very weights of an uninterrupted one)."""
 
+import hashlib
 import json
 import math
 import random
@@ -339,6 +340,40 @@ def test_the_read_is_the_next_object_word_from_the_pointer_heads_own_output(tmp_
         _read(tmp_path, tokenizer, question_first=True, pointer_weight=1.0, read_weight=1.0)
 
 
+def test_the_box_read_is_each_box_digit_from_the_heads_output_and_the_positions_state_through_the_layer(
+        tmp_path, tokenizer):
+    stage, model = _read(tmp_path, tokenizer, question_first=True, pointer_weight=1.0, pointer_attention=True,
+                         pointer_boxes=True, pointer_layer=1, box_read_weight=1.0)
+    conversation = [(GROUNDING_PROMPT.format(expression="the blue star"), "[375,375,625,625]"),
+                    (S.DETAILED_PROMPTS[0], DESCRIPTION)]
+    batch = collate([stage._encode(conversation)], stage.pad_id)
+    tokens = torch.randn(1, stage.query_num, model.config.llm.hidden_size)
+    out = stage._forward(batch, tokens, hidden_states=True)
+    losses = stage._pointer_loss([_scene()], [conversation], batch, out.hidden_states[1])
+    assert "read" not in losses  # no word read asked for
+    # the reference: layer 1 with every attention head but 0 cut from the output projection, then norm and LM head
+    llm = model.llm.model
+    layer = llm.layers[1]
+    hd = layer.self_attn.head_dim
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight[:, hd:] = 0.0
+        T = batch["input_ids"].shape[1]
+        cos, sin = llm.rotary_emb(torch.arange(T)[None], torch.float32)
+        state = out.hidden_states[1] + layer.self_attn(layer.input_layernorm(out.hidden_states[1]), cos, sin, None,
+                                                       True)[0]
+        state = state + layer.mlp(layer.post_attention_layernorm(state))
+        logits = model.llm.lm_head(llm.norm(state))[0]  # (T, V)
+    ids = batch["input_ids"][0]
+    positions = [p for p, _ in pointer_targets(_scene(), conversation, ids.tolist(), tokenizer, grid=2, boxes=True)
+                 if tokenizer.decode([int(ids[p + 1])]).isdigit()]
+    assert len(positions) == 12  # the box's digits, none of the description's
+    expected = F.cross_entropy(logits[positions], ids[[p + 1 for p in positions]])
+    assert float(losses["read_box"].detach()) == pytest.approx(float(expected), rel=1e-4)
+    with pytest.raises(ValueError, match="needs pointer_weight, pointer_attention and pointer_boxes"):
+        _read(tmp_path, tokenizer, question_first=True, pointer_weight=1.0, pointer_attention=True,
+              box_read_weight=1.0)
+
+
 def test_the_match_head_needs_the_question_first(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="needs question_first"):
         _read(tmp_path, tokenizer, match_weight=1.0)
@@ -603,6 +638,28 @@ def test_ground_scores_acc_at_half_iou_mean_iou_and_parsed_share(tmp_path, token
         texts[prompt] = [f" {format_box(truth)}", f" {format_box(apart)}", " the moon"][k % 3]
     stage._greedy = lambda prompt, scenes, images, max_new_tokens: [texts[prompt]]
     assert stage.ground() == {"acc": round(3 / 9, 4), "iou": round(3 / 9, 4), "parsed": round(6 / 9, 4)}
+
+
+def test_a_field_added_at_its_default_keeps_the_fingerprints_of_finished_stages(tmp_path, tokenizer):
+    """Adding box_read_weight (default 0: no box read) changed every recorded chain fingerprint, so finished runs
+    refused to resume. Now fields at their defaults are left out, and a record from before that is still taken."""
+    settle = StageSettings(kind="read", steps=3, lr=1e-3, trains={"llm": 1.0}, pointer_weight=1.0,
+                           pointer_attention=True, eval_every=7)
+
+    def digest(fields):
+        return hashlib.sha256(json.dumps([fields], sort_keys=True).encode()).hexdigest()[:16]
+
+    every = {k: v for k, v in base_recipe._jsonable(settle).items() if k not in base_recipe._NOT_TRAINING}
+    set_only = {k: every[k] for k in ("kind", "steps", "lr", "trains", "pointer_weight", "pointer_attention")}
+    assert base_recipe.chain_fingerprint([settle]) == digest(set_only)
+    recorded_before = digest({k: v for k, v in every.items() if k != "box_read_weight"})  # as stop 37 wrote it
+    stage, _ = _read(tmp_path, tokenizer)
+    stage.after, stage.after_before_stop38 = (base_recipe.chain_fingerprint([settle]),
+                                              base_recipe.chain_fingerprint([settle], as_before_stop38=True))
+    stage._check_same_chain(tmp_path / "done.json", recorded_before)  # taken
+    stage._check_same_chain(tmp_path / "done.json", digest(set_only))
+    with pytest.raises(ValueError, match="other earlier stages"):
+        stage._check_same_chain(tmp_path / "done.json", digest(every | {"steps": 4}))
 
 
 def test_a_stage_is_never_resumed_or_reused_on_top_of_another_chain(tmp_path, tokenizer, monkeypatch):
