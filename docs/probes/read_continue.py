@@ -45,6 +45,8 @@
     gp1 as p1 with boxes=1   (grounding answers point at the referred object's cell too)
     ap2 as gp1 with attend=1 pointer_layer=2   (the pointer is the LLM's own attention: layer 2, head 0; ap3: layer 3)
     ar2 from=RUN/base/read,runs/probe/ap2, as ap2 with read=1.0 steps=300   (ap2b: the same without read=)
+    f2  from=RUN/base/read, as ap2 with read=1.0 read_box=1.0 box_code=fourier steps=400 (the box as digit phases)
+    g1  from=RUN/base/read,runs/probe/fb2 as fb2 with mix=ground steps=150 (f2g: from f2, box_code=fourier)
     br2 as ar2 with read_box=1.0   (each box digit from head 0's output and the position's state, through layer 2)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 
@@ -93,7 +95,8 @@ mixes = {
     "where": LessonMix(**only | {"yesno": 0.5, "lookup": 0.5}, yesno_kinds=("position",), statements=statements),
     "describe": LessonMix(**only | {"short": 0.33, "detailed": 0.67}, statements=statements,
                           alone=float(args.get("alone", 0.0))),
-    "yesno": LessonMix(**only | {"yesno": 1.0}, statements=statements),  # q0/q1: yes/no questions of all kinds
+    "yesno": LessonMix(**only | {"yesno": 1.0}, statements=statements),
+    "ground": LessonMix(**only | {"grounding": 1.0}, statements=False),  # g1: grounding turns only  # q0/q1: yes/no questions of all kinds
     # j1: the course's read (stop 35) with descriptions kept: 30 % one description alone, some after the statements
     "yesno_desc": with_descriptions(QUESTIONS_AND_STATEMENTS, float(args.get("alone", 0.3))),
     "existence": EXISTENCE_FIRST,  # read's first curriculum step: existence questions + the inventory turn
@@ -104,7 +107,18 @@ mixes = {
     "colour_desc": dataclasses.replace(COLOUR_NEXT, short=0.1, detailed=0.2, alone=float(args.get("alone", 0.3))),
     "lookup_desc": dataclasses.replace(LOOKUP_ONLY, short=0.1, detailed=0.2, alone=float(args.get("alone", 0.3))),
 }
-model, tokenizer, slots = read_chain(base, "init" if args["from"] == "init" else args["from"].split(","))
+chain = "init" if args["from"] == "init" else args["from"].split(",")
+fourier = args.get("box_code") == "fourier"  # f2: each box coordinate's digits as phases, in place of the bins
+model, tokenizer, slots = read_chain(base, chain[:1] if fourier else chain)
+if fourier:  # the first folder's slots (bins), then the new box part seeded, then the later (fourier) folders
+    from mllm.train.scene_slots import SceneSlots
+    torch.manual_seed(0)
+    fourier = SceneSlots(tokenizer, model.config.llm.hidden_size, slots.grid, box_code="fourier")
+    fourier.load_state_dict(slots.state_dict(), strict=False)  # all but the new box part (seeded above)
+    slots = fourier
+    finished = StageSettings(kind="read", steps=1, lr=1e-3, trains={"llm": 1.0, "slots": 1.0}, eval_scenes=1)
+    for folder in chain[1:]:
+        BaseStage(model, tokenizer, slots, finished, Path(folder)).load_finished()
 if args.get("tie") == "1":  # t0: the LM head tied to the input embeddings (a word held in a slot reads straight out)
     model.llm.lm_head.weight = model.llm.get_input_embeddings().weight
     save_pretrained = model.save_pretrained

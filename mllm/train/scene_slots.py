@@ -6,7 +6,8 @@ G x G grid (Q = G*G), and each object adds to the cell holding its centre the su
 
     the LLM's own input embeddings of its colour, category and size words, of the two words of its 3x3 place
     ("top", "left") and of the word of its category's count ("two" for each circle of a two-circle scene),
-    a learnt embedding of its (colour, category) pair, and four learnt embeddings of its box's corner bins.
+    a learnt embedding of its (colour, category) pair, and its box: four learnt embeddings of its corner
+    coordinates' bins, or (`box_code="fourier"`) each coordinate's digits as phases, below.
 
 So a yes/no question's content word (" circle", " two", " left") meets the same embedding in the image: the
 lookup a fresh LLM otherwise finds slowly. The vision tower and resampler are then trained to produce these
@@ -33,6 +34,7 @@ CELLS = sorted(S.CELL_PHRASES)  # the 3x3 places, (row, column)
 COUNT_WORDS = S.NUMBER_WORDS[1:7]  # one .. six (a scene holds at most six objects)
 BOX_BINS = 25  # bins per box coordinate on the 0-1000 grid
 READOUT_SCALE = 4.0
+BOX_PERIODS = (1000, 100, 10)  # the Fourier box code: one (cos, sin) pair per digit of a 0-1000 coordinate
 _PLACE_STOP_WORDS = {"in", "the", "at", "on", "of"}
 
 
@@ -58,6 +60,17 @@ def slot_features(scene: S.Scene, grid: int) -> list[tuple[int, ...]]:
     return out
 
 
+def box_phases(boxes: torch.Tensor) -> torch.Tensor:
+    """[N, 4] coordinates on the 0-1000 grid -> [N, 4 * 2 * len(BOX_PERIODS)]: for each coordinate and each period
+    P, cos and sin of 2 pi v / P. The digit of v that P / 10 counts is the sector of that angle (v = 372, P = 100:
+    72 / 100 of a turn, the tens digit 7), so each digit is a linear read of one pair once its coordinate is picked,
+    where a learnt embedding per bin leaves every (coordinate, bin) -> digit pair to be learnt alone (measured: the
+    bins stay near their random start and the digits unread, docs/probes/README.md, stop 38)."""
+    periods = torch.tensor(BOX_PERIODS, dtype=torch.float32, device=boxes.device)
+    angles = 2 * torch.pi * boxes.float()[..., None] / periods  # (N, 4, P)
+    return torch.stack((angles.cos(), angles.sin()), -1).flatten(1)  # (N, 4 * P * 2)
+
+
 class WordTable(nn.Module):
     """Token ids of a list of words (each as it follows a space), padded: embeds a word as the sum of its
     tokens' embeddings, which for a word the tokenizer holds whole is its one embedding."""
@@ -80,14 +93,19 @@ class WordTable(nn.Module):
 class SceneSlots(nn.Module):
     """Scenes -> [B, Q, D] slot vectors, given the LLM's input embedding matrix (which it shares, not owns)."""
 
-    def __init__(self, tokenizer, hidden_size: int, grid: int = 6):
+    def __init__(self, tokenizer, hidden_size: int, grid: int = 6, box_code: str = "bins"):
         super().__init__()
-        self.grid = grid
+        if box_code not in ("bins", "fourier"):
+            raise ValueError(f"SceneSlots box_code must be bins or fourier, got {box_code!r}")
+        self.grid, self.box_code = grid, box_code
         self.cell = nn.Embedding(grid * grid, hidden_size)  # what an empty cell holds: where it is
         self.colour_category = nn.Embedding(len(COLOURS) * len(CATEGORIES), hidden_size)
         self.box = nn.Embedding(4 * BOX_BINS, hidden_size)
         for table in (self.cell, self.colour_category, self.box):
             nn.init.normal_(table.weight, std=0.02)
+        if box_code == "fourier":  # a coordinate's three pairs about as long as one bin embedding (~0.02 sqrt(D))
+            self.box_fourier = nn.Linear(4 * 2 * len(BOX_PERIODS), hidden_size, bias=False)
+            nn.init.normal_(self.box_fourier.weight, std=0.02 / len(BOX_PERIODS) ** 0.5)
         self.colours = WordTable(tokenizer, COLOURS)
         self.categories = WordTable(tokenizer, CATEGORIES)
         self.sizes = WordTable(tokenizer, list(SIZES))
@@ -109,6 +127,14 @@ class SceneSlots(nn.Module):
         device = self.cell.weight.device
         return (torch.tensor(rows, dtype=torch.long, device=device),
                 torch.tensor(feats, dtype=torch.long, device=device).reshape(-1, 10))
+
+    def _box_part(self, scenes: list[S.Scene], bins: torch.Tensor) -> torch.Tensor:
+        """[N, D]: every object's box, from its corner bins [N, 4] or (fourier) its coordinates' phases."""
+        if self.box_code == "bins":
+            return self.box(bins + torch.arange(4, device=bins.device) * BOX_BINS).sum(1)
+        boxes = [pixel_to_grid(o.bbox, s.width, s.height, square_pad=False) for s in scenes for o in s.objects]
+        phases = box_phases(torch.tensor(boxes, device=bins.device).reshape(-1, 4))  # same order as _objects
+        return self.box_fourier(phases.to(self.box_fourier.weight.dtype))
 
     def readout_loss(self, scenes: list[S.Scene], tokens: torch.Tensor, word_embedding: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of reading each object's colour, category and count word back from its cell's token
@@ -136,5 +162,5 @@ class SceneSlots(nn.Module):
                    + self.places(2 * f[:, 8:9] + torch.arange(2, device=f.device), word_embedding).sum(1)
                    + self.counts(f[:, 9], word_embedding)
                    + self.colour_category(f[:, 1] * len(CATEGORIES) + f[:, 2])
-                   + self.box(f[:, 4:8] + torch.arange(4, device=f.device) * BOX_BINS).sum(1))  # (N, D)
+                   + self._box_part(scenes, f[:, 4:8]))  # (N, D)
         return out.index_put((rows, f[:, 0]), vectors.to(out.dtype), accumulate=True)

@@ -18,7 +18,7 @@ from mllm.model.tokenization import build_tokenizer
 from mllm.train import base_recipe
 from mllm.train.base_recipe import BaseStage, StageSettings, collate, encode, with_image_tokens
 from mllm.train.stage_heads import pointer_targets
-from mllm.train.scene_slots import BOX_BINS, SceneSlots, place_words, slot_features
+from mllm.train.scene_slots import BOX_BINS, BOX_PERIODS, SceneSlots, box_phases, place_words, slot_features
 from mllm.world import scenes as S
 from mllm.data.boxes import format_box, iou, pixel_to_grid
 from mllm.data.grounding_prepare import GROUNDING_PROMPT
@@ -76,6 +76,32 @@ def test_slot_vectors_are_the_llm_word_embeddings_plus_learnt_parts(tokenizer):
                 + sum(slots.box.weight[f[4 + k] + k * BOX_BINS] for k in range(4)))
     assert torch.allclose(out[0, 0], expected, atol=1e-5)
     assert torch.equal(out[0, 1:], slots.cell.weight[1:])  # empty cells say only where they are
+
+
+def test_the_fourier_box_code_puts_each_digit_of_each_coordinate_in_the_angle_of_one_pair(tokenizer):
+    values = torch.tensor([[0, 372, 999, 1000], [58, 407, 610, 95]])
+    phases = box_phases(values).reshape(2, 4, len(BOX_PERIODS), 2)  # (cos, sin) per coordinate and period
+    turns = torch.atan2(phases[..., 1], phases[..., 0]) % (2 * math.pi) / (2 * math.pi)  # (2, 4, 3) in [0, 1)
+    sectors = (10 * turns + 1e-4).floor().long() % 10  # (1e-4: a digit's first angle lands a hair under it)
+    for n in range(2):
+        for k in range(4):
+            v = int(values[n, k])
+            assert sectors[n, k].tolist() == [v // 100 % 10, v // 10 % 10, v % 10]  # hundreds, tens, units
+    slots = SceneSlots(tokenizer, 8, grid=2, box_code="fourier")
+    embedding = torch.randn(len(tokenizer), 8)
+    scene = S.Scene("t", 120, 120, _scene().objects[:1], 0)  # the red circle, box (10, 10, 30, 30) of 120 x 120
+    out = slots([scene], embedding)
+    weight = slots.box_fourier.weight.detach().clone()  # (8, 24)
+    with torch.no_grad():
+        slots.box_fourier.weight.zero_()
+        slots.box.weight.normal_()  # the bins' table plays no part
+    without = slots([scene], embedding)
+    box = torch.tensor([pixel_to_grid((10, 10, 30, 30), 120, 120, square_pad=False)])
+    assert box.tolist() == [[83, 83, 250, 250]]
+    assert torch.allclose(out[0, 0] - without[0, 0], (box_phases(box) @ weight.T)[0], atol=1e-5)
+    assert torch.equal(out[0, 1:], without[0, 1:])
+    with pytest.raises(ValueError, match="box_code must be bins or fourier"):
+        SceneSlots(tokenizer, 8, grid=2, box_code="digits")
 
 
 def test_lessons_ask_before_the_statements_and_write_after_them_and_noise_adds_an_absent_object():
