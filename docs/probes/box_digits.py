@@ -102,7 +102,8 @@ def linear_accuracy(pairs) -> float:
     optimizer.step(closure)
     return float((classifier(x[cut:]).argmax(-1) == y[cut:]).float().mean())
 
-print(f"{'role':5} {'n':>4} {'acc':>6} {'prior':>6} {'head0 on cell':>14} {'linear from head 0':>19} {'slot':>6} {'cell':>6}")
+print(f"{'role':5} {'n':>4} {'acc':>6} {'prior':>6} {'head0 on cell':>14} {'linear from head 0':>19} "
+      f"{'slot':>6} {'cell':>6}")
 for role in names:
     if total[role]:
         prior = truth[role].most_common(1)[0][1] / total[role]

@@ -45,7 +45,8 @@
     gp1 as p1 with boxes=1   (grounding answers point at the referred object's cell too)
     ap2 as gp1 with attend=1 pointer_layer=2   (the pointer is the LLM's own attention: layer 2, head 0; ap3: layer 3)
     ar2 from=RUN/base/read,runs/probe/ap2, as ap2 with read=1.0 steps=300   (ap2b: the same without read=)
-    f2  from=RUN/base/read, as ap2 with read=1.0 read_box=1.0 box_code=fourier steps=400 (the box as digit phases)
+    f2  from=RUN/base/read, as ap2 with read=1.0 read_box=1.0 box_code=fourier steps=400 (the box as digit phases;
+        fb2: the same with the bins)
     g1  from=RUN/base/read,runs/probe/fb2 as fb2 with mix=ground steps=150 (f2g: from f2, box_code=fourier)
     br2 as ar2 with read_box=1.0   (each box digit from head 0's output and the position's state, through layer 2)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
@@ -95,8 +96,8 @@ mixes = {
     "where": LessonMix(**only | {"yesno": 0.5, "lookup": 0.5}, yesno_kinds=("position",), statements=statements),
     "describe": LessonMix(**only | {"short": 0.33, "detailed": 0.67}, statements=statements,
                           alone=float(args.get("alone", 0.0))),
-    "yesno": LessonMix(**only | {"yesno": 1.0}, statements=statements),
-    "ground": LessonMix(**only | {"grounding": 1.0}, statements=False),  # g1: grounding turns only  # q0/q1: yes/no questions of all kinds
+    "yesno": LessonMix(**only | {"yesno": 1.0}, statements=statements),  # q0/q1: yes/no questions of all kinds
+    "ground": LessonMix(**only | {"grounding": 1.0}, statements=False),  # g1: grounding only
     # j1: the course's read (stop 35) with descriptions kept: 30 % one description alone, some after the statements
     "yesno_desc": with_descriptions(QUESTIONS_AND_STATEMENTS, float(args.get("alone", 0.3))),
     "existence": EXISTENCE_FIRST,  # read's first curriculum step: existence questions + the inventory turn
@@ -113,9 +114,9 @@ model, tokenizer, slots = read_chain(base, chain[:1] if fourier else chain)
 if fourier:  # the first folder's slots (bins), then the new box part seeded, then the later (fourier) folders
     from mllm.train.scene_slots import SceneSlots
     torch.manual_seed(0)
-    fourier = SceneSlots(tokenizer, model.config.llm.hidden_size, slots.grid, box_code="fourier")
-    fourier.load_state_dict(slots.state_dict(), strict=False)  # all but the new box part (seeded above)
-    slots = fourier
+    coded = SceneSlots(tokenizer, model.config.llm.hidden_size, slots.grid, box_code="fourier")
+    coded.load_state_dict(slots.state_dict(), strict=False)  # all but the new box part (seeded above)
+    slots = coded
     finished = StageSettings(kind="read", steps=1, lr=1e-3, trains={"llm": 1.0, "slots": 1.0}, eval_scenes=1)
     for folder in chain[1:]:
         BaseStage(model, tokenizer, slots, finished, Path(folder)).load_finished()
@@ -146,6 +147,6 @@ settings = StageSettings(kind="read", steps=int(args.get("steps", 300)), lr=floa
                          pointer_boxes=args.get("boxes") == "1",  # gp1: grounding answers point at their object
                          # ap2 / ap3: the pointer taught to head 0 of decoder layer pointer_layer itself
                          pointer_attention=args.get("attend") == "1",
-                         read_weight=float(args.get("read", 0.0)),
-                         box_read_weight=float(args.get("read_box", 0.0)))  # br2: box digits through the layer  # ar2: the next object word from that head alone
+                         read_weight=float(args.get("read", 0.0)),  # ar2: the next object word from that head alone
+                         box_read_weight=float(args.get("read_box", 0.0)))  # br2: box digits, through the layer
 print(BaseStage(model, tokenizer, slots, settings, Path(args["out"])).run(progress=lambda s: print(s, flush=True)))
