@@ -64,8 +64,9 @@ def box_phases(boxes: torch.Tensor) -> torch.Tensor:
     """[N, 4] coordinates on the 0-1000 grid -> [N, 4 * 2 * len(BOX_PERIODS)]: for each coordinate and each period
     P, cos and sin of 2 pi v / P. The digit of v that P / 10 counts is the sector of that angle (v = 372, P = 100:
     72 / 100 of a turn, the tens digit 7), so each digit is a linear read of one pair once its coordinate is picked,
-    where a learnt embedding per bin leaves every (coordinate, bin) -> digit pair to be learnt alone (measured: the
-    bins stay near their random start and the digits unread, docs/probes/README.md, stop 38)."""
+    where a learnt embedding per bin leaves every (coordinate, bin) -> digit pair to be learnt alone. Measured no
+    better than the bins (docs/probes/README.md, stop 38): the LLM reads neither, since picking the coordinate and
+    place is the step it does not learn."""
     periods = torch.tensor(BOX_PERIODS, dtype=torch.float32, device=boxes.device)
     angles = 2 * torch.pi * boxes.float()[..., None] / periods  # (N, 4, P)
     return torch.stack((angles.cos(), angles.sin()), -1).flatten(1)  # (N, 4 * P * 2)
