@@ -484,3 +484,55 @@ def extra_slot_table(table: str, std: float = 0.0) -> None:
         return plain_load(self, state, strict, assign)
 
     SS.SceneSlots.__init__, SS.SceneSlots.forward, SS.SceneSlots.load_state_dict = init, forward, load_state_dict
+
+
+def first_digit_head(stage, head: int, layer: int) -> None:
+    """g2: query head `head` of decoder layer `layer` (with its own key/value head) taught to attend to the referred
+    object's cell only where a grounding answer's first digit (x0's leading digit) is written, and to the sequence's
+    first token elsewhere in the box; that digit read from this head's output alone (its share of the output
+    projection, the final norm, the LM head). Where the role is selected by the query, the read is additive, as a
+    word's is: does the first corner's digit then come from the image? Replaces the stage's box read (logged as
+    read_box) and adds to its pointer loss."""
+    import torch.nn.functional as F
+
+    from mllm.model.llm import apply_rope
+    from mllm.train.stage_heads import pointer_targets
+
+    original = stage._pointer_loss
+    open_bracket = stage.tokenizer.encode("[", add_special_tokens=False)[0]
+    digits = {stage.tokenizer.encode(str(d), add_special_tokens=False)[0] for d in range(10)}
+
+    def with_first_digit(scenes, conversations, batch, hidden):
+        out = original(scenes, conversations, batch, hidden)
+        rows, at, targets, first = [], [], [], []
+        for b, (scene, conversation) in enumerate(zip(scenes, conversations)):
+            ids = batch["input_ids"][b].tolist()
+            for position, cell in pointer_targets(scene, conversation, ids, stage.tokenizer, stage.slots.grid, True):
+                is_first = ids[position] == open_bracket and ids[position + 1] in digits
+                in_box = ids[position + 1] in digits
+                if in_box:
+                    rows.append(b), at.append(position), first.append(is_first)
+                    targets.append(int(batch["image_starts"][b]) + cell if is_first else 0)
+        if not any(first):
+            return out
+        rows, at, targets, first = (torch.tensor(v, device=hidden.device) for v in (rows, at, targets, first))
+        attention = stage.model.llm.model.layers[layer].self_attn
+        x = stage.model.llm.model.layers[layer].input_layernorm(hidden)  # (B, T, D)
+        T, hd = x.shape[1], attention.head_dim
+        kv = head // (attention.n_head // attention.n_kv_head)
+        cos, sin = stage.model.llm.model.rotary_emb(torch.arange(T, device=x.device)[None], x.dtype)
+        cos, sin = cos[0, 0], sin[0, 0]
+        keys = apply_rope(attention.k_proj(x)[..., kv * hd:(kv + 1) * hd], cos, sin)  # (B, T, hd)
+        queries = apply_rope(attention.q_proj(x[rows, at])[..., head * hd:(head + 1) * hd], cos[at], sin[at])
+        scores = (queries[:, None, :] * keys[rows]).sum(-1).float() * attention.scale  # (N, T)
+        allowed = (torch.arange(T, device=x.device)[None] <= at[:, None]) & batch["attention_mask"][rows].bool()
+        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        out["pointer"] = out.get("pointer", 0.0) + F.cross_entropy(scores, targets)
+        values = attention.v_proj(x)[..., kv * hd:(kv + 1) * hd]  # (B, T, hd)
+        read = torch.einsum("nt,ntd->nd", scores[first].softmax(-1).to(values.dtype), values[rows[first]])
+        written = read @ attention.o_proj.weight[:, head * hd:(head + 1) * hd].T  # (n, D)
+        logits = stage.model.llm.lm_head(stage.model.llm.model.norm(written)).float()
+        out["read_box"] = F.cross_entropy(logits, batch["input_ids"][rows[first], at[first] + 1])
+        return out
+
+    stage._pointer_loss = with_first_digit

@@ -48,6 +48,7 @@
     f2  from=RUN/base/read, as ap2 with read=1.0 read_box=1.0 box_code=fourier steps=400 (the box as digit phases;
         fb2: the same with the bins)
     g1  from=RUN/base/read,runs/probe/fb2 as fb2 with mix=ground steps=150 (f2g: from f2, box_code=fourier)
+    g2  as g1 with first_head=2   (head 2 of layer 2 reads x0's leading digit from the cell, a sink elsewhere)
     br2 as ar2 with read_box=1.0   (each box digit from head 0's output and the position's state, through layer 2)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 
@@ -63,7 +64,7 @@ from pathlib import Path
 
 import torch
 
-from common import band_major_slots, compact_slots, extra_slot_table, read_chain
+from common import band_major_slots, compact_slots, extra_slot_table, first_digit_head, read_chain
 from mllm.data.lessons import (COLOUR_NEXT, EXISTENCE_FIRST, LOOKUP_ONLY, QUESTIONS_AND_STATEMENTS, LessonMix,
                                 with_descriptions)
 from mllm.train.base_recipe import BaseStage, StageSettings
@@ -149,4 +150,7 @@ settings = StageSettings(kind="read", steps=int(args.get("steps", 300)), lr=floa
                          pointer_attention=args.get("attend") == "1",
                          read_weight=float(args.get("read", 0.0)),  # ar2: the next object word from that head alone
                          box_read_weight=float(args.get("read_box", 0.0)))  # br2: box digits, through the layer
-print(BaseStage(model, tokenizer, slots, settings, Path(args["out"])).run(progress=lambda s: print(s, flush=True)))
+stage = BaseStage(model, tokenizer, slots, settings, Path(args["out"]))
+if "first_head" in args:  # g2: head N of the pointer's layer reads the first corner's leading digit alone
+    first_digit_head(stage, int(args["first_head"]), settings.pointer_layer)
+print(stage.run(progress=lambda s: print(s, flush=True)))
