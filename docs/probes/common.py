@@ -495,8 +495,7 @@ def first_digit_head(stage, head: int, layer: int) -> None:
     read_box) and adds to its pointer loss."""
     import torch.nn.functional as F
 
-    from mllm.model.llm import apply_rope
-    from mllm.train.stage_heads import pointer_targets
+    from mllm.train.stage_heads import head_scores, pointer_targets
 
     original = stage._pointer_loss
     open_bracket = stage.tokenizer.encode("[", add_special_tokens=False)[0]
@@ -518,15 +517,8 @@ def first_digit_head(stage, head: int, layer: int) -> None:
         rows, at, targets, first = (torch.tensor(v, device=hidden.device) for v in (rows, at, targets, first))
         attention = stage.model.llm.model.layers[layer].self_attn
         x = stage.model.llm.model.layers[layer].input_layernorm(hidden)  # (B, T, D)
-        T, hd = x.shape[1], attention.head_dim
-        kv = head // (attention.n_head // attention.n_kv_head)
-        cos, sin = stage.model.llm.model.rotary_emb(torch.arange(T, device=x.device)[None], x.dtype)
-        cos, sin = cos[0, 0], sin[0, 0]
-        keys = apply_rope(attention.k_proj(x)[..., kv * hd:(kv + 1) * hd], cos, sin)  # (B, T, hd)
-        queries = apply_rope(attention.q_proj(x[rows, at])[..., head * hd:(head + 1) * hd], cos[at], sin[at])
-        scores = (queries[:, None, :] * keys[rows]).sum(-1).float() * attention.scale  # (N, T)
-        allowed = (torch.arange(T, device=x.device)[None] <= at[:, None]) & batch["attention_mask"][rows].bool()
-        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        hd, kv = attention.head_dim, head // attention.n_rep
+        scores = head_scores(stage.model.llm, layer, x, batch, rows, at, head)  # (N, T)
         out["pointer"] = out.get("pointer", 0.0) + F.cross_entropy(scores, targets)
         values = attention.v_proj(x)[..., kv * hd:(kv + 1) * hd]  # (B, T, hd)
         read = torch.einsum("nt,ntd->nd", scores[first].softmax(-1).to(values.dtype), values[rows[first]])

@@ -130,6 +130,23 @@ def pointer_loss(head: torch.nn.ModuleDict, scenes, conversations, batch: dict, 
     return F.cross_entropy(logits, cells)
 
 
+def head_scores(llm, layer_index: int, x: torch.Tensor, batch: dict, rows: torch.Tensor, at: torch.Tensor,
+                head: int) -> torch.Tensor:
+    """[N, T] attention logits of query head `head` of decoder layer `layer_index` (`x` [B, T, D] that layer's
+    normed input) from each position `at` of sample `rows` over the positions it attends to (causal, padding
+    off; the others at the float minimum), as the layer computes them."""
+    attention = llm.model.layers[layer_index].self_attn
+    T, hd = x.shape[1], attention.head_dim
+    kv = head // attention.n_rep  # the key/value head this query head reads
+    cos, sin = llm.model.rotary_emb(torch.arange(T, device=x.device)[None], x.dtype)  # (1, 1, T, hd) each
+    cos, sin = cos[0, 0], sin[0, 0]  # (T, hd)
+    keys = apply_rope(attention.k_proj(x)[..., kv * hd:(kv + 1) * hd], cos, sin)  # (B, T, hd)
+    queries = apply_rope(attention.q_proj(x[rows, at])[..., head * hd:(head + 1) * hd], cos[at], sin[at])  # (N, hd)
+    scores = (queries[:, None, :] * keys[rows]).sum(-1).float() * attention.scale  # (N, T)
+    allowed = (torch.arange(T, device=x.device)[None] <= at[:, None]) & batch["attention_mask"][rows].bool()
+    return scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
 def attention_pointer_losses(llm, layer_index: int, scenes, conversations, batch: dict, hidden: torch.Tensor,
                              tokenizer, grid: int, boxes: bool = False,
                              read_words: torch.Tensor | None = None,
@@ -156,19 +173,10 @@ def attention_pointer_losses(llm, layer_index: int, scenes, conversations, batch
     if pointed is None:
         return {}
     rows, at, cells = pointed
-    attention = llm.model.layers[layer_index].self_attn
-    x = llm.model.layers[layer_index].input_layernorm(hidden)  # (B, T, D)
-    T, hd = x.shape[1], attention.head_dim
-    cos, sin = llm.model.rotary_emb(torch.arange(T, device=x.device)[None], x.dtype)  # (1, 1, T, hd) each
-    cos, sin = cos[0, 0], sin[0, 0]  # (T, hd)
-    keys = attention.k_proj(x)[..., :hd]  # (B, T, hd): key/value head 0, which query head 0 reads
-    keys = apply_rope(keys, cos, sin)
-    queries = attention.q_proj(x[rows, at])[..., :hd]  # (N, hd)
-    queries = apply_rope(queries, cos[at], sin[at])
-    scores = (queries[:, None, :] * keys[rows]).sum(-1).float() * attention.scale  # (N, T)
-    positions = torch.arange(T, device=x.device)
-    allowed = (positions[None] <= at[:, None]) & batch["attention_mask"][rows].bool()
-    scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    layer = llm.model.layers[layer_index]
+    attention, hd = layer.self_attn, layer.self_attn.head_dim
+    x = layer.input_layernorm(hidden)  # (B, T, D)
+    scores = head_scores(llm, layer_index, x, batch, rows, at, head=0)  # (N, T)
     targets = batch["image_starts"][rows] + cells  # (N,) the target cells' sequence positions
     out = {"pointer": F.cross_entropy(scores, targets)}
     following = batch["input_ids"][rows, at + 1]  # (N,) the token each position predicts
@@ -180,7 +188,6 @@ def attention_pointer_losses(llm, layer_index: int, scenes, conversations, batch
     if not any(where.any() for where in reads.values()):
         return out
     values = attention.v_proj(x)[..., :hd]  # (B, T, hd): value head 0
-    layer = llm.model.layers[layer_index]
     for name, where in reads.items():
         if not where.any():
             continue
