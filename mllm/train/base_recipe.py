@@ -270,6 +270,10 @@ class BaseStage:
             if s.answer_weight or s.lm_weight:
                 mix = mix or s.mix
                 conversations = [mix.turns(scene, rng, s.turns) for scene in scenes]
+                if not all(conversations):  # a mix that only grounds finds no turn in a scene of look-alikes
+                    kept = [b for b, conversation in enumerate(conversations) if conversation]
+                    scenes, conversations = [scenes[b] for b in kept], [conversations[b] for b in kept]
+                    tokens, slot_vectors = tokens[kept], slot_vectors[kept]
                 batch = self._on_device(collate([self._encode(c) for c in conversations], self.pad_id))
                 out = self._forward(batch, tokens, hidden_states=bool(s.match_weight or s.pointer_weight))
                 logits = out.logits.float().flatten(0, 1)  # (B*T, V)
