@@ -49,6 +49,9 @@
         fb2: the same with the bins)
     g1  from=RUN/base/read,runs/probe/fb2 as fb2 with mix=ground steps=150 (f2g: from f2, box_code=fourier)
     g2  as g1 with first_head=2   (head 2 of layer 2 reads x0's leading digit from the cell, a sink elsewhere)
+    n1  as g1 with numbers=1 roles=3:0,3:1,3:2,3:3 steps=300   (each coordinate one token, read by a head of
+        layer 3 that attends to the cell only where it is written; n2: roles=2:2,2:3,3:2,3:3; n2c: from=...,n2 with
+        steps=400; n4: n2 from RUN/base/read,runs/probe/f2 with box_code=fourier)
     br2 as ar2 with read_box=1.0   (each box digit from head 0's output and the position's state, through layer 2)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 
@@ -111,6 +114,12 @@ mixes = {
 }
 chain = "init" if args["from"] == "init" else args["from"].split(",")
 fourier = args.get("box_code") == "fourier"  # f2: each box coordinate's digits as phases, in place of the bins
+numbered = []  # n2c: folders trained with number tokens, loaded after the tokens are added
+if args.get("numbers") == "1" and chain != "init":
+    import json
+    numbered = [f for f in chain if (Path(f) / "model" / "config.json").is_file()
+                and json.loads((Path(f) / "model" / "config.json").read_text())["vocab_size"] > 1000]
+    chain = [f for f in chain if f not in numbered]
 model, tokenizer, slots = read_chain(base, chain[:1] if fourier else chain)
 if fourier:  # the first folder's slots (bins), then the new box part seeded, then the later (fourier) folders
     from mllm.train.scene_slots import SceneSlots
@@ -121,6 +130,12 @@ if fourier:  # the first folder's slots (bins), then the new box part seeded, th
     finished = StageSettings(kind="read", steps=1, lr=1e-3, trains={"llm": 1.0, "slots": 1.0}, eval_scenes=1)
     for folder in chain[1:]:
         BaseStage(model, tokenizer, slots, finished, Path(folder)).load_finished()
+if args.get("numbers") == "1":  # n1/n2: every box coordinate one token (docs/probes/number_tokens.py)
+    from number_tokens import add_number_tokens
+    number_ids = add_number_tokens(model, tokenizer)
+    for folder in numbered:
+        BaseStage(model, tokenizer, slots, StageSettings(kind="read", steps=1, lr=1e-3, trains={"llm": 1.0},
+                                                         eval_scenes=1), Path(folder)).load_finished()
 if args.get("tie") == "1":  # t0: the LM head tied to the input embeddings (a word held in a slot reads straight out)
     model.llm.lm_head.weight = model.llm.get_input_embeddings().weight
     save_pretrained = model.save_pretrained
@@ -153,4 +168,7 @@ settings = StageSettings(kind="read", steps=int(args.get("steps", 300)), lr=floa
 stage = BaseStage(model, tokenizer, slots, settings, Path(args["out"]))
 if "first_head" in args:  # g2: head N of the pointer's layer reads the first corner's leading digit alone
     first_digit_head(stage, int(args["first_head"]), settings.pointer_layer)
+if "roles" in args:  # n1/n2: the box's k-th number read by query head (layer, head) number k of this list
+    from number_tokens import role_heads
+    role_heads(stage, [tuple(int(v) for v in r.split(":")) for r in args["roles"].split(",")], number_ids)
 print(stage.run(progress=lambda s: print(s, flush=True)))

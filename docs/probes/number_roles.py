@@ -1,0 +1,86 @@
+"""Teacher-forced box numbers by role (x0, y0, x1, y1) after a number-token run (n1, n2, ...: number_tokens.py).
+
+    .venv/bin/python docs/probes/number_roles.py base=runs/course7/base from=FOLDER,... roles=2:2,2:3,3:2,3:3 \
+        [box_code=fourier] [n=300]
+
+Per role, on n fresh grounding prompts (one grounding turn each, the image after the question): the model's own
+number (argmax over the 1000 number tokens at the role's position) against the truth: exact, within 25 and 50 of
+it, mean absolute error; the prior's (the role's most common number band) for scale; the role head's attention
+weight on the referred cell; and Acc@0.5 of the box the four teacher-forced numbers make.
+"""
+import json
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from common import read_chain
+from number_tokens import add_number_tokens
+from mllm.data.boxes import iou
+from mllm.data.lessons import fresh_scene, grounding_turn
+from mllm.train.base_recipe import BaseStage, StageSettings, collate
+from mllm.train.stage_heads import head_scores, pointer_targets
+
+args = dict(a.split("=", 1) for a in sys.argv[1:])
+torch.set_num_threads(1)
+chain = args["from"].split(",")
+numbered = [f for f in chain if json.loads((Path(f) / "model" / "config.json").read_text())["vocab_size"] > 1000]
+fourier = args.get("box_code") == "fourier"
+model, tokenizer, slots = read_chain(args["base"], [f for f in chain if f not in numbered])
+if fourier:
+    from mllm.train.scene_slots import SceneSlots
+    coded = SceneSlots(tokenizer, model.config.llm.hidden_size, slots.grid, box_code="fourier")
+    coded.load_state_dict(slots.state_dict(), strict=False)
+    slots = coded
+number_ids = add_number_tokens(model, tokenizer)
+settings = StageSettings(kind="read", steps=1, lr=1e-3, trains={"llm": 1.0, "slots": 1.0}, eval_scenes=1,
+                         question_first=True)
+for folder in numbered + ([chain[1]] if fourier and chain[1] not in numbered else []):
+    BaseStage(model, tokenizer, slots, settings, Path(folder)).load_finished()
+stage = BaseStage(model, tokenizer, slots, settings, Path("/tmp/number_roles_unused"))
+roles = [tuple(int(v) for v in r.split(":")) for r in args["roles"].split(",")]
+numbers = torch.tensor([number_ids[n] for n in range(1000)])
+model.eval()
+rng = random.Random(int(args.get("seed", 777)))
+rows = {k: [] for k in range(4)}  # role -> [(predicted, true, head weight on the cell)]
+boxes = []
+with torch.no_grad():
+    for i in range(int(args.get("n", 300))):
+        scene = fresh_scene(rng)
+        turn = grounding_turn(scene, rng)
+        if turn is None:
+            continue
+        batch = collate([stage._encode([turn])], stage.pad_id)
+        tokens = slots([scene], model.llm.get_input_embeddings().weight)
+        out = stage._forward(batch, tokens, hidden_states=True)
+        ids = batch["input_ids"][0].tolist()
+        role_positions = []
+        for position, cell in pointer_targets(scene, [turn], ids, tokenizer, slots.grid, True):
+            if ids[position + 1] in number_ids.values() and len(role_positions) < 4:
+                role_positions.append((position, cell))
+        if len(role_positions) < 4:
+            continue
+        predicted = []
+        for k, (position, cell) in enumerate(role_positions):
+            logits = out.logits[0, position, numbers]
+            guess, truth = int(logits.argmax()), int(tokenizer.decode([ids[position + 1]]))
+            layer_index, head = roles[k]
+            x = model.llm.model.layers[layer_index].input_layernorm(out.hidden_states[layer_index])
+            scores = head_scores(model.llm, layer_index, x, batch, torch.tensor([0]), torch.tensor([position]), head)
+            weight = float(scores.softmax(-1)[0, int(batch["image_starts"][0]) + cell])
+            rows[k].append((guess, truth, weight))
+            predicted.append(guess)
+        truth_box = [rows[k][-1][1] for k in range(4)]
+        boxes.append(iou(predicted, truth_box) if predicted[2] > predicted[0] and predicted[3] > predicted[1] else 0.0)
+names = ("x0", "y0", "x1", "y1")
+print(f"{len(boxes)} prompts; teacher-forced box Acc@0.5 {sum(b >= 0.5 for b in boxes) / len(boxes):.3f}, "
+      f"mean IoU {sum(boxes) / len(boxes):.3f}")
+for k in range(4):
+    guess, truth, weight = (torch.tensor(v, dtype=torch.float32) for v in zip(*rows[k]))
+    error = (guess - truth).abs()
+    prior = (truth - truth.median()).abs()
+    print(f"{names[k]}: exact {float((error == 0).float().mean()):.3f}, within 25 {float((error <= 25).float().mean()):.3f}"
+          f" (prior {float((prior <= 25).float().mean()):.3f}), within 50 {float((error <= 50).float().mean()):.3f} "
+          f"(prior {float((prior <= 50).float().mean()):.3f}), MAE {float(error.mean()):.1f} "
+          f"(prior {float(prior.mean()):.1f}); head {roles[k]} on the cell {float(weight.mean()):.3f}")
