@@ -2,8 +2,9 @@
 
 - `build_tokenizer` trains a byte-level BPE with the Qwen2 pipeline (NFC, Qwen2 split regex, byte-level) on
   the given texts. The Qwen2 regex matches `\\p{N}` one character at a time, so numbers tokenize one digit per
-  token and box coordinates are learnable. ChatML and MiniCPM-V special tokens get fixed low ids;
-  `<|endoftext|>` is id 0 and the pad token, because the reference pads with 0 (facts sheet §6.6, §7.2).
+  token, as in MiniCPM-V; `whole_numbers` makes 0-999 one token each (the tiny course model's boxes). ChatML
+  and MiniCPM-V special tokens get fixed low ids; `<|endoftext|>` is id 0 and the pad token, because the
+  reference pads with 0 (facts sheet §6.6, §7.2).
 - `load_tokenizer` never executes remote code: a MiniCPM-V 2.6 folder names `MiniCPMVTokenizerFast` through
   `auto_map`, a thin subclass of Qwen2's fast tokenizer, so the same files load as `Qwen2TokenizerFast`.
 - `special_token_ids` resolves the ids the processor and the model need, failing loudly on a missing token.
@@ -55,8 +56,17 @@ _REQUIRED_TOKENS = {
 }
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Train a small Qwen2-style byte-level BPE on `texts`, with ChatML and MiniCPM-V special tokens."""
+WHOLE_NUMBERS = [str(n) for n in range(1000)]  # every coordinate of a box on the 0-1000 grid but 1000 itself
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024,
+                    whole_numbers: bool = False) -> PreTrainedTokenizerFast:
+    """Train a small Qwen2-style byte-level BPE on `texts`, with ChatML and MiniCPM-V special tokens.
+
+    `whole_numbers`: "0" .. "999" become tokens of their own (added tokens, matched longest first before the split,
+    so "[87,123" is "[", "87", ",", "123"), one per box coordinate. With digits, the four coordinates x three places
+    of a box share ten tokens, and what the LLM reads from the image must be picked by role as well as by object;
+    measured, the tiny LLM then writes the first corner at its prior (docs/probes/README.md, stops 38-39)."""
     backend = Tokenizer(models.BPE())
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence([
@@ -68,6 +78,8 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(texts, trainer)  # special tokens take ids 0..17 in SPECIAL_TOKENS order
+    if whole_numbers:  # single digits keep their BPE ids; the others follow the vocabulary
+        backend.add_tokens([AddedToken(number, normalized=False) for number in WHOLE_NUMBERS])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|im_end|>", unk_token="<unk>",
         model_max_length=32768, padding_side="left",

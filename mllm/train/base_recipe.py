@@ -46,8 +46,9 @@ from mllm.model.image_processing import ImageProcessor
 from mllm.model.loading import bf16_autocast_pays
 from mllm.model.tokenization import special_token_ids
 from mllm.train.scene_slots import SceneSlots
-from mllm.train.stage_heads import (attention_pointer_losses, image_positions, match_loss, new_match_head,
-                                   new_pointer_head, pointer_loss)
+from mllm.train.stage_heads import (BOX_ROLES, attention_pointer_losses, box_role_losses, check_box_heads,
+                                   image_positions, match_loss, new_match_head, new_pointer_head, pointer_loss,
+                                   whole_number_ids)
 from mllm.world import scenes as S
 
 PARTS = ("llm", "slots", "vision")  # what a stage may train; vision = vision tower + resampler
@@ -76,6 +77,9 @@ class StageSettings:
     pointer_attention: bool = False  # ... taught to head 0 of decoder layer pointer_layer, not to a throwaway head
     read_weight: float = 0.0  # with pointer_attention: cross-entropy of the next object word from that head alone
     box_read_weight: float = 0.0  # with pointer_attention and pointer_boxes: ... of each box digit, through the layer
+    # each coordinate of a grounding box (whole-number tokens) looked up and written by a head of its own
+    box_role_weight: float = 0.0  # (`stage_heads.box_role_losses`)
+    box_heads: tuple = ((2, 2), (2, 3), (3, 2), (3, 3))  # ... (decoder layer, query head) for x0, y0, x1, y1
     warmup: int = 100
     beta2: float = 0.95
     bf16: bool | None = None  # bf16 autocast; None: where it pays on this machine (`bf16_autocast_pays`)
@@ -92,6 +96,9 @@ class StageSettings:
     def __post_init__(self):
         if self.kind not in ("read", "align", "tune"):
             raise ValueError(f"StageSettings.kind must be read, align or tune, got {self.kind!r}")
+        if len(self.box_heads) != len(BOX_ROLES) or len(set(map(tuple, self.box_heads))) != len(BOX_ROLES):
+            raise ValueError(f"StageSettings.box_heads must name {len(BOX_ROLES)} different (layer, head) pairs, one "
+                             f"for each of {BOX_ROLES}, got {self.box_heads}")
         unknown = set(self.trains) - set(PARTS)
         if unknown or not self.trains:
             raise ValueError(f"StageSettings.trains must map some of {PARTS} to learning-rate multiples, "
@@ -199,6 +206,10 @@ class BaseStage:
         if settings.box_read_weight:
             self.box_digits = torch.tensor([tokenizer.encode(str(d), add_special_tokens=False)[0] for d in range(10)],
                                            device=self.device)
+        self.whole_numbers = None  # the box roles' number tokens
+        if settings.box_role_weight:
+            check_box_heads(settings.box_heads, model.config.llm)
+            self.whole_numbers = whole_number_ids(tokenizer).to(self.device)
 
     # the parts and what they compute
     def _modules(self, part: str) -> list[torch.nn.Module]:
@@ -275,7 +286,8 @@ class BaseStage:
                     scenes, conversations = [scenes[b] for b in kept], [conversations[b] for b in kept]
                     tokens, slot_vectors = tokens[kept], slot_vectors[kept]
                 batch = self._on_device(collate([self._encode(c) for c in conversations], self.pad_id))
-                out = self._forward(batch, tokens, hidden_states=bool(s.match_weight or s.pointer_weight))
+                out = self._forward(batch, tokens,
+                                    hidden_states=bool(s.match_weight or s.pointer_weight or s.box_role_weight))
                 logits = out.logits.float().flatten(0, 1)  # (B*T, V)
                 if s.match_weight:
                     match = self._match_loss(scenes, conversations, batch, out.hidden_states[s.match_layer])
@@ -283,6 +295,9 @@ class BaseStage:
                         parts["match"] = match
                 if s.pointer_weight:
                     parts |= self._pointer_loss(scenes, conversations, batch, out.hidden_states[s.pointer_layer])
+                if s.box_role_weight:
+                    parts |= box_role_losses(self.model.llm, out.hidden_states, scenes, conversations, batch,
+                                             self.tokenizer, self.slots.grid, s.box_heads, self.whole_numbers)
         if s.answer_weight:
             parts["answer"] = F.cross_entropy(logits, batch["labels"].flatten(), ignore_index=-100)
         if s.lm_weight:
@@ -295,7 +310,7 @@ class BaseStage:
                                                        self.model.llm.get_input_embeddings().weight)
         weights = {"answer": s.answer_weight, "lm": s.lm_weight, "slots": s.slot_weight, "readout": s.readout_weight,
                    "match": s.match_weight, "pointer": s.pointer_weight, "read": s.read_weight,
-                   "read_box": s.box_read_weight}
+                   "read_box": s.box_read_weight, "box_attend": s.box_role_weight, "box_read": s.box_role_weight}
         parts["total"] = sum(weights[name] * value for name, value in parts.items())
         return parts
 
@@ -574,7 +589,8 @@ def chain_fingerprint(stages, as_before_stop38: bool = False) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_ADDED_SINCE_STOP38 = {"box_read_weight"}  # not in the fingerprints recorded before defaults were left out
+# fields a stop-38-era record does not hash (it hashed every field of the time): each one added since
+_ADDED_SINCE_STOP38 = {"box_read_weight", "box_role_weight", "box_heads"}
 
 
 def _check_same_training(path: Path, recorded: dict, wanted: dict) -> None:

@@ -183,3 +183,28 @@ def test_a_stopped_run_stops_the_stages_beside_it(tmp_path, monkeypatch):
     else:
         raise AssertionError("the interruption was swallowed")
     assert len(started) == 1 and not started[0].is_alive() and started[0].exitcode is not None
+
+
+def test_whole_numbers_start_from_phase_rows_and_a_run_keeps_its_kind_of_tokenizer(tmp_path):
+    import pytest
+
+    from mllm.course.base import _fresh_model
+    from mllm.course.shared import world_dir
+
+    world = world_dir(tmp_path, _budget(), seed=0)
+    model, tokenizer = _fresh_model(world, tmp_path / "init", 0, whole_numbers=True)
+    assert tokenizer.tokenize("[87,123") == ["[", "87", ",", "123"]
+    ids = [tokenizer.convert_tokens_to_ids(str(n)) for n in range(1000)]
+    for weight in (model.llm.get_input_embeddings().weight, model.llm.lm_head.weight):
+        rows = torch.nn.functional.normalize(weight[ids].detach(), dim=1)
+        neighbours, far = (rows[:-1] * rows[1:]).sum(1), (rows[:-250] * rows[250:]).sum(1)
+        assert neighbours.mean() > 0.9 and far.mean() < 0.5  # near numbers start near each other
+        others = [i for i in range(len(tokenizer)) if i not in set(ids)]
+        norms = weight.detach().norm(dim=1)
+        assert float(norms[ids].mean()) == pytest.approx(float(norms[others].mean()), rel=0.05)
+    reloaded, _ = _fresh_model(world, tmp_path / "init", 0, whole_numbers=True)  # reused as it is
+    assert torch.equal(reloaded.llm.lm_head.weight, model.llm.lm_head.weight)
+    with pytest.raises(ValueError, match="has whole-number tokens, but the budget asks for digits"):
+        _fresh_model(world, tmp_path / "init", 0, whole_numbers=False)
+    wired = base_stages(Budget(whole_numbers=True, box_role_weight=1.0))
+    assert [s.box_role_weight for s in wired] == [0.0, 1.0, 0.0, 1.0]  # the stages that write grounding answers

@@ -678,7 +678,9 @@ def test_a_field_added_at_its_default_keeps_the_fingerprints_of_finished_stages(
     every = {k: v for k, v in base_recipe._jsonable(settle).items() if k not in base_recipe._NOT_TRAINING}
     set_only = {k: every[k] for k in ("kind", "steps", "lr", "trains", "pointer_weight", "pointer_attention")}
     assert base_recipe.chain_fingerprint([settle]) == digest(set_only)
-    recorded_before = digest({k: v for k, v in every.items() if k != "box_read_weight"})  # as stop 37 wrote it
+    # as stop 37 wrote it: every field of the time (box_read_weight and the fields after it did not exist yet)
+    recorded_before = digest({k: v for k, v in every.items() if k not in base_recipe._ADDED_SINCE_STOP38})
+    assert {"box_read_weight", "box_role_weight", "box_heads"} <= base_recipe._ADDED_SINCE_STOP38
     stage, _ = _read(tmp_path, tokenizer)
     stage.after, stage.after_before_stop38 = (base_recipe.chain_fingerprint([settle]),
                                               base_recipe.chain_fingerprint([settle], as_before_stop38=True))
