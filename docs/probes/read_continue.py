@@ -51,7 +51,10 @@
     g2  as g1 with first_head=2   (head 2 of layer 2 reads x0's leading digit from the cell, a sink elsewhere)
     n1  as g1 with numbers=1 roles=3:0,3:1,3:2,3:3 steps=300   (each coordinate one token, read by a head of
         layer 3 that attends to the cell only where it is written; n2: roles=2:2,2:3,3:2,3:3; n2c: from=...,n2 with
-        steps=400; n4: n2 from RUN/base/read,runs/probe/f2 with box_code=fourier)
+        steps=400; n4: n2 from RUN/base/read,runs/probe/f2 with box_code=fourier). n1, n2 and n4 ran with the
+        probe's own copy of the role losses (number_tokens.role_heads, commit 5bd8401: the roles' attention added to
+        the pointer loss, their read in place of read_box); now `roles=` sets the stage's box_role_weight = 1 and
+        box_heads (`stage_heads.box_role_losses`, the same losses, logged as box_attend and box_read)
     br2 as ar2 with read_box=1.0   (each box digit from head 0's output and the position's state, through layer 2)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 
@@ -132,7 +135,7 @@ if fourier:  # the first folder's slots (bins), then the new box part seeded, th
         BaseStage(model, tokenizer, slots, finished, Path(folder)).load_finished()
 if args.get("numbers") == "1":  # n1/n2: every box coordinate one token (docs/probes/number_tokens.py)
     from number_tokens import add_number_tokens
-    number_ids = add_number_tokens(model, tokenizer)
+    add_number_tokens(model, tokenizer)
     for folder in numbered:
         BaseStage(model, tokenizer, slots, StageSettings(kind="read", steps=1, lr=1e-3, trains={"llm": 1.0},
                                                          eval_scenes=1), Path(folder)).load_finished()
@@ -164,11 +167,12 @@ settings = StageSettings(kind="read", steps=int(args.get("steps", 300)), lr=floa
                          # ap2 / ap3: the pointer taught to head 0 of decoder layer pointer_layer itself
                          pointer_attention=args.get("attend") == "1",
                          read_weight=float(args.get("read", 0.0)),  # ar2: the next object word from that head alone
-                         box_read_weight=float(args.get("read_box", 0.0)))  # br2: box digits, through the layer
+                         box_read_weight=float(args.get("read_box", 0.0)),  # br2: box digits, through the layer
+                         # n1/n2: the box's k-th number read by query head (layer, head) number k of this list
+                         **({"box_role_weight": 1.0, "box_heads": tuple(tuple(int(v) for v in r.split(":"))
+                                                                       for r in args["roles"].split(","))}
+                            if "roles" in args else {}))
 stage = BaseStage(model, tokenizer, slots, settings, Path(args["out"]))
 if "first_head" in args:  # g2: head N of the pointer's layer reads the first corner's leading digit alone
     first_digit_head(stage, int(args["first_head"]), settings.pointer_layer)
-if "roles" in args:  # n1/n2: the box's k-th number read by query head (layer, head) number k of this list
-    from number_tokens import role_heads
-    role_heads(stage, [tuple(int(v) for v in r.split(":")) for r in args["roles"].split(",")], number_ids)
 print(stage.run(progress=lambda s: print(s, flush=True)))
