@@ -1,7 +1,9 @@
 """Box coordinates as whole-number tokens, each looked up and written by an attention head of its own
-(`stage_heads.box_role_losses`): targets by hand, the losses against the LLM's own attention and output, training."""
+(`stage_heads.box_role_losses`): targets by hand, the losses against the LLM's own attention and output, training;
+and a grounding-only mix on a scene it finds nothing to ask about."""
 
 import math
+import random
 
 import pytest
 import torch
@@ -41,8 +43,8 @@ def _stage(tmp_path, tokenizer, **kw):
     torch.manual_seed(0)
     model = MLLMModel(config)
     slots = SceneSlots(tokenizer, config.llm.hidden_size, grid=2)
-    kw = {"steps": 4, "box_role_weight": 1.0} | kw
-    settings = StageSettings(kind="read", lr=2e-3, trains={"llm": 1.0, "slots": 1.0}, batch=4, lm_weight=1.0, warmup=2,
+    kw = {"steps": 4, "batch": 4, "box_role_weight": 1.0} | kw
+    settings = StageSettings(kind="read", lr=2e-3, trains={"llm": 1.0, "slots": 1.0}, lm_weight=1.0, warmup=2,
                              eval_every=100, eval_scenes=2, ground_scenes=0, describe_scenes=0, question_first=True,
                              **kw)
     return BaseStage(model, tokenizer, slots, settings, tmp_path), model
@@ -147,3 +149,23 @@ def test_box_role_settings_name_what_is_wrong(tokenizer, tmp_path):
     digits = build_tokenizer(tokenizer_texts(40), vocab_size=512)
     with pytest.raises(ValueError, match="whole_numbers=True"):
         _stage(tmp_path, digits)
+
+
+def test_a_grounding_only_mix_drops_a_scene_it_finds_no_expression_for(tokenizer, tmp_path, monkeypatch):
+    """A scene of look-alikes has no expression that picks out one object: a mix that only grounds gives it no
+    turn. The stage trains on the rest of the batch (before: StopIteration in place_images, stopping the run)."""
+    from mllm.data import lessons
+
+    stage, _ = _stage(tmp_path, tokenizer, mix=GROUND, batch=2)
+    original = lessons.grounding_turn
+    monkeypatch.setattr(lessons, "grounding_turn",
+                        lambda scene, rng: None if scene.image_id == "alike" else original(scene, rng))
+    alike = S.drawn_scene(S.sample_scene(random.Random(1), "alike"))
+    other = S.drawn_scene(S.sample_scene(random.Random(2), "other"))
+    assert GROUND.turns(alike, random.Random(0), 4) == []
+    seen = []
+    forward = stage._forward
+    monkeypatch.setattr(stage, "_forward", lambda batch, tokens, **kw: seen.append(len(tokens)) or
+                        forward(batch, tokens, **kw))
+    parts = stage.loss([alike, other], [None, None], random.Random(0))
+    assert seen == [1] and math.isfinite(parts["total"].item()) and parts["answer"].item() > 0
