@@ -27,16 +27,19 @@ torch.set_num_threads(1)
 chain = args["from"].split(",")
 numbered = [f for f in chain if json.loads((Path(f) / "model" / "config.json").read_text())["vocab_size"] > 1000]
 fourier = args.get("box_code") == "fourier"
-model, tokenizer, slots = read_chain(args["base"], [f for f in chain if f not in numbered])
-if fourier:
+plain = [f for f in chain if f not in numbered]
+model, tokenizer, slots = read_chain(args["base"], plain[:1] if fourier else plain)
+if fourier:  # the later folders' slots hold the Fourier box code: loaded over the converted slots below
     from mllm.train.scene_slots import SceneSlots
     coded = SceneSlots(tokenizer, model.config.llm.hidden_size, slots.grid, box_code="fourier")
     coded.load_state_dict(slots.state_dict(), strict=False)
     slots = coded
-number_ids = add_number_tokens(model, tokenizer)
 settings = StageSettings(kind="read", steps=1, lr=1e-3, trains={"llm": 1.0, "slots": 1.0}, eval_scenes=1,
                          question_first=True)
-for folder in numbered + ([chain[1]] if fourier and chain[1] not in numbered else []):
+for folder in plain[1:] if fourier else []:
+    BaseStage(model, tokenizer, slots, settings, Path(folder)).load_finished()
+number_ids = add_number_tokens(model, tokenizer)
+for folder in numbered:
     BaseStage(model, tokenizer, slots, settings, Path(folder)).load_finished()
 stage = BaseStage(model, tokenizer, slots, settings, Path("/tmp/number_roles_unused"))
 roles = [tuple(int(v) for v in r.split(":")) for r in args["roles"].split(",")]
