@@ -37,7 +37,7 @@ class Budget:
     # (off: measured better teacher-forced after 700 steps, not yet through a whole course; docs/probes, stop 37)
     pointer_attention: bool = False
     read_weight: float = 0.0
-    # settle, tune: box coordinates as whole-number tokens, each looked up and written by a head of its own (stage 39)
+    # settle, tune: box coordinates as whole-number tokens, each looked up and written by a head of its own (stop 39)
     whole_numbers: bool = False
     box_role_weight: float = 0.0
     align_steps: int = 3000  # vision + resampler regress the slots and read back words (no LLM in the step)
