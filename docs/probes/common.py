@@ -495,7 +495,7 @@ def first_digit_head(stage, head: int, layer: int) -> None:
     read_box) and adds to its pointer loss."""
     import torch.nn.functional as F
 
-    from mllm.train.stage_heads import head_scores, pointer_targets
+    from mllm.train.stage_heads import head_output, head_scores, pointer_targets
 
     original = stage._pointer_loss
     open_bracket = stage.tokenizer.encode("[", add_special_tokens=False)[0]
@@ -517,12 +517,9 @@ def first_digit_head(stage, head: int, layer: int) -> None:
         rows, at, targets, first = (torch.tensor(v, device=hidden.device) for v in (rows, at, targets, first))
         attention = stage.model.llm.model.layers[layer].self_attn
         x = stage.model.llm.model.layers[layer].input_layernorm(hidden)  # (B, T, D)
-        hd, kv = attention.head_dim, head // attention.n_rep
         scores = head_scores(stage.model.llm, layer, x, batch, rows, at, head)  # (N, T)
         out["pointer"] = out.get("pointer", 0.0) + F.cross_entropy(scores, targets)
-        values = attention.v_proj(x)[..., kv * hd:(kv + 1) * hd]  # (B, T, hd)
-        read = torch.einsum("nt,ntd->nd", scores[first].softmax(-1).to(values.dtype), values[rows[first]])
-        written = read @ attention.o_proj.weight[:, head * hd:(head + 1) * hd].T  # (n, D)
+        written = head_output(attention, attention.v_proj(x), rows[first], scores[first], head)  # (n, D)
         logits = stage.model.llm.lm_head(stage.model.llm.model.norm(written)).float()
         out["read_box"] = F.cross_entropy(logits, batch["input_ids"][rows[first], at[first] + 1])
         return out

@@ -42,7 +42,7 @@ from mllm.jsonio import write_json_atomic
 from mllm.model.configuration import MLLMConfig
 from mllm.model.image_processing import ImageProcessor
 from mllm.model.modeling_mllm import MLLMModel
-from mllm.model.tokenization import build_tokenizer, load_tokenizer
+from mllm.model.tokenization import build_tokenizer, load_tokenizer, split_numbers
 from mllm.model.vision import pack_patch_strips
 from mllm.train.base_recipe import BaseStage, StageSettings
 from mllm.train.scene_slots import SceneSlots
@@ -261,17 +261,14 @@ def number_rows(count: int, dim: int, norm: float, seed: int) -> torch.Tensor:
     return rows * (norm / rows.norm(dim=1, keepdim=True))
 
 
-def _whole_numbers(tokenizer) -> bool:
-    return tokenizer.tokenize("123") == ["123"]
-
-
 def _fresh_model(world: Path, init: Path, seed: int, whole_numbers: bool = False):
     """Tokenizer (the world's texts and the lessons'; with `whole_numbers`, 0-999 one token each) and a random model
     of `base_config`, saved to `init`; reused when `init` already holds them (with the same kind of tokenizer)."""
     if (init / "config.json").is_file():
         tokenizer = load_tokenizer(init)
-        if _whole_numbers(tokenizer) != whole_numbers:
-            raise ValueError(f"{init}: this run's tokenizer has {'' if _whole_numbers(tokenizer) else 'no '}"
+        has_them = not split_numbers(tokenizer)
+        if has_them != whole_numbers:
+            raise ValueError(f"{init}: this run's tokenizer has {'' if has_them else 'no '}"
                              f"whole-number tokens, but the budget asks for {'them' if whole_numbers else 'digits'}; "
                              f"train into another --out")
         return MLLMModel.from_pretrained(init), tokenizer

@@ -59,6 +59,12 @@ _REQUIRED_TOKENS = {
 WHOLE_NUMBERS = [str(n) for n in range(1000)]  # every coordinate of a box on the 0-1000 grid but 1000 itself
 
 
+def split_numbers(tokenizer) -> list[str]:
+    """Those of "0" .. "999" the tokenizer does not hold as one token (all but the ten digits, unless built with
+    `whole_numbers`)."""
+    return [n for n in WHOLE_NUMBERS if len(tokenizer.encode(n, add_special_tokens=False)) != 1]
+
+
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 1024,
                     whole_numbers: bool = False) -> PreTrainedTokenizerFast:
     """Train a small Qwen2-style byte-level BPE on `texts`, with ChatML and MiniCPM-V special tokens.

@@ -17,6 +17,7 @@ from mllm.data.conversation import find_sequence
 from mllm.data.grounding_prepare import GROUNDING_PROMPT
 from mllm.data.lessons import answering_objects, described_objects
 from mllm.model.llm import apply_rope
+from mllm.model.tokenization import WHOLE_NUMBERS, split_numbers
 from mllm.train.scene_slots import slot_features
 from mllm.world import scenes as S
 
@@ -150,6 +151,17 @@ def head_scores(llm, layer_index: int, x: torch.Tensor, batch: dict, rows: torch
     return scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
+def head_output(attention, values: torch.Tensor, rows: torch.Tensor, scores: torch.Tensor, head: int) -> torch.Tensor:
+    """[n, D] what query head `head` of an attention layer writes, alone: its attention (`scores` [n, T], logits from
+    `head_scores`) over its key/value head's share of `values` ([B, T, KV * hd], the layer's value projection) of
+    samples `rows`, through its own share of the output projection."""
+    hd = attention.head_dim
+    kv = head // attention.n_rep  # the key/value head this query head reads
+    own = values[..., kv * hd:(kv + 1) * hd][rows]  # (n, T, hd)
+    read = torch.einsum("nt,ntd->nd", scores.softmax(-1).to(values.dtype), own)
+    return read @ attention.o_proj.weight[:, head * hd:(head + 1) * hd].T  # (n, D)
+
+
 def attention_pointer_losses(llm, layer_index: int, scenes, conversations, batch: dict, hidden: torch.Tensor,
                              tokenizer, grid: int, boxes: bool = False,
                              read_words: torch.Tensor | None = None,
@@ -177,7 +189,6 @@ def attention_pointer_losses(llm, layer_index: int, scenes, conversations, batch
         return {}
     rows, at, cells = pointed
     layer = llm.model.layers[layer_index]
-    attention, hd = layer.self_attn, layer.self_attn.head_dim
     x = layer.input_layernorm(hidden)  # (B, T, D)
     scores = head_scores(llm, layer_index, x, batch, rows, at, head=0)  # (N, T)
     targets = batch["image_starts"][rows] + cells  # (N,) the target cells' sequence positions
@@ -190,12 +201,11 @@ def attention_pointer_losses(llm, layer_index: int, scenes, conversations, batch
         reads["read_box"] = torch.isin(following, box_digits)
     if not any(where.any() for where in reads.values()):
         return out
-    values = attention.v_proj(x)[..., :hd]  # (B, T, hd): value head 0
+    values = layer.self_attn.v_proj(x)  # (B, T, KV * hd)
     for name, where in reads.items():
         if not where.any():
             continue
-        read = torch.einsum("nt,ntd->nd", scores[where].softmax(-1).to(values.dtype), values[rows[where]])
-        written = read @ attention.o_proj.weight[:, :hd].T  # (n, D): head 0's share of the output projection
+        written = head_output(layer.self_attn, values, rows[where], scores[where], head=0)  # (n, D)
         if name == "read_box":  # the position's own state joins it, through the layer's MLP
             written = written + hidden[rows[where], at[where]]
             written = written + layer.mlp(layer.post_attention_layernorm(written))
@@ -209,12 +219,11 @@ BOX_ROLES = ("x0", "y0", "x1", "y1")  # a box's coordinates, in the order its an
 
 def whole_number_ids(tokenizer) -> torch.Tensor:
     """[1000] token ids of "0" .. "999"; ValueError unless each is one token (`build_tokenizer(whole_numbers=True)`)."""
-    ids = [tokenizer.encode(str(n), add_special_tokens=False) for n in range(1000)]
-    split = [str(n) for n, pieces in enumerate(ids) if len(pieces) != 1]
+    split = split_numbers(tokenizer)
     if split:
         raise ValueError(f"box roles need each of 0..999 to be one token; this tokenizer splits {len(split)} of them "
                          f"(e.g. {split[:3]}): build it with build_tokenizer(..., whole_numbers=True)")
-    return torch.tensor([pieces[0] for pieces in ids])
+    return torch.tensor(tokenizer.convert_tokens_to_ids(WHOLE_NUMBERS))
 
 
 def check_box_heads(heads: tuple, config) -> None:
@@ -264,19 +273,19 @@ def box_role_losses(llm, hidden_states: tuple, scenes, conversations, batch: dic
     rows, at, cells, roles = (torch.tensor(v, device=device) for v in (rows, at, cells, roles))
     targets = batch["image_starts"][rows] + cells  # (N,) the referred cells' sequence positions
     attend, read = [], []
-    for k, (layer_index, head) in enumerate(heads):
+    inputs = {}  # layer -> (normed input [B, T, D], value projection [B, T, KV * hd]): once per layer
+    for layer_index in dict.fromkeys(layer_index for layer_index, _ in heads):
         layer = llm.model.layers[layer_index]
-        attention, hd = layer.self_attn, layer.self_attn.head_dim
-        x = layer.input_layernorm(hidden_states[layer_index])  # (B, T, D)
+        x = layer.input_layernorm(hidden_states[layer_index])
+        inputs[layer_index] = x, layer.self_attn.v_proj(x)
+    for k, (layer_index, head) in enumerate(heads):
+        x, values = inputs[layer_index]
         scores = head_scores(llm, layer_index, x, batch, rows, at, head)  # (N, T)
         mine = roles == k
         attend.append(F.cross_entropy(scores, torch.where(mine, targets, torch.zeros_like(targets))))
         if not mine.any():
             continue
-        kv = head // attention.n_rep  # the key/value head this query head reads
-        values = attention.v_proj(x)[..., kv * hd:(kv + 1) * hd]  # (B, T, hd)
-        got = torch.einsum("nt,ntd->nd", scores[mine].softmax(-1).to(values.dtype), values[rows[mine]])
-        written = got @ attention.o_proj.weight[:, head * hd:(head + 1) * hd].T  # (n, D): this head's share
+        written = head_output(llm.model.layers[layer_index].self_attn, values, rows[mine], scores[mine], head)
         logits = llm.lm_head(llm.model.norm(written)).float()  # (n, V)
         read.append(F.cross_entropy(logits, batch["input_ids"][rows[mine], at[mine] + 1]))
     out = {"box_attend": sum(attend) / len(attend)}
