@@ -19,6 +19,7 @@ from common import read_chain
 from number_tokens import add_number_tokens
 from mllm.data.boxes import iou
 from mllm.data.lessons import fresh_scene, grounding_turn
+from mllm.model.tokenization import WHOLE_NUMBERS, split_numbers
 from mllm.train.base_recipe import BaseStage, StageSettings, collate
 from mllm.train.stage_heads import head_scores, pointer_targets
 
@@ -38,7 +39,10 @@ settings = StageSettings(kind="read", steps=1, lr=1e-3, trains={"llm": 1.0, "slo
                          question_first=True)
 for folder in plain[1:] if fourier else []:
     BaseStage(model, tokenizer, slots, settings, Path(folder)).load_finished()
-number_ids = add_number_tokens(model, tokenizer)
+if split_numbers(tokenizer):  # a chain trained with digits: the number tokens added here (n1, n2, ...)
+    number_ids = add_number_tokens(model, tokenizer)
+else:  # a course run built with whole numbers (course10): already one token each
+    number_ids = dict(enumerate(tokenizer.convert_tokens_to_ids(WHOLE_NUMBERS)))
 for folder in numbered:
     BaseStage(model, tokenizer, slots, settings, Path(folder)).load_finished()
 stage = BaseStage(model, tokenizer, slots, settings, Path("/tmp/number_roles_unused"))

@@ -96,7 +96,9 @@ if "max_objects" in args:  # n1: scenes of at most this many objects (the stage'
 statements = args.get("statements", "1") == "1"
 only = {"yesno": 0.0, "lookup": 0.0, "short": 0.0, "detailed": 0.0, "grounding": 0.0}
 mixes = {
-    "full": LessonMix(statements=statements, alone=float(args.get("alone", 0.0))),
+    # sg1: grounding=W weighs the grounding turns W (0.25 in the course's settle)
+    "full": LessonMix(statements=statements, alone=float(args.get("alone", 0.0)),
+                      grounding=float(args.get("grounding", 0.25))),
     "colour": LessonMix(**only | {"yesno": 1.0}, yesno_kinds=("color",), statements=statements),
     "position": LessonMix(**only | {"yesno": 1.0}, yesno_kinds=("position",), statements=statements),
     "lookup": LessonMix(**only | {"lookup": 1.0}, statements=statements),
