@@ -1,7 +1,7 @@
 """Teacher-forced box numbers by role (x0, y0, x1, y1) after a number-token run (n1, n2, ...: number_tokens.py).
 
     .venv/bin/python docs/probes/number_roles.py base=runs/course7/base from=FOLDER,... roles=2:2,2:3,3:2,3:3 \
-        [box_code=fourier] [n=300]
+        [box_code=fourier] [n=300] [no_box=1]
 
 Per role, on n fresh grounding prompts (one grounding turn each, the image after the question): the model's own
 number (argmax over the 1000 number tokens at the role's position) against the truth: exact, within 25 and 50 of
@@ -45,6 +45,8 @@ else:  # a course run built with whole numbers (course10): already one token eac
     number_ids = dict(enumerate(tokenizer.convert_tokens_to_ids(WHOLE_NUMBERS)))
 for folder in numbered:
     BaseStage(model, tokenizer, slots, settings, Path(folder)).load_finished()
+if args.get("no_box") == "1":  # stop 40: the slots' box part set to zero: do the role heads read it at all?
+    slots._box_part = lambda scenes, bins: torch.zeros(len(bins), model.config.llm.hidden_size)
 stage = BaseStage(model, tokenizer, slots, settings, Path("/tmp/number_roles_unused"))
 roles = [tuple(int(v) for v in r.split(":")) for r in args["roles"].split(",")]
 numbers = torch.tensor([number_ids[n] for n in range(1000)])
