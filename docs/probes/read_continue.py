@@ -56,6 +56,10 @@
         the pointer loss, their read in place of read_box); now `roles=` sets the stage's box_role_weight = 1 and
         box_heads (`stage_heads.box_role_losses`, the same losses, logged as box_attend and box_read)
     br2 as ar2 with read_box=1.0   (each box digit from head 0's output and the position's state, through layer 2)
+    sg1 base=runs/course10/base from=RUN/base/read mix=full alone=0.3 grounding=1.0 layout=qfirst match=1.0
+        freeze_slots=1 roles=2:2,2:3,3:2,3:3 steps=700   (course10's settle with the grounding turns weighed 1.0; sg2:
+        the same with the slots trained; sg3: from=RUN/base/read,RUN/base/settle mix=ground turns=8 steps=400;
+        sg4: as sg3 with mix=full alone=0 grounding=3.0 steps=200)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 
 order=band: the slots band-major, as descriptions name objects (`common.band_major_slots`). table=triple|rank: one
