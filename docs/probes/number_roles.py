@@ -19,9 +19,9 @@ from common import read_chain
 from number_tokens import add_number_tokens
 from mllm.data.boxes import iou
 from mllm.data.lessons import fresh_scene, grounding_turn
-from mllm.model.tokenization import WHOLE_NUMBERS, split_numbers
+from mllm.model.tokenization import split_numbers
 from mllm.train.base_recipe import BaseStage, StageSettings, collate
-from mllm.train.stage_heads import head_scores, pointer_targets
+from mllm.train.stage_heads import head_scores, pointer_targets, whole_number_ids
 
 args = dict(a.split("=", 1) for a in sys.argv[1:])
 torch.set_num_threads(1)
@@ -42,7 +42,7 @@ for folder in plain[1:] if fourier else []:
 if split_numbers(tokenizer):  # a chain trained with digits: the number tokens added here (n1, n2, ...)
     number_ids = add_number_tokens(model, tokenizer)
 else:  # a course run built with whole numbers (course10): already one token each
-    number_ids = dict(enumerate(tokenizer.convert_tokens_to_ids(WHOLE_NUMBERS)))
+    number_ids = dict(enumerate(whole_number_ids(tokenizer).tolist()))
 for folder in numbered:
     BaseStage(model, tokenizer, slots, settings, Path(folder)).load_finished()
 if args.get("no_box") == "1":  # stop 40: the slots' box part set to zero: do the role heads read it at all?
