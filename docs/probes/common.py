@@ -347,7 +347,7 @@ def evaluate():
 
 
 
-def read_chain(base, folders, **model_kwargs):
+def read_chain(base, folders, box_code="bins", **model_kwargs):
     """(model, tokenizer, slots) of a course run's phase 0 with the LLM and slots of finished read-kind stage
     folders loaded over it in order (e.g. RUN/base/read, RUN/base/bind, RUN/base/settle); an empty list gives the
     phase-0 model with the seeded starting slots. `folders == "init"` starts from the run's random init instead, and
@@ -364,7 +364,7 @@ def read_chain(base, folders, **model_kwargs):
     start = Path(base) / ("init" if from_init else "phase0")
     tokenizer = load_tokenizer(start)
     model = MLLMModel.from_pretrained(start, **model_kwargs)
-    slots = _slots(tokenizer, model, 0)
+    slots = _slots(tokenizer, model, 0, box_code)  # box_code="number": a course run with Budget.box_code="number"
     finished = StageSettings(kind="read", steps=1, lr=1e-3, trains={"llm": 1.0, "slots": 1.0}, eval_scenes=1)
     for folder in folders:
         if str(folder).startswith("grow:"):  # e.g. grow:4: the LLM deepened here, before the folders that follow
@@ -525,3 +525,65 @@ def first_digit_head(stage, head: int, layer: int) -> None:
         return out
 
     stage._pointer_loss = with_first_digit
+
+
+NUMBER_CODE_DIM = 32  # stop 41: Gaussian bumps along 0-1000, one per ~31 units
+
+
+def number_code_features(values: torch.Tensor, dim: int = NUMBER_CODE_DIM) -> torch.Tensor:
+    """[...] coordinates on the 0-1000 grid -> [..., dim] unit vectors of Gaussian bumps (centres every 1000 / dim,
+    width the same): neighbouring numbers share most of their code, so what is learnt for one holds for its
+    neighbours."""
+    centres = (torch.arange(dim, dtype=torch.float32) + 0.5) * 1000 / dim
+    bumps = torch.exp(-0.5 * ((values.float()[..., None] - centres) / (1000 / dim)) ** 2)
+    return bumps / bumps.norm(dim=-1, keepdim=True)
+
+
+def number_code(model, tokenizer, slots, seed: int = 0, dim: int = NUMBER_CODE_DIM, head_rows: bool = True):
+    """Stop 41 (nc1): the box as the number tokens' own code. The LM head's rows of the whole-number tokens 0..999
+    become alpha * U phi(n) (U [D, dim] orthonormal, phi `number_code_features`, alpha their mean norm before), and
+    each slot's box part becomes gamma * sum_k P_k U phi(v_k) (P_k a fixed random rotation per coordinate, gamma a
+    colour word's input-embedding norm): reading coordinate k is then one linear map shared by every number (P_k's
+    inverse), where the bins left 25 x 1000 (bin, token) pairs to be matched one by one. `head_rows=False` leaves
+    the LM head as loaded (a run that already has the code in it)."""
+    from mllm.data.boxes import pixel_to_grid
+    from mllm.train.stage_heads import whole_number_ids
+
+    hidden = model.config.llm.hidden_size
+    numbers = whole_number_ids(tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(hidden, dim, generator=generator))[0]  # (D, dim)
+    rotations = [torch.linalg.qr(torch.randn(hidden, hidden, generator=generator))[0] for _ in range(4)]
+    codes = number_code_features(torch.arange(1000)) @ basis.T  # (1000, D), unit rows
+    head = model.llm.lm_head.weight
+    if head_rows:
+        with torch.no_grad():
+            alpha = head[numbers].norm(dim=-1).mean()
+            head[numbers] = (alpha * codes).to(head.dtype)
+    embedding = model.llm.get_input_embeddings().weight
+    gamma = float(slots.colours(torch.arange(len(slots.colours.ids)), embedding.detach()).norm(dim=-1).mean())
+    per_role = torch.stack([gamma * codes @ rotation.T for rotation in rotations])  # (4, 1000, D)
+
+    def box_part(scenes, bins):
+        boxes = torch.tensor([pixel_to_grid(o.bbox, s.width, s.height, square_pad=False)
+                              for s in scenes for o in s.objects]).reshape(-1, 4).clamp(0, 999)
+        return per_role[torch.arange(4), boxes].sum(1).to(bins.device)  # (N, D)
+
+    slots._box_part = box_part
+    return gamma, float(alpha) if head_rows else None
+
+
+def number_rows_at(model, tokenizer, norm: float, seed: int = 0) -> tuple[float, float]:
+    """Stop 41 (nc3): the LM head's number rows set to their mean (the offset every row shares) plus `norm` times the
+    product's `scene_slots.number_code`. Returns (the code's norm before, as the rows' deviation from their mean, the
+    shared offset's norm)."""
+    from mllm.train.scene_slots import number_code
+    from mllm.train.stage_heads import whole_number_ids
+
+    ids = whole_number_ids(tokenizer)
+    weight = model.llm.lm_head.weight
+    with torch.no_grad():
+        mean = weight[ids].mean(0)
+        before = float((weight[ids] - mean).norm(dim=1).mean())
+        weight[ids] = (mean + norm * number_code(weight.shape[1], seed)).to(weight.dtype)
+    return before, float(mean.norm())

@@ -17,12 +17,14 @@ from pathlib import Path
 from mllm.course import runner
 from mllm.course.shared import Budget
 
-args = dict(a.split("=", 1) for a in sys.argv[1:])
-out, stage, seed = Path(args.pop("out")), args.pop("stage", "base"), int(args.pop("seed", "0"))
-fields = {f.name for f in dataclasses.fields(Budget)}
-unknown = sorted(set(args) - fields)
-if unknown:
-    sys.exit(f"course_run.py: {unknown} are not Budget fields (Budget has {sorted(fields)})")
-budget = Budget(**{name: ast.literal_eval(value) for name, value in args.items()})
-print(f"course_run.py: {budget}", flush=True)
-runner.run(out, stage, budget, seed)
+
+if __name__ == "__main__":  # the base's read-kind stages run in a spawned process, which imports this file again
+    args = dict(a.split("=", 1) for a in sys.argv[1:])
+    out, stage, seed = Path(args.pop("out")), args.pop("stage", "base"), int(args.pop("seed", "0"))
+    fields = {f.name for f in dataclasses.fields(Budget)}
+    unknown = sorted(set(args) - fields)
+    if unknown:
+        sys.exit(f"course_run.py: {unknown} are not Budget fields (Budget has {sorted(fields)})")
+    budget = Budget(**{name: ast.literal_eval(value) for name, value in args.items()})
+    print(f"course_run.py: {budget}", flush=True)
+    runner.run(out, stage, budget, seed)

@@ -1,12 +1,13 @@
 """Teacher-forced box numbers by role (x0, y0, x1, y1) after a number-token run (n1, n2, ...: number_tokens.py).
 
     .venv/bin/python docs/probes/number_roles.py base=runs/course7/base from=FOLDER,... roles=2:2,2:3,3:2,3:3 \
-        [box_code=fourier] [n=300] [no_box=1]
+        [box_code=fourier|number] [slots_code=number] [n=300] [no_box=1] [vision=RUN/base/align]
 
 Per role, on n fresh grounding prompts (one grounding turn each, the image after the question): the model's own
 number (argmax over the 1000 number tokens at the role's position) against the truth: exact, within 25 and 50 of
 it, mean absolute error; the prior's (the role's most common number band) for scale; the role head's attention
-weight on the referred cell; and Acc@0.5 of the box the four teacher-forced numbers make.
+weight on the referred cell; and Acc@0.5 of the box the four teacher-forced numbers make. `vision=FOLDER`: the
+scenes rendered and read through that finished stage's vision tower and resampler instead of the slots.
 """
 import json
 import random
@@ -29,7 +30,9 @@ chain = args["from"].split(",")
 numbered = [f for f in chain if json.loads((Path(f) / "model" / "config.json").read_text())["vocab_size"] > 1000]
 fourier = args.get("box_code") == "fourier"
 plain = [f for f in chain if f not in numbered]
-model, tokenizer, slots = read_chain(args["base"], plain[:1] if fourier else plain)
+# slots_code=number: a course run built with Budget.box_code="number" (its slots hold the product's code; nc3, nc4)
+model, tokenizer, slots = read_chain(args["base"], plain[:1] if fourier else plain,
+                                     box_code=args.get("slots_code", "bins"))
 if fourier:  # the later folders' slots hold the Fourier box code: loaded over the converted slots below
     from mllm.train.scene_slots import SceneSlots
     coded = SceneSlots(tokenizer, model.config.llm.hidden_size, slots.grid, box_code="fourier")
@@ -45,8 +48,19 @@ else:  # a course run built with whole numbers (course10): already one token eac
     number_ids = dict(enumerate(whole_number_ids(tokenizer).tolist()))
 for folder in numbered:
     BaseStage(model, tokenizer, slots, settings, Path(folder)).load_finished()
+if args.get("box_code") == "number":  # nc1: the slots' box part as the number code (the LM head as trained)
+    from common import number_code
+    number_code(model, tokenizer, slots, head_rows=False)
 if args.get("no_box") == "1":  # stop 40: the slots' box part set to zero: do the role heads read it at all?
     slots._box_part = lambda scenes, bins: torch.zeros(len(bins), model.config.llm.hidden_size)
+if "vision" in args:  # stop 41: from pixels, through a finished align or tune stage's vision tower and resampler
+    from mllm.model.checkpoint import load_state_dict
+    from mllm.train.base_recipe import vision_tokens
+    from mllm.world import scenes as S
+
+    seen = {k: v for k, v in load_state_dict(Path(args["vision"]) / "model").items()
+            if k.startswith(("vpm.", "resampler."))}
+    model.load_state_dict(seen, strict=False)
 stage = BaseStage(model, tokenizer, slots, settings, Path("/tmp/number_roles_unused"))
 roles = [tuple(int(v) for v in r.split(":")) for r in args["roles"].split(",")]
 numbers = torch.tensor([number_ids[n] for n in range(1000)])
@@ -56,12 +70,16 @@ rows = {k: [] for k in range(4)}  # role -> [(predicted, true, head weight on th
 boxes = []
 with torch.no_grad():
     for i in range(int(args.get("n", 300))):
-        scene = fresh_scene(rng)
+        if "vision" in args:
+            image, scene = S.render_scene(S.sample_scene(rng, "lesson"))
+        else:
+            scene = fresh_scene(rng)
         turn = grounding_turn(scene, rng)
         if turn is None:
             continue
         batch = collate([stage._encode([turn])], stage.pad_id)
-        tokens = slots([scene], model.llm.get_input_embeddings().weight)
+        tokens = vision_tokens(model, stage.processor, [image]) if "vision" in args \
+            else slots([scene], model.llm.get_input_embeddings().weight)
         out = stage._forward(batch, tokens, hidden_states=True)
         ids = batch["input_ids"][0].tolist()
         role_positions = []

@@ -60,6 +60,11 @@
         freeze_slots=1 roles=2:2,2:3,3:2,3:3 steps=700   (course10's settle with the grounding turns weighed 1.0; sg2:
         the same with the slots trained; sg3: from=RUN/base/read,RUN/base/settle mix=ground turns=8 steps=400;
         sg4: as sg3 with mix=full alone=0 grounding=3.0 steps=200)
+    nc3 base=runs/course11/base from=RUN/base/read slots_code=number code_norm=2.0 mix=full alone=0.3 grounding=1.0
+        turns=8 layout=qfirst match=1.0 freeze_slots=1 roles=2:2,2:3,3:2,3:3 steps=300   (course11's settle with the
+        LM head's number code at a trained row's norm: `slots_code=number` builds the product's number-code slots)
+    nc1 as sg3 with box_code=number   (stop 41: the slots' box part and the LM head's number rows as one smooth code,
+        `common.number_code`; `code_head=0` keeps the LM head as loaded)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
 
 order=band: the slots band-major, as descriptions name objects (`common.band_major_slots`). table=triple|rank: one
@@ -129,7 +134,11 @@ if args.get("numbers") == "1" and chain != "init":
     numbered = [f for f in chain if (Path(f) / "model" / "config.json").is_file()
                 and json.loads((Path(f) / "model" / "config.json").read_text())["vocab_size"] > 1000]
     chain = [f for f in chain if f not in numbered]
-model, tokenizer, slots = read_chain(base, chain[:1] if fourier else chain)
+model, tokenizer, slots = read_chain(base, chain[:1] if fourier else chain, box_code=args.get("slots_code", "bins"))
+if "code_norm" in args:  # nc3: a course run's number rows (box_code=number) with the code scaled to this norm
+    from common import number_rows_at
+    print("number rows: code %.3f, shared offset %.3f before" % number_rows_at(model, tokenizer, float(args["code_norm"])),
+          flush=True)
 if fourier:  # the first folder's slots (bins), then the new box part seeded, then the later (fourier) folders
     from mllm.train.scene_slots import SceneSlots
     torch.manual_seed(0)
@@ -145,6 +154,10 @@ if args.get("numbers") == "1":  # n1/n2: every box coordinate one token (docs/pr
     for folder in numbered:
         BaseStage(model, tokenizer, slots, StageSettings(kind="read", steps=1, lr=1e-3, trains={"llm": 1.0},
                                                          eval_scenes=1), Path(folder)).load_finished()
+if args.get("box_code") == "number":  # nc1: the box as the number tokens' own smooth code (common.number_code)
+    from common import number_code
+    print("number code: gamma %.3f, alpha %s" % number_code(model, tokenizer, slots,
+                                                            head_rows=args.get("code_head", "1") == "1"), flush=True)
 if args.get("tie") == "1":  # t0: the LM head tied to the input embeddings (a word held in a slot reads straight out)
     model.llm.lm_head.weight = model.llm.get_input_embeddings().weight
     save_pretrained = model.save_pretrained

@@ -45,7 +45,7 @@ from mllm.model.modeling_mllm import MLLMModel
 from mllm.model.tokenization import build_tokenizer, load_tokenizer, split_numbers
 from mllm.model.vision import pack_patch_strips
 from mllm.train.base_recipe import BaseStage, StageSettings
-from mllm.train.scene_slots import SceneSlots
+from mllm.train.scene_slots import SceneSlots, number_code
 from mllm.world.corpus import tokenizer_corpus
 from mllm.world.scenes import CATEGORIES, COLOURS
 
@@ -233,19 +233,29 @@ def base_stages(budget: Budget) -> list[StageSettings]:
         StageSettings(steps=budget.read_steps, lr=budget.read_lr, warmup=50, trains={"llm": 1.0, "slots": 1.0},
                       mix=QUESTIONS_AND_STATEMENTS, turns=2, **reads),
         StageSettings(name="settle", steps=budget.settle_steps, lr=budget.settle_lr, warmup=20, trains={"llm": 1.0},
-                      mix=LessonMix(alone=0.3), **pointer, **reads),
+                      mix=LessonMix(alone=0.3, grounding=budget.settle_grounding), turns=budget.settle_turns,
+                      **pointer, **reads),
         # align trains no LLM: the head (read on the LLM's hidden states) has nothing to teach it there
         StageSettings(kind="align", steps=budget.align_steps, lr=budget.align_lr, trains={"vision": 1.0},
-                      answer_weight=0.0, slot_weight=1.0, readout_weight=1.0, warmup=50, beta2=0.98,
+                      answer_weight=0.0, slot_weight=1.0, readout_weight=1.0,
+                      box_readout_weight=budget.box_readout_weight, warmup=50, beta2=0.98,
                       **common | {"match_weight": 0.0, "eval_every": 2 * budget.base_eval_every}),
         StageSettings(kind="tune", steps=budget.tune_steps, lr=budget.tune_lr,
                       trains={"vision": 1.0, "llm": budget.tune_llm_lr_scale}, lm_weight=0.5, slot_weight=1.0,
-                      readout_weight=1.0, warmup=50, beta2=0.98, **pointer,
+                      readout_weight=1.0, box_readout_weight=budget.box_readout_weight, warmup=50, beta2=0.98,
+                      **pointer,
                       mix=LessonMix(caption_noise=budget.caption_noise, alone=0.3), **common),
     ]
 
 
 NUMBER_PERIODS = (1000, 500, 250, 100, 50, 25, 10)  # the phases whole-number tokens start from
+
+
+# The LM head's number rows start as this times `number_code` (box_code="number"): a trained row's norm, not a fresh
+# one's (0.32). Started at 0.32 (course11), read left the code at 0.27 under an offset of 2.04 that every number row
+# shares (their logits pushed down together), and settle's box read stayed at 5.7-6.2 for 350 steps, where nc1's
+# rows at 1.84 took it to 4.4 in 200 (docs/probes/README.md, stop 41).
+NUMBER_CODE_ROW_NORM = 2.0
 
 
 def number_rows(count: int, dim: int, norm: float, seed: int) -> torch.Tensor:
@@ -261,9 +271,12 @@ def number_rows(count: int, dim: int, norm: float, seed: int) -> torch.Tensor:
     return rows * (norm / rows.norm(dim=1, keepdim=True))
 
 
-def _fresh_model(world: Path, init: Path, seed: int, whole_numbers: bool = False):
+def _fresh_model(world: Path, init: Path, seed: int, whole_numbers: bool = False, box_code: str = "bins"):
     """Tokenizer (the world's texts and the lessons'; with `whole_numbers`, 0-999 one token each) and a random model
-    of `base_config`, saved to `init`; reused when `init` already holds them (with the same kind of tokenizer)."""
+    of `base_config`, saved to `init`; reused when `init` already holds them (with the same kind of tokenizer).
+    With box_code="number" the LM head's number rows start as `number_code` (the slots' box code, same seed)."""
+    if box_code == "number" and not whole_numbers:
+        raise ValueError("Budget.box_code='number' writes each coordinate as one token: it needs whole_numbers=True")
     if (init / "config.json").is_file():
         tokenizer = load_tokenizer(init)
         has_them = not split_numbers(tokenizer)
@@ -280,15 +293,18 @@ def _fresh_model(world: Path, init: Path, seed: int, whole_numbers: bool = False
         ids = [tokenizer.convert_tokens_to_ids(str(n)) for n in range(1000)]
         with torch.no_grad():
             for k, weight in enumerate((model.llm.get_input_embeddings().weight, model.llm.lm_head.weight)):
-                norm = float(weight.norm(dim=1).mean())
-                weight[ids] = number_rows(1000, weight.shape[1], norm, seed + k).to(weight.dtype)
+                if k == 1 and box_code == "number":
+                    weight[ids] = (NUMBER_CODE_ROW_NORM * number_code(weight.shape[1], seed)).to(weight.dtype)
+                else:
+                    norm = float(weight.norm(dim=1).mean())
+                    weight[ids] = (norm * number_rows(1000, weight.shape[1], 1.0, seed + k)).to(weight.dtype)
     model.save_pretrained(init, tokenizer=tokenizer)
     return model, tokenizer
 
 
-def _slots(tokenizer, model, seed: int) -> SceneSlots:
+def _slots(tokenizer, model, seed: int, box_code: str = "bins") -> SceneSlots:
     torch.manual_seed(seed)  # the same starting tables whether read runs beside phase 0 or after it
-    return SceneSlots(tokenizer, model.config.llm.hidden_size, SLOT_GRID)
+    return SceneSlots(tokenizer, model.config.llm.hidden_size, SLOT_GRID, box_code=box_code, code_seed=seed)
 
 
 def _fresh_resampler(model, seed: int) -> None:
@@ -304,8 +320,8 @@ def _read_beside(out: Path, budget: Budget, seed: int) -> None:
     """The read-kind stages (read, settle) in their own process on one core (phase 0 has the other); a
     finished stage hands on only the LLM and the slots (`BaseStage.load_finished`)."""
     torch.set_num_threads(1)
-    model, tokenizer = _fresh_model(out / "world", out / "base" / "init", seed, budget.whole_numbers)
-    slots = _slots(tokenizer, model, seed)
+    model, tokenizer = _fresh_model(out / "world", out / "base" / "init", seed, budget.whole_numbers, budget.box_code)
+    slots = _slots(tokenizer, model, seed, budget.box_code)
     stages = base_stages(budget)
     for k, settings in enumerate(stages):
         if settings.kind != "read":
@@ -341,7 +357,7 @@ def vision_phase(stage: Path, world: Path, budget: Budget, seed: int):
         print(f"reusing the finished vision pretraining in {stage / 'phase0'}", flush=True)
         return (MLLMModel.from_pretrained(stage / "phase0"), load_tokenizer(stage / "phase0"),
                 json.loads(log_path.read_text()))
-    model, tokenizer = _fresh_model(world, stage / "init", seed, budget.whole_numbers)
+    model, tokenizer = _fresh_model(world, stage / "init", seed, budget.whole_numbers, budget.box_code)
     log = pretrain(model, world, steps=budget.vision_pretrain_steps, batch_size=budget.vision_pretrain_batch,
                    lr=budget.vision_pretrain_lr, seed=seed)
     model.save_pretrained(stage / "phase0", tokenizer=tokenizer)
@@ -364,7 +380,7 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
     if len(os.sched_getaffinity(0)) >= 2 and not (stage / last_read / "done.json").is_file() \
             and not (stage / "phase0" / "vision_pretrain_log.json").is_file():
         # phase 0 trains only the vision side and the read-kind stages only the LLM and slots: one core each
-        _fresh_model(world, stage / "init", seed, budget.whole_numbers)  # written before either process reads it
+        _fresh_model(world, stage / "init", seed, budget.whole_numbers, budget.box_code)  # written before either process reads it
         reader = multiprocessing.get_context("spawn").Process(target=_read_beside, args=(out, budget, seed))
         reader.start()
         threads = torch.get_num_threads()
@@ -379,7 +395,7 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
         if reader.exitcode != 0:
             raise RuntimeError(f"the read-kind stages beside the vision pretraining failed (exit "
                                f"{reader.exitcode}); rerun to resume them where they stopped, under {stage}")
-    slots = _slots(tokenizer, model, seed)
+    slots = _slots(tokenizer, model, seed, budget.box_code)
     summaries, curves = [], []
     for k, settings in enumerate(stages):
         if settings.kind == "align":

@@ -29,6 +29,8 @@ class Budget:
     read_lr: float = 1e-3
     settle_steps: int = 400  # then the full mix (descriptions, lookups, grounding) on a fresh schedule
     settle_lr: float = 5e-4
+    settle_grounding: float = 0.25  # settle's grounding turns' weight in its mix (the others' sum is ~1)
+    settle_turns: int = 4  # turns a conversation in settle (a grounding-heavy mix asks for more boxes a scene)
     match_weight: float = 1.0  # each image position says whether it answers the first question (all but align)
     # settle, tune: each description token pointed at its object's cell; off: measured no better (docs/probes, stop 36)
     pointer_weight: float = 0.0
@@ -40,6 +42,10 @@ class Budget:
     # settle, tune: box coordinates as whole-number tokens, each looked up and written by a head of its own (stop 39)
     whole_numbers: bool = False
     box_role_weight: float = 0.0
+    # the slots' box as "bins" (learnt), or "number": the number tokens' own code, which the LM head's number rows
+    # start from (`scene_slots.number_code`; needs whole_numbers; stop 41)
+    box_code: str = "bins"
+    box_readout_weight: float = 0.0  # align, tune: the box code read back from the image tokens (box_code="number")
     align_steps: int = 3000  # vision + resampler regress the slots and read back words (no LLM in the step)
     align_lr: float = 1e-3
     tune_steps: int = 300  # everything; the LLM at tune_llm_lr_scale x tune_lr

@@ -67,6 +67,7 @@ class StageSettings:
     lm_weight: float = 0.0  # next-token cross-entropy on every text token (answers included)
     slot_weight: float = 0.0  # normalised MSE between the image tokens and the scene's slot vectors
     readout_weight: float = 0.0  # cross-entropy of the object words read back from the image tokens
+    box_readout_weight: float = 0.0  # ... and of the box coordinates (slots of box_code="number" only)
     question_first: bool = False  # the image after the conversation's first question, not before it
     match_weight: float = 0.0  # binary cross-entropy of each image position saying whether it answers that question
     match_layer: int = 2  # ... read from the hidden states after this many decoder layers
@@ -308,7 +309,10 @@ class BaseStage:
         if s.readout_weight:
             parts["readout"] = self.slots.readout_loss(scenes, tokens.float(),
                                                        self.model.llm.get_input_embeddings().weight)
+        if s.box_readout_weight:
+            parts["box_readout"] = self.slots.box_readout_loss(scenes, tokens.float())
         weights = {"answer": s.answer_weight, "lm": s.lm_weight, "slots": s.slot_weight, "readout": s.readout_weight,
+                   "box_readout": s.box_readout_weight,
                    "match": s.match_weight, "pointer": s.pointer_weight, "read": s.read_weight,
                    "read_box": s.box_read_weight, "box_attend": s.box_role_weight, "box_read": s.box_role_weight}
         parts["total"] = sum(weights[name] * value for name, value in parts.items())
@@ -590,7 +594,7 @@ def chain_fingerprint(stages, as_before_stop38: bool = False) -> str:
 
 
 # fields a stop-38-era record does not hash (it hashed every field of the time): each one added since
-_ADDED_SINCE_STOP38 = {"box_read_weight", "box_role_weight", "box_heads"}
+_ADDED_SINCE_STOP38 = {"box_read_weight", "box_role_weight", "box_heads", "box_readout_weight"}
 
 
 def _check_same_training(path: Path, recorded: dict, wanted: dict) -> None:

@@ -7,7 +7,8 @@ G x G grid (Q = G*G), and each object adds to the cell holding its centre the su
     the LLM's own input embeddings of its colour, category and size words, of the two words of its 3x3 place
     ("top", "left") and of the word of its category's count ("two" for each circle of a two-circle scene),
     a learnt embedding of its (colour, category) pair, and its box: four learnt embeddings of its corner
-    coordinates' bins, or (`box_code="fourier"`) each coordinate's digits as phases, below.
+    coordinates' bins, or (`box_code="fourier"`) each coordinate's digits as phases, or (`box_code="number"`) each
+    coordinate as the number tokens' own code (`number_code`), turned by a fixed rotation of its own.
 
 So a yes/no question's content word (" circle", " two", " left") meets the same embedding in the image: the
 lookup a fresh LLM otherwise finds slowly. The vision tower and resampler are then trained to produce these
@@ -35,6 +36,12 @@ COUNT_WORDS = S.NUMBER_WORDS[1:7]  # one .. six (a scene holds at most six objec
 BOX_BINS = 25  # bins per box coordinate on the 0-1000 grid
 READOUT_SCALE = 4.0
 BOX_PERIODS = (1000, 100, 10)  # the Fourier box code: one (cos, sin) pair per digit of a 0-1000 coordinate
+NUMBER_CODE_DIM = 32  # the number code: Gaussian bumps along 0-1000, one every ~31
+NUMBER_CODE_NORM = 0.5  # a coordinate's share of a slot: about an LLM word embedding's norm after read (0.55)
+BOX_CODES = ("bins", "fourier", "number")
+# the number code's read-back: neighbours' codes are near (cosine 0.5 fifty apart), so a word's scale of 4 leaves
+# the softmax over 1000 numbers nearly flat
+BOX_READOUT_SCALE = 16.0
 _PLACE_STOP_WORDS = {"in", "the", "at", "on", "of"}
 
 
@@ -72,6 +79,32 @@ def box_phases(boxes: torch.Tensor) -> torch.Tensor:
     return torch.stack((angles.cos(), angles.sin()), -1).flatten(1)  # (N, 4 * P * 2)
 
 
+def number_code(hidden_size: int, seed: int, count: int = 1000, dim: int = NUMBER_CODE_DIM) -> torch.Tensor:
+    """[count, hidden_size] unit rows, one per whole number 0 .. count-1: Gaussian bumps along 0-1000 (centres every
+    1000 / dim, as wide), normalised, through a fixed orthonormal map into `dim` dimensions of the hidden space.
+    Neighbours share most of their code (cosine 0.97 one apart, 0.5 fifty apart), and every code lies in one
+    `dim`-dimensional subspace, within what one attention head (64 wide in the tiny LLM) can carry. The tiny base
+    starts its LM head's number rows here and writes each slot's box with it (`SceneSlots(box_code="number")`), so
+    that writing coordinate k is one linear map shared by all 1000 numbers: measured, greedy grounding from slots
+    0.90 after 300 grounding steps where learnt bins with random rows stayed at 0.03-0.20 (docs/probes/README.md,
+    stop 41, nc1 against sg3)."""
+    centres = (torch.arange(dim, dtype=torch.float64) + 0.5) * 1000 / dim
+    values = torch.arange(count, dtype=torch.float64)[:, None]
+    bumps = torch.exp(-0.5 * ((values - centres) / (1000 / dim)) ** 2)  # (count, dim)
+    bumps = bumps / bumps.norm(dim=1, keepdim=True)
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(hidden_size, dim, generator=generator, dtype=torch.float64))[0]  # (D, dim)
+    return (bumps @ basis.T).float()  # (count, D)
+
+
+def role_rotations(hidden_size: int, seed: int) -> torch.Tensor:
+    """[4, D, D] fixed random rotations, one per box coordinate (x0, y0, x1, y1): the four codes of one slot then
+    lie in four different subspaces, so a head can read one of them without the other three."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    return torch.stack([torch.linalg.qr(torch.randn(hidden_size, hidden_size, generator=generator,
+                                                    dtype=torch.float64))[0] for _ in range(4)]).float()
+
+
 class WordTable(nn.Module):
     """Token ids of a list of words (each as it follows a space), padded: embeds a word as the sum of its
     tokens' embeddings, which for a word the tokenizer holds whole is its one embedding."""
@@ -94,10 +127,11 @@ class WordTable(nn.Module):
 class SceneSlots(nn.Module):
     """Scenes -> [B, Q, D] slot vectors, given the LLM's input embedding matrix (which it shares, not owns)."""
 
-    def __init__(self, tokenizer, hidden_size: int, grid: int = 6, box_code: str = "bins"):
+    def __init__(self, tokenizer, hidden_size: int, grid: int = 6, box_code: str = "bins", code_seed: int = 0):
+        """`code_seed`: the seed of `number_code` (box_code="number"): the one the LLM's number rows started from."""
         super().__init__()
-        if box_code not in ("bins", "fourier"):
-            raise ValueError(f"SceneSlots box_code must be bins or fourier, got {box_code!r}")
+        if box_code not in BOX_CODES:
+            raise ValueError(f"SceneSlots box_code must be one of {BOX_CODES}, got {box_code!r}")
         self.grid, self.box_code = grid, box_code
         self.cell = nn.Embedding(grid * grid, hidden_size)  # what an empty cell holds: where it is
         self.colour_category = nn.Embedding(len(COLOURS) * len(CATEGORIES), hidden_size)
@@ -107,6 +141,10 @@ class SceneSlots(nn.Module):
         if box_code == "fourier":  # a coordinate's three pairs about as long as one bin embedding (~0.02 sqrt(D))
             self.box_fourier = nn.Linear(4 * 2 * len(BOX_PERIODS), hidden_size, bias=False)
             nn.init.normal_(self.box_fourier.weight, std=0.02 / len(BOX_PERIODS) ** 0.5)
+        if box_code == "number":  # fixed, not learnt: [4, 1000, D], coordinate k's code turned by rotation k
+            codes = NUMBER_CODE_NORM * number_code(hidden_size, code_seed)
+            turned = torch.einsum("nd,ked->kne", codes, role_rotations(hidden_size, code_seed))
+            self.register_buffer("box_codes", turned.contiguous())  # (safetensors saves contiguous tensors only)
         self.colours = WordTable(tokenizer, COLOURS)
         self.categories = WordTable(tokenizer, CATEGORIES)
         self.sizes = WordTable(tokenizer, list(SIZES))
@@ -129,13 +167,20 @@ class SceneSlots(nn.Module):
         return (torch.tensor(rows, dtype=torch.long, device=device),
                 torch.tensor(feats, dtype=torch.long, device=device).reshape(-1, 10))
 
+    @staticmethod
+    def _boxes(scenes: list[S.Scene], device) -> torch.Tensor:
+        """[N, 4] every object's box on the unpadded 0-1000 grid, in the order of `_objects`."""
+        return torch.tensor([pixel_to_grid(o.bbox, s.width, s.height, square_pad=False) for s in scenes
+                             for o in s.objects], device=device).reshape(-1, 4)
+
     def _box_part(self, scenes: list[S.Scene], bins: torch.Tensor) -> torch.Tensor:
         """[N, D]: every object's box, from its corner bins [N, 4] or (fourier) its coordinates' phases."""
         if self.box_code == "bins":
             return self.box(bins + torch.arange(4, device=bins.device) * BOX_BINS).sum(1)
-        boxes = [pixel_to_grid(o.bbox, s.width, s.height, square_pad=False) for s in scenes for o in s.objects]
-        phases = box_phases(torch.tensor(boxes, device=bins.device).reshape(-1, 4))  # same order as _objects
-        return self.box_fourier(phases.to(self.box_fourier.weight.dtype))
+        boxes = self._boxes(scenes, bins.device)
+        if self.box_code == "number":
+            return self.box_codes[torch.arange(4, device=bins.device), boxes.clamp(0, 999)].sum(1)  # (N, 4, D) -> (N, D)
+        return self.box_fourier(box_phases(boxes).to(self.box_fourier.weight.dtype))
 
     def readout_loss(self, scenes: list[S.Scene], tokens: torch.Tensor, word_embedding: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of reading each object's colour, category and count word back from its cell's token
@@ -150,6 +195,23 @@ class SceneSlots(nn.Module):
             # read back at a loss of 1.83 against chance's 1.99: too flat to teach anything)
             logits = READOUT_SCALE * (content.float() @ words.float().T) / words.float().pow(2).sum(-1).mean()
             losses.append(F.cross_entropy(logits, f[:, column]))
+        return torch.stack(losses).mean()
+
+    def box_readout_loss(self, scenes: list[S.Scene], tokens: torch.Tensor) -> torch.Tensor:
+        """box_code="number": mean cross-entropy of reading each object's four coordinates back from its cell's token
+        ([B, Q, D]) by dot products with each coordinate's 1000 codes. A loss of its own (`StageSettings.
+        box_readout_weight`): inside `readout_loss` (4 of its 7 terms) it kept align's yes/no from pixels at .50
+        after 1,500 steps (course10's align: .735) while the coordinates stayed near chance (docs/probes/README.md,
+        stop 41, a11)."""
+        if self.box_code != "number":
+            raise ValueError(f"the box read-back reads the number code; these slots hold box_code={self.box_code!r}")
+        rows, f = self._objects(scenes)
+        content = tokens[rows, f[:, 0]] - self.cell.weight[f[:, 0]]  # (N, D)
+        boxes = self._boxes(scenes, f.device).clamp(0, 999)
+        losses = []
+        for k in range(4):
+            logits = BOX_READOUT_SCALE * (content.float() @ self.box_codes[k].T) / NUMBER_CODE_NORM ** 2  # (N, 1000)
+            losses.append(F.cross_entropy(logits, boxes[:, k]))
         return torch.stack(losses).mean()
 
     def forward(self, scenes: list[S.Scene], word_embedding: torch.Tensor) -> torch.Tensor:

@@ -206,5 +206,19 @@ def test_whole_numbers_start_from_phase_rows_and_a_run_keeps_its_kind_of_tokeniz
     assert torch.equal(reloaded.llm.lm_head.weight, model.llm.lm_head.weight)
     with pytest.raises(ValueError, match="has whole-number tokens, but the budget asks for digits"):
         _fresh_model(world, tmp_path / "init", 0, whole_numbers=False)
+    coded, _ = _fresh_model(world, tmp_path / "coded", 0, whole_numbers=True, box_code="number")
+    from mllm.train.scene_slots import number_code
+
+    from mllm.course.base import NUMBER_CODE_ROW_NORM
+
+    rows = coded.llm.lm_head.weight[ids].detach()  # the LM head writes the slots' code, at a trained row's norm
+    assert torch.allclose(rows, NUMBER_CODE_ROW_NORM * number_code(rows.shape[1], seed=0), atol=1e-5)
+    others = [i for i in range(len(tokenizer)) if i not in set(ids)]
+    assert float(rows.norm(dim=1).mean()) > 5 * float(coded.llm.lm_head.weight[others].detach().norm(dim=1).mean())
+    assert torch.equal(coded.llm.get_input_embeddings().weight, model.llm.get_input_embeddings().weight)
+    with pytest.raises(ValueError, match="needs whole_numbers=True"):
+        _fresh_model(world, tmp_path / "digits", 0, box_code="number")
+    read_back = base_stages(Budget(whole_numbers=True, box_code="number", box_readout_weight=0.1))
+    assert [s.box_readout_weight for s in read_back] == [0.0, 0.0, 0.1, 0.1]  # the stages that see pixels
     wired = base_stages(Budget(whole_numbers=True, box_role_weight=1.0))
     assert [s.box_role_weight for s in wired] == [0.0, 1.0, 0.0, 1.0]  # the stages that write grounding answers
