@@ -110,7 +110,8 @@ def evaluate(n):
             ious += [iou(g.tolist(), b.tolist()) if g[2] > g[0] and g[3] > g[1] else 0.0 for g, b in zip(guess, boxes)]
     model.train()
     errors = torch.cat(errors)
-    return {"mae": [round(float(v), 1) for v in errors.mean(0)], "acc05": round(sum(v >= 0.5 for v in ious) / len(ious), 3),
+    return {"mae": [round(float(v), 1) for v in errors.mean(0)],
+            "acc05": round(sum(v >= 0.5 for v in ious) / len(ious), 3),
             "iou": round(sum(ious) / len(ious), 3), "objects": len(ious)}
 
 

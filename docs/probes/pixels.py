@@ -7,7 +7,7 @@ slots, LLM frozen) and optionally `tune` (everything), with the image after the 
 
     a11  phase0=runs/course11/base/phase0 from=runs/course11/base/read box_code=number align=3000 eval_every=500
          (course11's align, one thread, with the box read-back inside the words' (4 of 7 terms; code of 16:40);
-         a11b: box_readout=0.25, the read-back a loss of its own, align=1500)
+         a11b: box_readout=0.25, the read-back a loss of its own, align=1500; a11c: box_readout=1.0)
 """
 import sys
 from pathlib import Path

@@ -62,7 +62,9 @@
         sg4: as sg3 with mix=full alone=0 grounding=3.0 steps=200)
     nc3 base=runs/course11/base from=RUN/base/read slots_code=number code_norm=2.0 mix=full alone=0.3 grounding=1.0
         turns=8 layout=qfirst match=1.0 freeze_slots=1 roles=2:2,2:3,3:2,3:3 steps=300   (course11's settle with the
-        LM head's number code at a trained row's norm: `slots_code=number` builds the product's number-code slots)
+        LM head's number code at a trained row's norm: `slots_code=number` builds the product's number-code slots;
+        nc4: from=RUN/base/read,runs/probe/nc3 slots_code=number mix=ground turns=8 ... steps=150, grounding alone
+        after it; nc5: from=...,runs/probe/nc4 with nc3's mix, steps=100 lr=3e-4: the yes/no brought back)
     nc1 as sg3 with box_code=number   (stop 41: the slots' box part and the LM head's number rows as one smooth code,
         `common.number_code`; `code_head=0` keeps the LM head as loaded)
     f0  from=init mix=lookup steps=600 lr=1e-3 statements=0 warmup=50 eval_every=200 eval_scenes=100   (f1: statements=1)
@@ -137,8 +139,8 @@ if args.get("numbers") == "1" and chain != "init":
 model, tokenizer, slots = read_chain(base, chain[:1] if fourier else chain, box_code=args.get("slots_code", "bins"))
 if "code_norm" in args:  # nc3: a course run's number rows (box_code=number) with the code scaled to this norm
     from common import number_rows_at
-    print("number rows: code %.3f, shared offset %.3f before" % number_rows_at(model, tokenizer, float(args["code_norm"])),
-          flush=True)
+    before = number_rows_at(model, tokenizer, float(args["code_norm"]))
+    print("number rows: code %.3f, shared offset %.3f before" % before, flush=True)
 if fourier:  # the first folder's slots (bins), then the new box part seeded, then the later (fourier) folders
     from mllm.train.scene_slots import SceneSlots
     torch.manual_seed(0)

@@ -284,7 +284,15 @@ def _fresh_model(world: Path, init: Path, seed: int, whole_numbers: bool = False
             raise ValueError(f"{init}: this run's tokenizer has {'' if has_them else 'no '}"
                              f"whole-number tokens, but the budget asks for {'them' if whole_numbers else 'digits'}; "
                              f"train into another --out")
-        return MLLMModel.from_pretrained(init), tokenizer
+        model = MLLMModel.from_pretrained(init)
+        if whole_numbers:
+            rows = model.llm.lm_head.weight[[tokenizer.convert_tokens_to_ids(str(n)) for n in range(1000)]].detach()
+            coded = torch.allclose(rows, NUMBER_CODE_ROW_NORM * number_code(rows.shape[1], seed), atol=1e-4)
+            if coded != (box_code == "number"):
+                raise ValueError(f"{init}: this run's LM head starts its number rows "
+                                 f"{'on' if coded else 'off'} the number code, but the budget asks for box_code="
+                                 f"{box_code!r}; train into another --out")
+        return model, tokenizer
     tokenizer = build_tokenizer(tokenizer_corpus(world) + tokenizer_texts(seed=seed), vocab_size=1024,
                                 whole_numbers=whole_numbers)
     torch.manual_seed(seed)
@@ -380,7 +388,8 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
     if len(os.sched_getaffinity(0)) >= 2 and not (stage / last_read / "done.json").is_file() \
             and not (stage / "phase0" / "vision_pretrain_log.json").is_file():
         # phase 0 trains only the vision side and the read-kind stages only the LLM and slots: one core each
-        _fresh_model(world, stage / "init", seed, budget.whole_numbers, budget.box_code)  # written before either process reads it
+        # written before either process reads it
+        _fresh_model(world, stage / "init", seed, budget.whole_numbers, budget.box_code)
         reader = multiprocessing.get_context("spawn").Process(target=_read_beside, args=(out, budget, seed))
         reader.start()
         threads = torch.get_num_threads()

@@ -179,7 +179,8 @@ class SceneSlots(nn.Module):
             return self.box(bins + torch.arange(4, device=bins.device) * BOX_BINS).sum(1)
         boxes = self._boxes(scenes, bins.device)
         if self.box_code == "number":
-            return self.box_codes[torch.arange(4, device=bins.device), boxes.clamp(0, 999)].sum(1)  # (N, 4, D) -> (N, D)
+            picked = self.box_codes[torch.arange(4, device=bins.device), boxes.clamp(0, 999)]  # (N, 4, D)
+            return picked.sum(1)  # (N, D)
         return self.box_fourier(box_phases(boxes).to(self.box_fourier.weight.dtype))
 
     def readout_loss(self, scenes: list[S.Scene], tokens: torch.Tensor, word_embedding: torch.Tensor) -> torch.Tensor:

@@ -216,6 +216,10 @@ def test_whole_numbers_start_from_phase_rows_and_a_run_keeps_its_kind_of_tokeniz
     others = [i for i in range(len(tokenizer)) if i not in set(ids)]
     assert float(rows.norm(dim=1).mean()) > 5 * float(coded.llm.lm_head.weight[others].detach().norm(dim=1).mean())
     assert torch.equal(coded.llm.get_input_embeddings().weight, model.llm.get_input_embeddings().weight)
+    with pytest.raises(ValueError, match="on the number code, but the budget asks for box_code='bins'"):
+        _fresh_model(world, tmp_path / "coded", 0, whole_numbers=True)  # a run keeps its kind of number rows
+    with pytest.raises(ValueError, match="off the number code, but the budget asks for box_code='number'"):
+        _fresh_model(world, tmp_path / "init", 0, whole_numbers=True, box_code="number")
     with pytest.raises(ValueError, match="needs whole_numbers=True"):
         _fresh_model(world, tmp_path / "digits", 0, box_code="number")
     read_back = base_stages(Budget(whole_numbers=True, box_code="number", box_readout_weight=0.1))
