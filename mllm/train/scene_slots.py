@@ -174,7 +174,8 @@ class SceneSlots(nn.Module):
                              for o in s.objects], device=device).reshape(-1, 4)
 
     def _box_part(self, scenes: list[S.Scene], bins: torch.Tensor) -> torch.Tensor:
-        """[N, D]: every object's box, from its corner bins [N, 4] or (fourier) its coordinates' phases."""
+        """[N, D]: every object's box, from its corner bins [N, 4], (fourier) its coordinates' phases or (number) the
+        sum of its coordinates' turned codes."""
         if self.box_code == "bins":
             return self.box(bins + torch.arange(4, device=bins.device) * BOX_BINS).sum(1)
         boxes = self._boxes(scenes, bins.device)
@@ -202,8 +203,8 @@ class SceneSlots(nn.Module):
         """box_code="number": mean cross-entropy of reading each object's four coordinates back from its cell's token
         ([B, Q, D]) by dot products with each coordinate's 1000 codes. A loss of its own (`StageSettings.
         box_readout_weight`): inside `readout_loss` (4 of its 7 terms) it kept align's yes/no from pixels at .50
-        after 1,500 steps (course10's align: .735) while the coordinates stayed near chance (docs/probes/README.md,
-        stop 41, a11)."""
+        after 1,500 steps, where on its own at 0.25 the same align reached .72; either way the coordinates stay near
+        chance there (5.95 of 6.91; docs/probes/README.md, stop 41, a11 / a11b)."""
         if self.box_code != "number":
             raise ValueError(f"the box read-back reads the number code; these slots hold box_code={self.box_code!r}")
         rows, f = self._objects(scenes)
