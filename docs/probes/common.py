@@ -546,7 +546,6 @@ def number_code(model, tokenizer, slots, seed: int = 0, dim: int = NUMBER_CODE_D
     colour word's input-embedding norm): reading coordinate k is then one linear map shared by every number (P_k's
     inverse), where the bins left 25 x 1000 (bin, token) pairs to be matched one by one. `head_rows=False` leaves
     the LM head as loaded (a run that already has the code in it)."""
-    from mllm.data.boxes import pixel_to_grid
     from mllm.train.stage_heads import whole_number_ids
 
     hidden = model.config.llm.hidden_size
@@ -565,8 +564,7 @@ def number_code(model, tokenizer, slots, seed: int = 0, dim: int = NUMBER_CODE_D
     per_role = torch.stack([gamma * codes @ rotation.T for rotation in rotations])  # (4, 1000, D)
 
     def box_part(scenes, bins):
-        boxes = torch.tensor([pixel_to_grid(o.bbox, s.width, s.height, square_pad=False)
-                              for s in scenes for o in s.objects]).reshape(-1, 4).clamp(0, 999)
+        boxes = slots._boxes(scenes, "cpu").clamp(0, 999)  # (N, 4)
         return per_role[torch.arange(4), boxes].sum(1).to(bins.device)  # (N, D)
 
     slots._box_part = box_part

@@ -54,13 +54,11 @@ if args.get("box_code") == "number":  # nc1: the slots' box part as the number c
 if args.get("no_box") == "1":  # stop 40: the slots' box part set to zero: do the role heads read it at all?
     slots._box_part = lambda scenes, bins: torch.zeros(len(bins), model.config.llm.hidden_size)
 if "vision" in args:  # stop 41: from pixels, through a finished align or tune stage's vision tower and resampler
-    from mllm.model.checkpoint import load_state_dict
     from mllm.train.base_recipe import vision_tokens
     from mllm.world import scenes as S
 
-    seen = {k: v for k, v in load_state_dict(Path(args["vision"]) / "model").items()
-            if k.startswith(("vpm.", "resampler."))}
-    model.load_state_dict(seen, strict=False)
+    BaseStage(model, tokenizer, slots, StageSettings(kind="align", steps=1, lr=1e-3, trains={"vision": 1.0},
+                                                     eval_scenes=1), Path(args["vision"])).load_finished()
 stage = BaseStage(model, tokenizer, slots, settings, Path("/tmp/number_roles_unused"))
 roles = [tuple(int(v) for v in r.split(":")) for r in args["roles"].split(",")]
 numbers = torch.tensor([number_ids[n] for n in range(1000)])

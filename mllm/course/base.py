@@ -46,6 +46,7 @@ from mllm.model.tokenization import build_tokenizer, load_tokenizer, split_numbe
 from mllm.model.vision import pack_patch_strips
 from mllm.train.base_recipe import BaseStage, StageSettings
 from mllm.train.scene_slots import SceneSlots, number_code
+from mllm.train.stage_heads import whole_number_ids
 from mllm.world.corpus import tokenizer_corpus
 from mllm.world.scenes import CATEGORIES, COLOURS
 
@@ -286,7 +287,7 @@ def _fresh_model(world: Path, init: Path, seed: int, whole_numbers: bool = False
                              f"train into another --out")
         model = MLLMModel.from_pretrained(init)
         if whole_numbers:
-            rows = model.llm.lm_head.weight[[tokenizer.convert_tokens_to_ids(str(n)) for n in range(1000)]].detach()
+            rows = model.llm.lm_head.weight[whole_number_ids(tokenizer)].detach()
             coded = torch.allclose(rows, NUMBER_CODE_ROW_NORM * number_code(rows.shape[1], seed), atol=1e-4)
             if coded != (box_code == "number"):
                 raise ValueError(f"{init}: this run's LM head starts its number rows "
@@ -298,7 +299,7 @@ def _fresh_model(world: Path, init: Path, seed: int, whole_numbers: bool = False
     torch.manual_seed(seed)
     model = MLLMModel(base_config(tokenizer))
     if whole_numbers:
-        ids = [tokenizer.convert_tokens_to_ids(str(n)) for n in range(1000)]
+        ids = whole_number_ids(tokenizer)
         with torch.no_grad():
             for k, weight in enumerate((model.llm.get_input_embeddings().weight, model.llm.lm_head.weight)):
                 if k == 1 and box_code == "number":

@@ -184,12 +184,17 @@ class SceneSlots(nn.Module):
             return picked.sum(1)  # (N, D)
         return self.box_fourier(box_phases(boxes).to(self.box_fourier.weight.dtype))
 
+    def _contents(self, scenes: list[S.Scene], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`slot_features` [N, 10], each object's cell token [N, D] with the cell's own vector removed) from the
+        image tokens [B, Q, D]."""
+        rows, f = self._objects(scenes)
+        return f, tokens[rows, f[:, 0]] - self.cell.weight[f[:, 0]]
+
     def readout_loss(self, scenes: list[S.Scene], tokens: torch.Tensor, word_embedding: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of reading each object's colour, category and count word back from its cell's token
         ([B, Q, D], the cell's own vector removed) by dot products with the candidate words' embeddings: the
         parts of a slot the questions read, which a plain regression of the whole slot leaves out (measured)."""
-        rows, f = self._objects(scenes)
-        content = tokens[rows, f[:, 0]] - self.cell.weight[f[:, 0]]  # (N, D)
+        f, content = self._contents(scenes, tokens)  # (N, 10), (N, D)
         losses = []
         for table, column in ((self.colours, 1), (self.categories, 2), (self.counts, 9)):
             words = table(torch.arange(len(table.ids), device=f.device), word_embedding)  # (n, D)
@@ -207,8 +212,7 @@ class SceneSlots(nn.Module):
         chance there (5.95 of 6.91; docs/probes/README.md, stop 41, a11 / a11b)."""
         if self.box_code != "number":
             raise ValueError(f"the box read-back reads the number code; these slots hold box_code={self.box_code!r}")
-        rows, f = self._objects(scenes)
-        content = tokens[rows, f[:, 0]] - self.cell.weight[f[:, 0]]  # (N, D)
+        f, content = self._contents(scenes, tokens)  # (N, 10), (N, D)
         boxes = self._boxes(scenes, f.device).clamp(0, 999)
         losses = []
         for k in range(4):
