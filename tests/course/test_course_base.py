@@ -226,3 +226,11 @@ def test_whole_numbers_start_from_phase_rows_and_a_run_keeps_its_kind_of_tokeniz
     assert [s.box_readout_weight for s in read_back] == [0.0, 0.0, 0.1, 0.1]  # the stages that see pixels
     wired = base_stages(Budget(whole_numbers=True, box_role_weight=1.0))
     assert [s.box_role_weight for s in wired] == [0.0, 1.0, 0.0, 1.0]  # the stages that write grounding answers
+    grounded = base_stages(Budget(whole_numbers=True, box_role_weight=1.0, ground_steps=7, ground_lr=2e-4))
+    assert [s.label for s in grounded] == ["read", "settle", "ground", "align", "tune"]
+    ground = grounded[2]
+    assert (ground.kind, ground.steps, ground.lr, ground.turns, ground.box_role_weight) == ("read", 7, 2e-4, 8, 1.0)
+    assert ground.trains == {"llm": 1.0} and ground.mix.grounding > ground.mix.yesno > 0
+    # without a ground phase the stages (and so every finished stage's fingerprint) are as before
+    assert [s.label for s in base_stages(Budget())] == ["read", "settle", "align", "tune"]
+    assert base_stages(Budget()) == base_stages(Budget(ground_lr=1.0, ground_turns=3))
