@@ -13,6 +13,14 @@ tokens of the cell's 3 x 3 neighbourhood side by side (is the box spread over th
     bp3  model=runs/course10/base/tune/model steps=2000 eval_every=500 tap=patches
     bp4  model=runs/course10/base/tune/model steps=2000 eval_every=500
     bp6  as bp4 with fresh_resampler=1;  bp7: as bp6 with tap=neighbours;  bp8: as bp6 with queries=64
+    bp9  as bp6 with keys=relative (stop 42: key positions on the view's fractional coordinates);
+    bp10 as bp6 with keys=relative_values (the values carry that position too)
+    bp11 as bp6 with patch_boxes=1.0 (every patch of an object also regresses that object's box: a dense target, as
+         phase 0's shapes and colours are)
+    bp12 as bp6 with heads=8 (the resampler's attention in 8 heads of 32, not 2 of 128)
+    bp15 as bp6 with centres=1.0 patch_boxes=1.0 (each patch also says whether it holds a box's centre, and each
+         object patch regresses its box: can the cell's query then find the centre patch by its content?)
+    bp13 as bp3 with at=cell (the patch at the centre of the object's 6 x 6 cell: what a cell's query finds by place)
 """
 import json
 import math
@@ -42,6 +50,40 @@ if "queries" in args:  # bp8: a fresh resampler of this many queries (a square g
 if args.get("fresh_resampler") == "1":  # as the course's align starts (`_fresh_resampler`)
     from mllm.course.base import _fresh_resampler
     _fresh_resampler(model, 0)
+if "heads" in args:  # bp12: a fresh resampler whose attention has this many heads (the preset's: hidden / 128 = 2)
+    from mllm.model.resampler import Resampler
+    torch.manual_seed(0)
+    model.resampler = Resampler(model.config.query_num, model.config.llm.hidden_size, int(args["heads"]),
+                                model.config.vision.hidden_size)
+if args.get("keys") in ("relative", "relative_values"):
+    # stop 42: the keys' sin-cos position on the view's fractional coordinates (i / h, j / w) times a fixed
+    # KEY_GRID, so that one place of the image has one key position whatever the view's patch grid (9 x 7, 16 x 4,
+    # ...), where the product's table counts whole patches; relative_values: the values carry it too
+    import numpy as np
+    from types import MethodType
+
+    from mllm.model.resampler import sincos_1d
+
+    KEY_GRID = 8.0
+
+    def relative_forward(self, x, tgt_sizes):
+        B, L, _ = x.shape
+        sizes = [(int(h), int(w)) for h, w in tgt_sizes.tolist()]
+        pos = torch.zeros(B, L, self.embed_dim, dtype=x.dtype)  # (B, L, D), 0 at padding
+        for b, (h, w) in enumerate(sizes):
+            cols, rows = np.meshgrid(np.arange(w, dtype=np.float32) * KEY_GRID / w,
+                                     np.arange(h, dtype=np.float32) * KEY_GRID / h)
+            table = np.concatenate([sincos_1d(self.embed_dim // 2, cols), sincos_1d(self.embed_dim // 2, rows)], -1)
+            pos[b, : h * w] = torch.from_numpy(table).reshape(h * w, -1).to(x.dtype)
+        padding = torch.arange(L)[None, :] >= torch.tensor([h * w for h, w in sizes])[:, None]
+        kv = self.ln_kv(self.kv_proj(x))  # (B, L, D)
+        values = kv + pos if args["keys"] == "relative_values" else kv
+        q = self.ln_q(self.query)
+        out = self.attn(q.unsqueeze(1).repeat(1, B, 1), (kv + pos).transpose(0, 1), values.transpose(0, 1),
+                        key_padding_mask=padding)[0]  # (Q, B, D)
+        return self.ln_post(out.transpose(0, 1)) @ self.proj
+
+    model.resampler.forward = MethodType(relative_forward, model.resampler)
 grid = int(model.config.query_num ** 0.5)
 patches, neighbours = args.get("tap") == "patches", args.get("tap") == "neighbours"
 width = model.config.vision.hidden_size if patches else model.config.llm.hidden_size * (9 if neighbours else 1)
@@ -49,6 +91,10 @@ head = torch.nn.Linear(width, 4)
 with torch.no_grad():  # start at the middle of the frame: the bias would take ~500 steps of lr 1e-3 to get there
     head.bias.fill_(0.5)
     head.weight.mul_(0.1)
+patch_weight = float(args.get("patch_boxes", 0))  # bp11: every object patch also regresses its object's box
+patch_head = torch.nn.Linear(model.config.vision.hidden_size, 4)
+centre_weight = float(args.get("centres", 0))  # bp15: each patch also says whether it holds an object's box centre
+centre_head = torch.nn.Linear(model.config.vision.hidden_size, 1)
 frozen = args.get("frozen", "0") == "1"
 vision = list(model.vpm.parameters()) + list(model.resampler.parameters())
 for p in model.llm.parameters():
@@ -57,6 +103,8 @@ for p in vision:
     p.requires_grad_(not frozen)
 steps, lr = int(args.get("steps", 300)), float(args.get("lr", 1e-3))
 optimizer = torch.optim.AdamW([{"params": head.parameters(), "lr": lr}]
+                              + ([{"params": patch_head.parameters(), "lr": lr}] if patch_weight else [])
+                              + ([{"params": centre_head.parameters(), "lr": lr}] if centre_weight else [])
                               + ([] if frozen else [{"params": vision, "lr": lr}]), weight_decay=0.0)
 schedule = torch.optim.lr_scheduler.LambdaLR(  # warm-up, then cosine to zero
     optimizer, lambda s: min((s + 1) / 30, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
@@ -69,10 +117,27 @@ def batch_of(rng, n):
         for obj, features in zip(scene.objects, slot_features(scene, grid)):
             rows.append(i), cells.append(features[0])
             boxes.append(pixel_to_grid(obj.bbox, scene.width, scene.height, square_pad=False))
+    batch_of.scenes = [scene for _, scene in pairs]  # patch_boxes: the dense targets need the scenes
     return [image for image, _ in pairs], torch.tensor(rows), torch.tensor(cells), torch.tensor(boxes).float()
 
 
-def patch_features(images, rows, boxes):
+def patch_box_targets(scene, rows, cols):
+    """[rows*cols, 4] the box (0-1000 grid) of the last-drawn object holding each patch's centre, and [rows*cols]
+    whether one does (as phase 0's `patch_targets` assigns shapes)."""
+    targets, hit = torch.zeros(rows * cols, 4), torch.zeros(rows * cols, dtype=torch.bool)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.bbox
+        box = torch.tensor(pixel_to_grid(obj.bbox, scene.width, scene.height, square_pad=False), dtype=torch.float)
+        for i in range(rows):
+            for j in range(cols):
+                x, y = (j + 0.5) * scene.width / cols, (i + 0.5) * scene.height / rows
+                if x0 <= x <= x1 and y0 <= y <= y1:
+                    targets[i * cols + j], hit[i * cols + j] = box, True
+    return targets, hit
+
+
+
+def patch_features(images, rows, boxes, cells):
     """The vision tower's output at the patch holding each box's centre: [N, Dv]."""
     from mllm.model.vision import pack_patch_strips
     views = [processor(image) for image in images]
@@ -82,14 +147,36 @@ def patch_features(images, rows, boxes):
     features = model.vpm(packed, mask, sizes)  # (B, N_max, Dv)
     h, w = sizes[rows, 0], sizes[rows, 1]
     cy, cx = (boxes[:, 1] + boxes[:, 3]) / 2000, (boxes[:, 0] + boxes[:, 2]) / 2000
+    if args.get("at") == "cell":  # bp13: the patch at the centre of the object's grid cell, not of its box
+        cy, cx = (cells // grid + 0.5) / grid, (cells % grid + 0.5) / grid
     index = (cy * h).long().clamp(max=h - 1) * w + (cx * w).long().clamp(max=w - 1)
     return features[rows, index]
 
 
 def predict(images, rows, cells, boxes):
     if patches:
-        return head(patch_features(images, rows, boxes).float()) * 1000
-    tokens = vision_tokens(model, processor, images)  # (B, Q, D)
+        return head(patch_features(images, rows, boxes, cells).float()) * 1000
+    if (patch_weight or centre_weight) and model.training:  # the tower once, for the tokens and the patches
+        from mllm.model.vision import pack_patch_strips
+        views = [processor(image) for image in images]
+        sizes = torch.tensor([[int(x) for x in v["tgt_sizes"][0]] for v in views], dtype=torch.int32)
+        packed, mask = pack_patch_strips([v["pixel_values"][0] for v in views])
+        features = model.vpm(packed, mask, sizes)  # (B, N_max, Dv)
+        tokens = model.resampler(features, sizes)  # (B, Q, D)
+        dense = [patch_box_targets(scene, int(h), int(w)) for scene, (h, w) in zip(batch_of.scenes, sizes.tolist())]
+        real = features[mask.flatten(1)]  # (sum N_i, Dv), view by view, row-major
+        targets, hit = torch.cat([t for t, _ in dense]), torch.cat([h for _, h in dense])
+        predict.patch_loss = patch_weight * F.l1_loss(patch_head(real[hit].float()), targets[hit] / 1000)
+        if centre_weight:  # the patch holding each box's centre, in the flattened order of `real`
+            starts = torch.cumsum(torch.tensor([0] + [h * w for h, w in sizes.tolist()][:-1]), 0)
+            h, w = sizes[rows, 0], sizes[rows, 1]
+            cy, cx = (boxes[:, 1] + boxes[:, 3]) / 2000, (boxes[:, 0] + boxes[:, 2]) / 2000
+            marks = torch.zeros(len(real))
+            marks[starts[rows] + (cy * h).long().clamp(max=h - 1) * w + (cx * w).long().clamp(max=w - 1)] = 1.0
+            predict.patch_loss = predict.patch_loss + centre_weight * F.binary_cross_entropy_with_logits(
+                centre_head(real.float())[:, 0], marks)
+    else:
+        tokens = vision_tokens(model, processor, images)  # (B, Q, D)
     if neighbours:  # the cell's 3 x 3 neighbourhood of tokens side by side, zeros beyond the grid's edge
         padded = F.pad(tokens.reshape(len(images), grid, grid, -1), (0, 0, 1, 1, 1, 1))  # (B, G+2, G+2, D)
         r, c = cells // grid + 1, cells % grid + 1
@@ -124,6 +211,8 @@ print(curve[-1], flush=True)
 for step in range(1, steps + 1):
     images, rows, cells, boxes = batch_of(rng, 32)
     loss = F.l1_loss(predict(images, rows, cells, boxes) / 1000, boxes / 1000)
+    if patch_weight or centre_weight:
+        loss = loss + predict.patch_loss
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
