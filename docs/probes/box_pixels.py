@@ -20,6 +20,7 @@ tokens of the cell's 3 x 3 neighbourhood side by side (is the box spread over th
     bp12 as bp6 with heads=8 (the resampler's attention in 8 heads of 32, not 2 of 128)
     bp15 as bp6 with centres=1.0 patch_boxes=1.0 (each patch also says whether it holds a box's centre, and each
          object patch regresses its box: can the cell's query then find the centre patch by its content?)
+    bp17 as bp6 with tap=edges (each coordinate from the token of the cell its edge is in, at the box's middle)
     bp13 as bp3 with at=cell (the patch at the centre of the object's 6 x 6 cell: what a cell's query finds by place)
 """
 import json
@@ -182,6 +183,12 @@ def predict(images, rows, cells, boxes):
         r, c = cells // grid + 1, cells % grid + 1
         around = [padded[rows, r + dr, c + dc] for dr in (-1, 0, 1) for dc in (-1, 0, 1)]  # 9 x (N, D)
         return head(torch.cat(around, -1).float()) * 1000
+    if args.get("tap") == "edges":  # bp17: coordinate k from the token of the cell its edge is in, at the box's middle
+        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+        points = [(boxes[:, 0], cy), (cx, boxes[:, 1]), (boxes[:, 2], cy), (cx, boxes[:, 3])]  # x0, y0, x1, y1
+        edge_cells = [(y * grid / 1000).long().clamp(max=grid - 1) * grid + (x * grid / 1000).long().clamp(max=grid - 1)
+                      for x, y in points]
+        return torch.stack([head(tokens[rows, c].float())[:, k] for k, c in enumerate(edge_cells)], 1) * 1000
     return head(tokens[rows, cells].float()) * 1000  # (N, 4)
 
 

@@ -231,6 +231,7 @@ def test_whole_numbers_start_from_phase_rows_and_a_run_keeps_its_kind_of_tokeniz
     ground = grounded[2]
     assert (ground.kind, ground.steps, ground.lr, ground.turns, ground.box_role_weight) == ("read", 7, 2e-4, 8, 1.0)
     assert ground.trains == {"llm": 1.0} and ground.mix.grounding > ground.mix.yesno > 0
+    assert ground.mix.alone > 0  # grounding questions asked first, as evaluations ask them (without: none parsed)
     # without a ground phase the stages (and so every finished stage's fingerprint) are as before
     assert [s.label for s in base_stages(Budget())] == ["read", "settle", "align", "tune"]
     assert base_stages(Budget()) == base_stages(Budget(ground_lr=1.0, ground_turns=3))
