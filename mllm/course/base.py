@@ -215,10 +215,10 @@ GROUND_MIX = LessonMix(yesno=0.35, lookup=0.0, short=0.0, detailed=0.1, groundin
 
 
 def base_stages(budget: Budget) -> list[StageSettings]:
-    """read -> settle [-> ground] -> align -> tune with the budget's steps and rates (`mllm.train.base_recipe` says what each
-    kind does). Every stage puts the image after the conversation's first question and trains the match head: each
-    image position says whether its cell holds an object that question asks about, so that a yes/no answer is one
-    hop ("is any cell flagged") instead of two that give no gradient until both exist.
+    """read -> settle [-> ground] -> align -> tune with the budget's steps and rates (`mllm.train.base_recipe` says what
+    each kind does). Every stage puts the image after the conversation's first question and trains the match head:
+    each image position says whether its cell holds an object that question asks about, so that a yes/no answer is
+    one hop ("is any cell flagged") instead of two that give no gradient until both exist.
 
     read    the random LLM and the slot tables on yes/no questions of all four kinds plus the statements turn
             (`QUESTIONS_AND_STATEMENTS`, two turns per scene): measured 1.00 / .96 / 1.00 / 1.00 (colour / count /
@@ -227,7 +227,8 @@ def base_stages(budget: Budget) -> list[StageSettings]:
     settle  the full mix (descriptions, lookups, grounding; a share of conversations one writing turn alone, asked
             first) on a fresh schedule at settle_lr, slots frozen (they are what align's regression aims at): the
             yes/no numbers kept, greedy descriptions 0.30 -> 0.45 of pairs named in 300 steps
-    ground  (Budget.ground_steps > 0) grounding-heavy conversations (`GROUND_MIX`), for the box heads' reading
+    ground  (Budget.ground_steps > 0) grounding-heavy conversations (`GROUND_MIX`), for the box heads' reading:
+            greedy grounding from slots 0.000 -> 0.767 in 200 steps, yes/no .945 -> .845 (course12, stop 42)
     align   vision + a fresh resampler regress the slots and read back words, LLM frozen: .92/.52/.70/.80 from
             pixels after 3,000 steps (~0.3 s a step: no LLM in it)
     tune    everything, the LLM at tune_llm_lr_scale, the full mix with caption noise: .97/.65/.98/.91 after 300
@@ -246,7 +247,8 @@ def base_stages(budget: Budget) -> list[StageSettings]:
                       mix=LessonMix(alone=0.3, grounding=budget.settle_grounding), turns=budget.settle_turns,
                       **pointer, **reads),
         *([StageSettings(name="ground", steps=budget.ground_steps, lr=budget.ground_lr, warmup=20, trains={"llm": 1.0},
-                         mix=GROUND_MIX, turns=budget.ground_turns, **pointer, **reads)] if budget.ground_steps else []),
+                         mix=GROUND_MIX, turns=budget.ground_turns, **pointer, **reads)]
+          if budget.ground_steps else []),
         # align trains no LLM: the head (read on the LLM's hidden states) has nothing to teach it there
         StageSettings(kind="align", steps=budget.align_steps, lr=budget.align_lr, trains={"vision": 1.0},
                       answer_weight=0.0, slot_weight=1.0, readout_weight=1.0,

@@ -226,6 +226,9 @@ def test_whole_numbers_start_from_phase_rows_and_a_run_keeps_its_kind_of_tokeniz
     assert [s.box_readout_weight for s in read_back] == [0.0, 0.0, 0.1, 0.1]  # the stages that see pixels
     wired = base_stages(Budget(whole_numbers=True, box_role_weight=1.0))
     assert [s.box_role_weight for s in wired] == [0.0, 1.0, 0.0, 1.0]  # the stages that write grounding answers
+
+
+def test_the_ground_phase_comes_after_settle_only_when_asked_for():
     grounded = base_stages(Budget(whole_numbers=True, box_role_weight=1.0, ground_steps=7, ground_lr=2e-4))
     assert [s.label for s in grounded] == ["read", "settle", "ground", "align", "tune"]
     ground = grounded[2]
