@@ -139,32 +139,35 @@ def patch_box_targets(scene, rows, cols):
     return targets, hit
 
 
+def tower(images):
+    """The vision tower's output for one view of each image: (features [B, N_max, Dv], patch mask, sizes [B, 2])."""
+    from mllm.model.vision import pack_patch_strips
+    views = [processor(image) for image in images]
+    sizes = torch.tensor([[int(x) for x in v["tgt_sizes"][0]] for v in views], dtype=torch.int32)
+    packed, mask = pack_patch_strips([v["pixel_values"][0] for v in views])
+    return model.vpm(packed, mask, sizes), mask, sizes
+
+
+def centre_patch(rows, sizes, cy, cx):
+    """[N] the index, within its view's row-major patches, of the patch holding each fractional point (cy, cx)."""
+    h, w = sizes[rows, 0], sizes[rows, 1]
+    return (cy * h).long().clamp(max=h - 1) * w + (cx * w).long().clamp(max=w - 1)
+
 
 def patch_features(images, rows, boxes, cells):
     """The vision tower's output at the patch holding each box's centre: [N, Dv]."""
-    from mllm.model.vision import pack_patch_strips
-    views = [processor(image) for image in images]
-    strips = [v["pixel_values"][0] for v in views]
-    sizes = torch.tensor([[int(x) for x in v["tgt_sizes"][0]] for v in views], dtype=torch.int32)
-    packed, mask = pack_patch_strips(strips)
-    features = model.vpm(packed, mask, sizes)  # (B, N_max, Dv)
-    h, w = sizes[rows, 0], sizes[rows, 1]
+    features, _, sizes = tower(images)  # (B, N_max, Dv)
     cy, cx = (boxes[:, 1] + boxes[:, 3]) / 2000, (boxes[:, 0] + boxes[:, 2]) / 2000
     if args.get("at") == "cell":  # bp13: the patch at the centre of the object's grid cell, not of its box
         cy, cx = (cells // grid + 0.5) / grid, (cells % grid + 0.5) / grid
-    index = (cy * h).long().clamp(max=h - 1) * w + (cx * w).long().clamp(max=w - 1)
-    return features[rows, index]
+    return features[rows, centre_patch(rows, sizes, cy, cx)]
 
 
 def predict(images, rows, cells, boxes):
     if patches:
         return head(patch_features(images, rows, boxes, cells).float()) * 1000
     if (patch_weight or centre_weight) and model.training:  # the tower once, for the tokens and the patches
-        from mllm.model.vision import pack_patch_strips
-        views = [processor(image) for image in images]
-        sizes = torch.tensor([[int(x) for x in v["tgt_sizes"][0]] for v in views], dtype=torch.int32)
-        packed, mask = pack_patch_strips([v["pixel_values"][0] for v in views])
-        features = model.vpm(packed, mask, sizes)  # (B, N_max, Dv)
+        features, mask, sizes = tower(images)  # (B, N_max, Dv)
         tokens = model.resampler(features, sizes)  # (B, Q, D)
         dense = [patch_box_targets(scene, int(h), int(w)) for scene, (h, w) in zip(batch_of.scenes, sizes.tolist())]
         real = features[mask.flatten(1)]  # (sum N_i, Dv), view by view, row-major
@@ -172,10 +175,9 @@ def predict(images, rows, cells, boxes):
         predict.patch_loss = patch_weight * F.l1_loss(patch_head(real[hit].float()), targets[hit] / 1000)
         if centre_weight:  # the patch holding each box's centre, in the flattened order of `real`
             starts = torch.cumsum(torch.tensor([0] + [h * w for h, w in sizes.tolist()][:-1]), 0)
-            h, w = sizes[rows, 0], sizes[rows, 1]
             cy, cx = (boxes[:, 1] + boxes[:, 3]) / 2000, (boxes[:, 0] + boxes[:, 2]) / 2000
             marks = torch.zeros(len(real))
-            marks[starts[rows] + (cy * h).long().clamp(max=h - 1) * w + (cx * w).long().clamp(max=w - 1)] = 1.0
+            marks[starts[rows] + centre_patch(rows, sizes, cy, cx)] = 1.0
             predict.patch_loss = predict.patch_loss + centre_weight * F.binary_cross_entropy_with_logits(
                 centre_head(real.float())[:, 0], marks)
     else:
