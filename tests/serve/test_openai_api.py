@@ -68,7 +68,8 @@ def direct_answer(loaded, image, question: str, max_new_tokens: int) -> tuple[st
     from mllm.model.generation import GenerationSettings, build_chat_prompt, generate
 
     model, tokenizer, processor = loaded
-    text, images = build_chat_prompt([{"role": "user", "content": [image, question]}], tokenizer)
+    text, images = build_chat_prompt([{"role": "user", "content": [image, question]}], tokenizer,
+                                     question_first=model.config.question_first)
     inputs = processor([text], [images])
     answer = generate(model, inputs, tokenizer, GenerationSettings("greedy", max_new_tokens))[0]
     return answer, int(inputs["attention_mask"].sum())
