@@ -30,6 +30,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -211,7 +212,7 @@ def base_config(tokenizer) -> MLLMConfig:
 # are kept: a grounding-only phase (nc4) took the box from slots to 0.79 teacher-forced in 150 steps but yes/no from
 # .94 to .82. Without the lone turns (course12's first ground) no grounding question ever came first, and after 200
 # steps none of the answers to one asked first parsed as a box (settle's: 0.83)
-GROUND_MIX = LessonMix(yesno=0.35, lookup=0.0, short=0.0, detailed=0.1, grounding=1.0, alone=0.5)
+GROUND_MIX = LessonMix(yesno=0.35, lookup=0.0, short=0.0, detailed=0.4, grounding=1.0, alone=0.5)
 
 
 def base_stages(budget: Budget) -> list[StageSettings]:
@@ -247,7 +248,8 @@ def base_stages(budget: Budget) -> list[StageSettings]:
                       mix=LessonMix(alone=0.3, grounding=budget.settle_grounding), turns=budget.settle_turns,
                       **pointer, **reads),
         *([StageSettings(name="ground", steps=budget.ground_steps, lr=budget.ground_lr, warmup=20, trains={"llm": 1.0},
-                         mix=GROUND_MIX, turns=budget.ground_turns, **pointer, **reads)]
+                         mix=replace(GROUND_MIX, detailed=budget.ground_describe),
+                         turns=budget.ground_turns, **pointer, **reads)]
           if budget.ground_steps else []),
         # align trains no LLM: the head (read on the LLM's hidden states) has nothing to teach it there
         StageSettings(kind="align", steps=budget.align_steps, lr=budget.align_lr, trains={"vision": 1.0},
@@ -444,16 +446,16 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
 
 
 def plot_base_curves(curves: list[tuple[str, list[dict]]], start_minutes: float, path: Path) -> None:
-    """Held-out yes/no accuracy per kind (top) and the share of colour-category pairs greedy descriptions name
-    (bottom) against cumulative training CPU-minutes, stage by stage (read-kind stages: the scene as slot vectors;
-    align and tune: from pixels)."""
+    """Held-out yes/no accuracy per kind (top), the share of colour-category pairs greedy descriptions name and
+    greedy grounding's Acc@0.5 (bottom) against cumulative training CPU-minutes, stage by stage (read-kind stages:
+    the scene as slot vectors; align and tune: from pixels)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax, below) = plt.subplots(2, 1, figsize=(7, 5.6), sharex=True, height_ratios=(2, 1))
-    offset, colours = start_minutes, {}
+    offset, colours, labelled = start_minutes, {}, False
     for kind, curve in curves:
         points = [entry for entry in curve if "yesno" in entry]
         for name in sorted({k for entry in points for k in entry["yesno"]}):
@@ -462,7 +464,11 @@ def plot_base_curves(curves: list[tuple[str, list[dict]]], start_minutes: float,
             colours.setdefault(name, line[0].get_color())
         described = [entry for entry in points if "describe" in entry]
         below.plot([offset + e["cpu_minutes"] for e in described], [e["describe"] for e in described], marker=".",
-                   color="black")
+                   color="black", label="pairs named (greedy descriptions)" if not labelled else None)
+        grounded = [entry for entry in points if "ground" in entry]
+        below.plot([offset + e["cpu_minutes"] for e in grounded], [e["ground"]["acc"] for e in grounded], marker=".",
+                   color="tab:brown", label="grounding Acc@0.5 (greedy)" if not labelled else None)
+        labelled = True
         offset += curve[-1]["cpu_minutes"] if curve else 0.0
         for axes in (ax, below):
             axes.axvline(offset, color="grey", lw=0.5)
@@ -470,8 +476,9 @@ def plot_base_curves(curves: list[tuple[str, list[dict]]], start_minutes: float,
     ax.set_ylabel("held-out yes/no accuracy")
     ax.set_ylim(0.4, 1.0)
     ax.legend(fontsize=8, ncol=5, loc="lower left")
-    below.set_ylabel("pairs named\n(greedy descriptions)")
+    below.set_ylabel("held-out share")
     below.set_ylim(0.0, 1.0)
+    below.legend(fontsize=8, loc="upper left")
     below.set_xlabel("training CPU-minutes (vision pretraining first)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -7,13 +7,13 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from mllm.course.base import SLOT_GRID, base_stages, stage_base
+from mllm.course.base import GROUND_MIX, SLOT_GRID, base_stages, stage_base
 from mllm.course.shared import Budget
 
 
 def _budget():
     return Budget(n_train=8, n_test=4, vision_pretrain_steps=3, vision_pretrain_batch=4, read_steps=4, settle_steps=2,
-                  align_steps=2, tune_steps=2, base_batch=2,
+                  ground_steps=2, align_steps=2, tune_steps=2, base_batch=2,
                   base_eval_scenes=3, base_eval_every=2, base_ground_scenes=2, base_save_every=2, eval_limit=4)
 
 
@@ -21,25 +21,30 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
     first = stage_base(tmp_path, _budget(), seed=0)
     base = tmp_path / "base"
     assert first["vision_pretrain"]["step"] == 3
-    names = ["read", "settle", "align", "tune"]
+    names = ["read", "settle", "ground", "align", "tune"]
     assert [s["stage"] for s in first["stages"]] == names
-    assert [s["steps"] for s in first["stages"]] == [4, 2, 2, 2]
+    assert [s["steps"] for s in first["stages"]] == [4, 2, 2, 2, 2]
     settings = [s["settings"] for s in first["stages"]]
     # every stage puts the image after the first question; all but align (no LLM trained) train the match head
     assert all(s["question_first"] for s in settings)
-    assert [s["match_weight"] for s in settings] == [1.0, 1.0, 0.0, 1.0]
+    assert [s["match_weight"] for s in settings] == [1.0, 1.0, 1.0, 0.0, 1.0]
     # the budget's pointer weight goes to the stages that write descriptions (read writes none): off by default
-    assert [s["pointer_weight"] for s in settings] == [0.0, 0.0, 0.0, 0.0]
-    assert [s.pointer_weight for s in base_stages(Budget(pointer_weight=1.0))] == [0.0, 1.0, 0.0, 1.0]
+    assert [s["pointer_weight"] for s in settings] == [0.0, 0.0, 0.0, 0.0, 0.0]
+    assert [s.pointer_weight for s in base_stages(Budget(pointer_weight=1.0))] == [0.0, 1.0, 1.0, 0.0, 1.0]
     wired = base_stages(Budget(pointer_weight=1.0, pointer_boxes=True, pointer_attention=True, read_weight=0.5))
     assert [(s.pointer_boxes, s.pointer_attention, s.read_weight) for s in wired] == [
-        (False, False, 0.0), (True, True, 0.5), (False, False, 0.0), (True, True, 0.5)]
+        (False, False, 0.0), (True, True, 0.5), (True, True, 0.5), (False, False, 0.0), (True, True, 0.5)]
+    # the box: whole-number tokens on the number code, role heads where grounding answers are written (settle,
+    # ground, tune), and the code read back from the image tokens where the stages see pixels (align, tune)
+    assert [s["box_role_weight"] for s in settings] == [0.0, 1.0, 1.0, 0.0, 1.0]
+    assert [s["box_readout_weight"] for s in settings] == [0.0, 0.0, 0.0, 0.25, 0.25]
     read, settle = settings[0]["mix"], settings[1]["mix"]
     # read: yes/no questions of every kind and the statements turn, nothing else; settle: the full mix, slots frozen
     assert read["yesno"] == 1.0 and read["yesno_kinds"] is None and read["statements"] and settings[0]["turns"] == 2
     assert read["lookup"] == read["short"] == read["detailed"] == read["grounding"] == 0.0
     assert settle["detailed"] > 0 and settle["grounding"] > 0 and settle["lookup"] > 0 and settle["alone"] > 0
-    assert set(settings[0]["trains"]) == {"llm", "slots"} and set(settings[1]["trains"]) == {"llm"}
+    assert set(settings[0]["trains"]) == {"llm", "slots"} and set(settings[1]["trains"]) == set(settings[2]["trains"]) \
+        == {"llm"}
     assert all(0.0 <= s["describe"] <= 1.0 for s in first["stages"])  # greedy descriptions scored at the end
     assert all(set(s["ground"]) == {"acc", "iou", "parsed"} for s in first["stages"])  # and greedy boxes
     for kind in names:
@@ -59,13 +64,13 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
 
     # the tuned stage's weights differ from the read stages' in the LLM and the vision side; each read-kind stage
     # goes on from the one before it and changes the LLM
-    chain = [load_file(base / name / "model" / "model.safetensors") for name in names[:2]]
+    chain = [load_file(base / name / "model" / "model.safetensors") for name in names[:3]]
     for before, after in zip(chain, chain[1:]):
         assert any(not bool((before[k] == after[k]).all()) for k in after if k.startswith("llm."))
-    read = chain[-1]
+    last_read = chain[-1]  # ground's
     align = load_file(base / "align" / "model" / "model.safetensors")
-    assert any(not bool((read[k] == align[k]).all()) for k in read if k.startswith("vpm."))
-    assert all(bool((read[k] == align[k]).all()) for k in read if k.startswith("llm."))  # frozen while aligning
+    assert any(not bool((last_read[k] == align[k]).all()) for k in last_read if k.startswith("vpm."))
+    assert all(bool((last_read[k] == align[k]).all()) for k in last_read if k.startswith("llm."))  # frozen: aligning
     assert any(not bool((align[k] == weights[k]).all()) for k in align if k.startswith("llm."))
 
     second = stage_base(tmp_path, _budget(), seed=0)
@@ -222,10 +227,10 @@ def test_whole_numbers_start_from_phase_rows_and_a_run_keeps_its_kind_of_tokeniz
         _fresh_model(world, tmp_path / "init", 0, whole_numbers=True, box_code="number")
     with pytest.raises(ValueError, match="needs whole_numbers=True"):
         _fresh_model(world, tmp_path / "digits", 0, box_code="number")
-    read_back = base_stages(Budget(whole_numbers=True, box_code="number", box_readout_weight=0.1))
+    read_back = base_stages(Budget(box_readout_weight=0.1, ground_steps=0))
     assert [s.box_readout_weight for s in read_back] == [0.0, 0.0, 0.1, 0.1]  # the stages that see pixels
-    wired = base_stages(Budget(whole_numbers=True, box_role_weight=1.0))
-    assert [s.box_role_weight for s in wired] == [0.0, 1.0, 0.0, 1.0]  # the stages that write grounding answers
+    wired = base_stages(Budget(box_role_weight=0.5, ground_steps=0))
+    assert [s.box_role_weight for s in wired] == [0.0, 0.5, 0.0, 0.5]  # the stages that write grounding answers
 
 
 def test_the_ground_phase_comes_after_settle_only_when_asked_for():
@@ -235,6 +240,9 @@ def test_the_ground_phase_comes_after_settle_only_when_asked_for():
     assert (ground.kind, ground.steps, ground.lr, ground.turns, ground.box_role_weight) == ("read", 7, 2e-4, 8, 1.0)
     assert ground.trains == {"llm": 1.0} and ground.mix.grounding > ground.mix.yesno > 0
     assert ground.mix.alone > 0  # grounding questions asked first, as evaluations ask them (without: none parsed)
-    # without a ground phase the stages (and so every finished stage's fingerprint) are as before
-    assert [s.label for s in base_stages(Budget())] == ["read", "settle", "align", "tune"]
-    assert base_stages(Budget()) == base_stages(Budget(ground_lr=1.0, ground_turns=3))
+    # without a ground phase (ground_steps=0) its settings change nothing: the other stages' fingerprints stay
+    assert [s.label for s in base_stages(Budget(ground_steps=0))] == ["read", "settle", "align", "tune"]
+    assert base_stages(Budget(ground_steps=0)) == base_stages(Budget(ground_steps=0, ground_lr=1.0, ground_turns=3,
+                                                                     ground_describe=0.0))
+    assert base_stages(Budget())[2].mix == GROUND_MIX  # the default: descriptions among ground's lone turns
+    assert GROUND_MIX.detailed > 0 and base_stages(Budget(ground_describe=0.0))[2].mix.detailed == 0.0
