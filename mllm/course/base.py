@@ -207,12 +207,13 @@ def base_config(tokenizer) -> MLLMConfig:
     return config
 
 
-# ground's conversations: half are one grounding turn alone, asked first (as an evaluation asks it), the other half
-# mostly grounding turns after a yes/no question and the statements turn, so that the yes/no answers settle reached
-# are kept: a grounding-only phase (nc4) took the box from slots to 0.79 teacher-forced in 150 steps but yes/no from
-# .94 to .82. Without the lone turns (course12's first ground) no grounding question ever came first, and after 200
-# steps none of the answers to one asked first parsed as a box (settle's: 0.83)
-GROUND_MIX = LessonMix(yesno=0.35, lookup=0.0, short=0.0, detailed=0.4, grounding=1.0, alone=0.5)
+# ground's conversations: half are one writing turn alone, asked first (as an evaluation asks it: grounding, or a
+# description at Budget.ground_describe's weight), the other half mostly grounding turns after a yes/no question and
+# the statements turn, so that the yes/no answers settle reached are kept: a grounding-only phase (nc4) took the box
+# from slots to 0.79 teacher-forced in 150 steps but yes/no from .94 to .82. Without the lone turns (course12's first
+# ground) no grounding question ever came first, and after 200 steps none of the answers to one asked first parsed
+# as a box (settle's: 0.83). The description weight is the budget's default, so that the default stage uses this mix
+GROUND_MIX = LessonMix(yesno=0.35, lookup=0.0, short=0.0, detailed=Budget.ground_describe, grounding=1.0, alone=0.5)
 
 
 def base_stages(budget: Budget) -> list[StageSettings]:
@@ -229,7 +230,7 @@ def base_stages(budget: Budget) -> list[StageSettings]:
             first) on a fresh schedule at settle_lr, slots frozen (they are what align's regression aims at): the
             yes/no numbers kept, greedy descriptions 0.30 -> 0.45 of pairs named in 300 steps
     ground  (Budget.ground_steps > 0) grounding-heavy conversations (`GROUND_MIX`), for the box heads' reading:
-            greedy grounding from slots 0.000 -> 0.767 in 200 steps, yes/no .945 -> .845 (course12, stop 42)
+            greedy grounding from slots 0.233 -> 0.833 in 200 steps, yes/no .930 -> .890 (course13, stop 43)
     align   vision + a fresh resampler regress the slots and read back words, LLM frozen: .92/.52/.70/.80 from
             pixels after 3,000 steps (~0.3 s a step: no LLM in it)
     tune    everything, the LLM at tune_llm_lr_scale, the full mix with caption noise: .97/.65/.98/.91 after 300
@@ -455,8 +456,8 @@ def plot_base_curves(curves: list[tuple[str, list[dict]]], start_minutes: float,
     import matplotlib.pyplot as plt
 
     fig, (ax, below) = plt.subplots(2, 1, figsize=(7, 5.6), sharex=True, height_ratios=(2, 1))
-    offset, colours, labelled = start_minutes, {}, False
-    for kind, curve in curves:
+    offset, colours = start_minutes, {}
+    for index, (kind, curve) in enumerate(curves):
         points = [entry for entry in curve if "yesno" in entry]
         for name in sorted({k for entry in points for k in entry["yesno"]}):
             line = ax.plot([offset + e["cpu_minutes"] for e in points], [e["yesno"].get(name) for e in points],
@@ -464,11 +465,10 @@ def plot_base_curves(curves: list[tuple[str, list[dict]]], start_minutes: float,
             colours.setdefault(name, line[0].get_color())
         described = [entry for entry in points if "describe" in entry]
         below.plot([offset + e["cpu_minutes"] for e in described], [e["describe"] for e in described], marker=".",
-                   color="black", label="pairs named (greedy descriptions)" if not labelled else None)
+                   color="black", label="pairs named (greedy descriptions)" if index == 0 else None)
         grounded = [entry for entry in points if "ground" in entry]
         below.plot([offset + e["cpu_minutes"] for e in grounded], [e["ground"]["acc"] for e in grounded], marker=".",
-                   color="tab:brown", label="grounding Acc@0.5 (greedy)" if not labelled else None)
-        labelled = True
+                   color="tab:brown", label="grounding Acc@0.5 (greedy)" if index == 0 else None)
         offset += curve[-1]["cpu_minutes"] if curve else 0.0
         for axes in (ax, below):
             axes.axvline(offset, color="grey", lw=0.5)

@@ -72,8 +72,9 @@ def course_stage(out: Path, budget, seed: int) -> dict:
     against forgetting), then Acc@0.5 again; pictures of sampled cases and the loss curve are written.
 
     Budget attributes read (with defaults, so an older `Budget` works): grounding_steps (1100 for the full
-    course: its 13 minutes end first on these 2 cores; 20 for `--quick`), grounding_batch (32, capped at base_batch),
-    grounding_lr (1e-4), grounding_mix (0.15), grounding_turns (1: one question per conversation),
+    course: 10.9 training minutes on 2 idle cores, so busy ones stop at the cap below; 20 for `--quick`),
+    grounding_batch (32, capped at base_batch), grounding_lr (1e-4), grounding_mix (0.15), grounding_turns (1: one
+    question per conversation),
     grounding_tune_vision / grounding_tune_resampler (True), grounding_minutes (13: the cosine schedule runs
     to whichever comes first, grounding_steps or these minutes of training, so the whole stage, two
     evaluations included, fits in 20 minutes on 2 busy cores), eval_limit (None: all 1079 expressions).
