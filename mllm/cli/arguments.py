@@ -21,6 +21,16 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text}") from None
+    if not value >= 0 or value == float("inf"):  # NaN fails the first test
+        raise argparse.ArgumentTypeError(f"must be a finite number, zero or more, got {text}")
+    return value
+
+
 def output_file(text: str) -> Path:
     path = Path(text)
     if path.is_dir():

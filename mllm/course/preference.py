@@ -1,17 +1,21 @@
 """`mllm course --stage preference`: align the course's base model on preference pairs, and measure CHAIR on
 the description bench before and after with the same greedy decoding.
 
-    pairs "self" (default)          the base model's own sampled descriptions of freshly generated scenes
+    pairs "self" (default)          the base model's own descriptions of freshly generated scenes
                                     (out/preference/fresh_scenes/; pair_scenes "train": the world's training images),
                                     paired by pair_mode (`mllm.course.self_pairs`, out/preference/self_pairs/):
-                                    "balanced", each hallucinating one against itself minus its hallucinating
-                                    sentences, and that against itself minus one true sentence; the world's pairs
-                                    when the samples give none
+                                    "continuation" (default), each greedy description with an error against itself
+                                    corrected from its first error on, with yesno_anchors yes/no pairs and
+                                    box_anchors grounding pairs per description pair; or "balanced", "corrected",
+                                    "ranked" on sampled descriptions; the world's pairs when the model's give none
     pairs "world"                   out/world/preference_train.json (chosen: correct detailed description;
                                     rejected: + a hallucinated object, a wrong shape or a wrong colour)
     out/base/model                  the policy's starting point and the reference model
     -> out/preference/{before,after}/chair_greedy.json, pairs.json + its reference cache, model/ (+ reward_curves.png),
        the trained policy's log-probs of the pairs (pairs.after.logp.jsonl: reward accuracy over all pairs)
+
+The base's own last stage (`mllm.course.polish`) runs rounds of the same; this stage is one more, on scenes of
+another seed.
 
 The default loss is DPO with an SFT term on the chosen answers: DPO alone collapses the descriptions to one or two
 objects here, and the exercise's NCA-pair loss lowers CHAIR as far but loses more Recall (README, Preference).
@@ -28,14 +32,15 @@ import json
 import time
 from pathlib import Path
 
-from mllm.course.shared import describe_and_score, fresh
+from mllm.course.shared import answer_yesno, describe_and_score, fresh
 
 # pairs: "self" (the base model's own sampled descriptions, `mllm.course.self_pairs`, with pair_mode, of
 # pair_images scenes: "fresh" ones generated for the stage, or the world's "train" images) or "world" (the world's
 # corrupted descriptions, preference_train.json).
 FULL = {"steps": 300, "batch": 8, "lr": 1e-4, "beta": 0.1, "loss": "sigmoid", "sft_weight": 1.0,
-        "average_logp": False, "use_lora": False, "pairs": "self", "pair_mode": "balanced", "pair_images": 1500,
-        "pair_samples": 4, "pair_scenes": "fresh"}
+        "average_logp": False, "use_lora": False, "pairs": "self", "pair_mode": "continuation", "pair_images": 1500,
+        "pair_samples": 4, "pair_scenes": "fresh", "yesno_anchors": 0.34,
+        "box_anchors": 0.34}
 QUICK = FULL | {"steps": 8, "batch": 4, "pair_images": 3, "pair_samples": 2}
 TARGETS = {"CHAIRs / CHAIRi": "< 29.5 / < 7.8"}  # the exercise's targets for the real model after alignment
 
@@ -64,7 +69,8 @@ def align(base: Path, world: Path, stage: Path, settings: dict, seed: int = 0) -
             if not (images / "scenes.jsonl").is_file():
                 generate(images, n_train=settings["pair_images"], n_test=0, seed=seed + 1, progress=False)
         summary = build_pairs(base, images, stage / "self_pairs", settings["pair_images"], settings["pair_samples"],
-                              seed=seed, mode=settings["pair_mode"])
+                              seed=seed, mode=settings["pair_mode"], yesno_anchors=settings["yesno_anchors"],
+                              box_anchors=settings["box_anchors"])
         source = Path(summary["pairs_file"])
         if not summary["pairs"]:  # a model that names nothing (random, or a --quick base) hallucinates nothing
             print(f"{base}: its sampled descriptions gave no pair; using the world's corrupted descriptions")
@@ -131,6 +137,9 @@ def course_stage(out: Path, budget, seed: int = 0) -> dict:
     after = describe_and_score(Path(result["model_dir"]), world, fresh(stage / "after"), "greedy", limit=limit)
     all_pairs_accuracy = pairs_reward_accuracy(Path(result["model_dir"]), Path(result["pairs_file"]),
                                                Path(result["image_folder"]), settings)
+    # what a description-only run unlearns first is the short answers (stop 44: yes/no 0.808 -> 0.648 without anchors)
+    yesno_before = answer_yesno(base, world, fresh(stage / "before_yesno"), limit=limit)
+    yesno_after = answer_yesno(Path(result["model_dir"]), world, fresh(stage / "after_yesno"), limit=limit)
 
     final = result["final_metrics"]
     rows = [f"| preference | CHAIRs / CHAIRi | {100 * before['CHAIRs']:.1f} / {100 * before['CHAIRi']:.1f} -> "
@@ -139,8 +148,10 @@ def course_stage(out: Path, budget, seed: int = 0) -> dict:
             f"{100 * after['Recall']:.1f} / {after['Len']:.1f} | Recall kept |",
             f"| preference | reward accuracy (last steps / all {result['pairs']} pairs) / margin | "
             f"{final.get('rewards/accuracies', float('nan')):.3f} / {all_pairs_accuracy:.3f} / "
-            f"{final.get('rewards/margins', float('nan')):.2f} | rising margins |"]
+            f"{final.get('rewards/margins', float('nan')):.2f} | rising margins |",
+            f"| preference | yes/no acc | {yesno_before['acc']:.3f} -> {yesno_after['acc']:.3f} | kept |"]
     return {"stage": "preference", "model_dir": result["model_dir"], "before": before, "after": after,
+            "yesno_before": yesno_before, "yesno_after": yesno_after,
             "reward_accuracy": final.get("rewards/accuracies"), "reward_accuracy_all_pairs": all_pairs_accuracy,
             "reward_margin": final.get("rewards/margins"),
             "reward_curves": result["reward_curves"], "settings": settings, "pairs": result["pairs"],

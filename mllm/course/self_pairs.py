@@ -1,23 +1,32 @@
-"""Preference pairs from the model's own sampled descriptions, judged against the scenes' ground truth.
+"""Preference pairs from the model's own descriptions, judged against the scenes' ground truth.
 
 The world's `preference_train.json` corrupts correct descriptions (an extra object, a wrong shape or colour).
 Those pairs are off-policy: the base model ranks them correctly before any training (reward accuracy ~0.97
 from the first steps) and the errors they show are not the ones it makes, so aligning on them leaves its
-CHAIR where it was. Here, as in RLHF-V / RLAIF-V, the model itself describes each training image several
-times by sampling; CHAIR against the image's ground-truth categories counts each description's hallucinated
-mentions; the least hallucinating description (ties: the higher recall) becomes `chosen`, the most
-hallucinating (ties: the lower recall) `rejected`. An image whose descriptions all hallucinate equally gives
-no pair ("ranked"). Or, in the spirit of RLHF-V's corrected answers ("corrected"), each hallucinating sample
-is paired with itself minus the sentences that name an object the image lacks; "balanced" (the default) adds,
-for each, the corrected description against itself minus one true sentence, so that length alone no longer
-tells chosen from rejected.
+CHAIR where it was. Here, as in RLHF-V / RLAIF-V, the model itself describes the training images.
+
+"continuation" (the course's default): one greedy description per image, as the model answers when evaluated;
+where it goes wrong (a wrong count, a repeat beyond the scene's count of that object, an absent object, objects
+left out) the chosen answer is the same description up to that point, then the objects not yet named. The tiny
+base names the first object right and repeats it ("A small red moon ... A small red moon ..."); the pair
+differs from the error on, so DPO acts on the repeat itself. The other modes sample each image several times
+and let CHAIR count each sample's hallucinated mentions: "ranked" pairs the least hallucinating sample (ties: the
+higher recall) with the most hallucinating one; "corrected", in the spirit of RLHF-V's corrected answers, pairs
+each hallucinating sample with itself minus the sentences that name an object the image lacks; "balanced" adds,
+for each, the corrected description against itself minus one true sentence, so that length alone no longer tells
+chosen from rejected. CHAIR cannot see a repeat, and on a base that hallucinates little these modes find few pairs
+(course13's base: 503 of 6,000 samples) and raise CHAIR (docs/probes/README.md, stop 44).
 
     sample_questions(scenes, n_images, samples_per_image, seed)  -> question records (`mllm answer` format)
     rank_pairs(answers, sentences)                               -> pair records (the preference file format)
     correct_description(caption, hallucinated)                   -> the caption without its hallucinating sentences
     drop_true_sentences(caption, names_object, rng, k)           -> up to k copies, each minus one true sentence
     corrected_pairs(answers, sentences, vocab, gt, true_drops)   -> pair records
-    build_pairs(model_dir, world, out_dir, ...)                  -> pairs.json (sampling resumes like `mllm answer`)
+    continue_correctly(caption, scene)                           -> the caption up to its first error, then the rest
+    continuation_pairs(answers, scenes)                          -> pair records
+    yesno_anchor_pairs(items, n, seed)                           -> yes/no pair records (true answer chosen)
+    box_anchor_pairs(records, n, seed)                           -> grounding pair records (true box chosen)
+    build_pairs(model_dir, world, out_dir, ...)                  -> pairs.json (decoding resumes like `mllm answer`)
 
 `mllm preference pairs --model DIR --world DIR --out DIR` runs `build_pairs`.
 """
@@ -39,13 +48,17 @@ def sample_questions(scenes: list[dict], n_images: int, samples_per_image: int, 
     times (one `mllm answer` record per sample; the image path is kept in the record for the pair file)."""
     if samples_per_image < 2:
         raise ValueError(f"samples_per_image must be at least 2 to rank a pair, got {samples_per_image}")
+    return _questions(scenes, n_images, samples_per_image, seed)
+
+
+def _questions(scenes: list[dict], n_images: int, repeats: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     train = [s for s in scenes if s.get("split") == "train"][:n_images]
     records = []
     for scene in train:
         prompt = rng.choice(DETAILED_PROMPTS)
         records += [{"image": scene["image"], "question": prompt, "image_id": scene["image_id"],
-                     "image_path": scene["image"]}] * samples_per_image
+                     "image_path": scene["image"]}] * repeats
     return records
 
 
@@ -161,17 +174,116 @@ def corrected_pairs(answers: list[dict], sentences: list[dict], vocab, gt: dict,
     return pairs
 
 
-MODES = ("corrected", "balanced", "ranked")
+# one object sentence of `scenes.detailed_description`, in either wording
+_OBJECT_SENTENCE = re.compile(r"A (?P<size>[a-z-]+) (?P<colour>[a-z]+) (?P<name>[a-z]+) is (?P<place>[a-z ]+)\.|"
+                              r"(?P<place1>[A-Z][a-z ]+?) there is an? (?P<size1>[a-z-]+) (?P<colour1>[a-z]+) "
+                              r"(?P<name1>[a-z]+)\.")
+
+
+def continue_correctly(caption: str, scene: dict) -> str | None:
+    """The caption as written up to its first error, then the scene's objects it has not named yet, in raster
+    order and in the caption's own wording (`scenes.detailed_description`'s variant); None when nothing is wrong.
+
+    An error is a count sentence with the wrong number (then the whole description is the world's own), a sentence
+    that is not an object sentence, one naming an object the scene has no more of (size, colour, shape and place
+    all count: a repeat beyond the scene's count, a hallucination, a wrong place), or the end of the caption with
+    objects left unnamed. Matching every word, the chosen side never teaches a wrong place or size, and one polish
+    round from course13's base named more objects (Recall 66.3) than matching colour and shape alone (61.2). The
+    corrected caption shares every token before the error with the caption, so that a pair of the two differs at
+    the error alone (DPO's gradient falls there; the shared prefix cancels in the log-ratio)."""
+    from mllm.world import scenes as S
+
+    mentions = S.scene_mentions(S.scene_from_dict(scene), random.Random(0))  # canonical names, raster order
+    sentences = _sentences(caption)
+    variant = 1 if any(" there is " in sentence for sentence in sentences[1:]) else 0
+    count_sentence = S.detailed_description(mentions, variant).split(". ")[0] + "."
+    if not sentences or sentences[0] != count_sentence:
+        whole = S.detailed_description(mentions, variant)
+        return None if whole == caption.strip() else whole
+    remaining, kept = list(mentions), [sentences[0]]
+    for sentence in sentences[1:]:
+        match = _OBJECT_SENTENCE.fullmatch(sentence)
+        if match is None:
+            break
+        named = S.Mention(S.NAME_TO_CATEGORY.get(match.group("name") or match.group("name1"), ""),
+                          match.group("colour") or match.group("colour1"), match.group("size") or match.group("size1"),
+                          (match.group("place") or match.group("place1")).lower())
+        if named not in remaining:
+            break
+        remaining.remove(named)
+        kept.append(sentence)
+    if not remaining and len(kept) == len(sentences):
+        return None
+    rest = S.detailed_description(remaining, variant).split(". ", 1)[1] if remaining else ""
+    return " ".join(kept + ([rest] if rest else []))
+
+
+def continuation_pairs(answers: list[dict], scenes: dict[str, dict]) -> list[dict]:
+    """One pair per greedy description with an error: chosen = `continue_correctly`'s caption, rejected = the
+    description as the model wrote it. `answers` are `mllm answer` rows (metainfos with image_id and image_path),
+    `scenes` the world's scene records by image_id."""
+    pairs = []
+    for answer in answers:
+        image_id = answer["metainfos"]["image_id"]
+        chosen = continue_correctly(answer["answer"], scenes[image_id])
+        if chosen is None:
+            continue
+        pairs.append({"idx": len(pairs), "question": answer["question"], "chosen": chosen,
+                      "rejected": answer["answer"], "image_path": answer["metainfos"]["image_path"],
+                      "metainfos": {"image_id": image_id, "source": "continuation"}})
+    return pairs
+
+
+def yesno_anchor_pairs(items: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """n pairs from a world's yes/no training questions (`yesno_train.json`): chosen the true answer, rejected the
+    other. Mixed among description pairs they keep the short answers a description-only run unlearns (measured:
+    course13's base, 300 steps of continuation pairs: yes/no 0.808 -> 0.648 alone, -> 0.833 with a quarter
+    of these among them)."""
+    picked = random.Random(seed).sample(items, min(n, len(items)))
+    pairs = []
+    for item in picked:
+        question, answer = (turn["content"] for turn in item["conversations"][:2])
+        pairs.append({"idx": len(pairs), "question": question.replace("<image>", "").strip(), "chosen": answer,
+                      "rejected": "No" if answer == "Yes" else "Yes", "image_path": item["image"],
+                      "metainfos": {"image_id": item["id"], "source": "yesno_anchor"}})
+    return pairs
+
+
+def box_anchor_pairs(records: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """n pairs from a world's referring expressions (`grounding_prepare.rec_conversations` records): chosen the
+    true box, rejected the box of another object of the same image (images with one object give none). Among
+    description pairs they keep the box answers: without them three rounds of `polish` took course13's base from
+    grounding Acc@0.5 0.282 to 0.000, every answer a description."""
+    by_image: dict[str, list[dict]] = {}
+    for record in records:
+        by_image.setdefault(record["image"], []).append(record)
+    rng = random.Random(seed)
+    candidates = [r for r in records if len({o["conversations"][1]["content"] for o in by_image[r["image"]]}) > 1]
+    pairs = []
+    for record in rng.sample(candidates, min(n, len(candidates))):
+        question, answer = (turn["content"] for turn in record["conversations"][:2])
+        others = sorted({o["conversations"][1]["content"] for o in by_image[record["image"]]} - {answer})
+        pairs.append({"idx": len(pairs), "question": question.replace("<image>", "").strip(), "chosen": answer,
+                      "rejected": rng.choice(others), "image_path": record["image"],
+                      "metainfos": {"image_id": record["id"], "source": "box_anchor"}})
+    return pairs
+
+
+MODES = ("corrected", "balanced", "ranked", "continuation")
 
 
 def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n_images: int = 600,
                 samples_per_image: int = 4, seed: int = 0, batch_size: int = 32, max_new_tokens: int = 160,
-                mode: str = "balanced", true_drops: int = 1, quiet: bool = True, runtime: dict | None = None) -> dict:
-    """Sample descriptions of the world's training images with `model_dir`, score them, and pair them:
-    mode "corrected" or "balanced" (`corrected_pairs`, the latter with `true_drops`) or "ranked" (`rank_pairs`).
+                mode: str = "balanced", true_drops: int = 1, yesno_anchors: float = 0.0, box_anchors: float = 0.0,
+                quiet: bool = True, runtime: dict | None = None) -> dict:
+    """Describe the world's training images with `model_dir` and pair the descriptions: mode "corrected" or
+    "balanced" (sampled, `corrected_pairs`, the latter with `true_drops`), "ranked" (sampled, `rank_pairs`) or
+    "continuation" (one greedy description per image, `continuation_pairs`). `yesno_anchors` and `box_anchors` add
+    that many yes/no and grounding pairs per description pair (`yesno_anchor_pairs`, `box_anchor_pairs`, from the
+    world's yes/no training questions and referring expressions).
 
     Writes out_dir/{questions.jsonl, samples.jsonl, pairs.json, pairs_summary.json}; an interrupted run resumes
-    its sampling (samples.jsonl is appended by `mllm answer`). Returns the summary."""
+    its decoding (samples.jsonl is appended by `mllm answer`). Returns the summary."""
     import torch
 
     from mllm.eval import chair
@@ -182,15 +294,18 @@ def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n
     world, out_dir = Path(world), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scenes = [json.loads(line) for line in (world / "scenes.jsonl").read_text().splitlines() if line.strip()]
-    questions = sample_questions(scenes, n_images, samples_per_image, seed)
+    greedy = mode == "continuation"  # the description the model gives, corrected; the others rank samples
+    questions = _questions(scenes, n_images, 1, seed) if greedy else sample_questions(scenes, n_images,
+                                                                                     samples_per_image, seed)
     question_file = out_dir / "questions.jsonl"
     text = "".join(json.dumps(q) + "\n" for q in questions)
     if not question_file.is_file() or question_file.read_text() != text:
         question_file.write_text(text)
-        (out_dir / "samples.jsonl").unlink(missing_ok=True)  # samples of other questions must not be reused
+        (out_dir / "samples.jsonl").unlink(missing_ok=True)  # answers to other questions must not be reused
     torch.manual_seed(seed)
-    run(str(model_dir), question_file, out_dir / "samples.jsonl", decoding="sample", batch_size=batch_size,
-        max_new_tokens=max_new_tokens, image_root=world, quiet=quiet, on_other_run="recompute", **(runtime or {}))
+    run(str(model_dir), question_file, out_dir / "samples.jsonl", decoding="greedy" if greedy else "sample",
+        batch_size=batch_size, max_new_tokens=max_new_tokens, image_root=world, quiet=quiet,
+        on_other_run="recompute", **(runtime or {}))
     answers = sorted((json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()),
                      key=lambda row: row["idx"])
     vocab, gt = chair.load_chair_gt(world / "chair_gt.json")
@@ -201,17 +316,28 @@ def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n
         answers = [a for i, a in enumerate(answers) if i not in empty]
     if mode == "ranked":
         pairs = rank_pairs(answers, scored["sentences"])
+    elif mode == "continuation":
+        pairs = continuation_pairs(answers, {scene["image_id"]: scene for scene in scenes})
     else:
         pairs = corrected_pairs(answers, scored["sentences"], vocab, gt,
                                 true_drops=0 if mode == "corrected" else true_drops, seed=seed)
-        random.Random(seed).shuffle(pairs)  # samples of one image are adjacent; a batch should mix images
-        for index, pair in enumerate(pairs):
-            pair["idx"] = index
+    described = len(pairs)
+    if round(yesno_anchors * described):
+        pairs += yesno_anchor_pairs(json.loads((world / "yesno_train.json").read_text()),
+                                    round(yesno_anchors * described), seed)
+    if round(box_anchors * described):
+        from mllm.data.grounding_prepare import rec_conversations
+
+        pairs += box_anchor_pairs(rec_conversations(world / "rec_train.jsonl"), round(box_anchors * described), seed)
+    if mode != "ranked" or len(pairs) > described:
+        random.Random(seed).shuffle(pairs)  # one image's pairs are adjacent; a batch should mix images and kinds
+    for index, pair in enumerate(pairs):
+        pair["idx"] = index
     write_json_atomic(out_dir / "pairs.json", pairs)
     summary = {"mode": mode, "images": len({a["metainfos"]["image_id"] for a in answers}), "samples": len(answers),
                "pairs": len(pairs), "samples_metrics": scored["overall_metrics"],
-               "chosen_hallucinated_mean": _mean(p["metainfos"]["chosen_hallucinated"] for p in pairs),
-               "rejected_hallucinated_mean": _mean(p["metainfos"]["rejected_hallucinated"] for p in pairs),
+               "chosen_hallucinated_mean": _mean(p["metainfos"].get("chosen_hallucinated", 0) for p in pairs),
+               "rejected_hallucinated_mean": _mean(p["metainfos"].get("rejected_hallucinated", 0) for p in pairs),
                "model": str(model_dir), "pairs_file": str(out_dir / "pairs.json")}
     write_json_atomic(out_dir / "pairs_summary.json", summary)
     return summary

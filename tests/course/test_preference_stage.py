@@ -21,10 +21,11 @@ def test_course_stage_on_a_tiny_world(tiny_checkpoint, tmp_path):
         course_stage(tmp_path, SimpleNamespace(), 0)
     generate(tmp_path / "world", n_train=6, n_test=3, seed=0, progress=False)
     shutil.copytree(tiny_checkpoint, tmp_path / "base" / "model")
-    budget = SimpleNamespace(n_train=6, eval_limit=3, preference_steps=2, preference_batch=3)
+    budget = SimpleNamespace(n_train=6, eval_limit=3, preference_steps=2, preference_batch=3,
+                             preference_pair_mode="balanced")
     result = course_stage(tmp_path, budget, seed=0)
     assert result["stage"] == "preference" and result["pairs"] == 6
-    # The random model's own samples name no object, so no self pair: the stage says so and takes the world's.
+    # The random model's own samples name no object, so no sampled pair: the stage says so and takes the world's.
     summary = json.loads((tmp_path / "preference" / "self_pairs" / "pairs_summary.json").read_text())
     assert summary["samples"] == 6 and summary["pairs"] == 0
     assert (tmp_path / "preference" / "fresh_scenes" / "chair_gt.json").is_file()  # described scenes it never saw
@@ -36,7 +37,30 @@ def test_course_stage_on_a_tiny_world(tiny_checkpoint, tmp_path):
     assert (tmp_path / "preference" / "model" / "reward_curves.png").is_file()
     assert (tmp_path / "preference" / "pairs.base.logp.jsonl").is_file()
     assert result["table_rows"][0].startswith("| preference | CHAIRs / CHAIRi | ")
+    assert result["table_rows"][-1].startswith("| preference | yes/no acc | ")
+    assert result["yesno_before"]["n_questions"] == 3 and "acc" in result["yesno_after"]
     MLLMModel.from_pretrained(result["model_dir"])
+
+
+def test_course_stage_corrects_the_models_greedy_descriptions_by_default(tiny_checkpoint, tmp_path):
+    """The default pairs: each greedy description the random model writes is wrong, so each is paired with the
+    scene's own description (it names nothing right), and yes/no anchors join them."""
+    from types import SimpleNamespace
+
+    from mllm.course.preference import course_stage
+    from mllm.world.synth import generate
+
+    generate(tmp_path / "world", n_train=6, n_test=3, seed=0, progress=False)
+    shutil.copytree(tiny_checkpoint, tmp_path / "base" / "model")
+    budget = SimpleNamespace(n_train=6, eval_limit=3, preference_steps=2, preference_batch=3)
+    result = course_stage(tmp_path, budget, seed=0)
+    assert result["settings"]["pair_mode"] == "continuation"
+    assert result["pairs_source"] == str(tmp_path / "preference" / "self_pairs" / "pairs.json")
+    pairs = json.loads((tmp_path / "preference" / "self_pairs" / "pairs.json").read_text())
+    sources = [p["metainfos"]["source"] for p in pairs]
+    described = sources.count("continuation")
+    assert described >= 1 and sources.count("yesno_anchor") == round(0.34 * described)
+    assert result["pairs"] == min(len(pairs), 6)  # steps x batch of them trained
 
 
 def test_reward_accuracy_over_all_pairs_compares_policy_and_reference_rewards(tmp_path, monkeypatch):

@@ -119,3 +119,97 @@ def test_build_pairs_on_a_tiny_world_writes_and_resumes(tiny_checkpoint, tmp_pat
                  "--samples", "2", "--max-new-tokens", "6", "--mode", "ranked"]) == 0
     assert (out / "samples.jsonl").read_bytes() == samples
     assert json.loads((out / "pairs_summary.json").read_text())["mode"] == "ranked"
+
+
+# 90 x 90: two small red stars (top left, bottom right) and a medium-sized blue heart in the centre, raster order
+SCENE = {"image_id": "s", "width": 90, "height": 90, "style_seed": 0, "objects": [
+    {"category": "star", "colour": "red", "cx": 15, "cy": 15, "size": 15, "rotation": 0, "bbox": [8, 8, 22, 22]},
+    {"category": "heart", "colour": "blue", "cx": 45, "cy": 45, "size": 25, "rotation": 0, "bbox": [33, 33, 57, 57]},
+    {"category": "star", "colour": "red", "cx": 75, "cy": 75, "size": 15, "rotation": 0, "bbox": [68, 68, 82, 82]}]}
+COUNT = "The image shows three objects on a light background."
+STAR_1, HEART, STAR_2 = ("A small red star is in the top left.", "A medium-sized blue heart is in the center.",
+                         "A small red star is in the bottom right.")
+
+
+def test_continuation_keeps_the_caption_to_its_first_error_then_names_the_rest():
+    from mllm.course.self_pairs import continue_correctly
+
+    assert continue_correctly(" ".join([COUNT, STAR_1, HEART, STAR_2]), SCENE) is None  # nothing wrong
+    # the second red star is the scene's own, the third is one too many: the heart follows the two kept
+    repeated = " ".join([COUNT, STAR_1, STAR_2, "A small red star is in the bottom right."])
+    assert continue_correctly(repeated, SCENE) == " ".join([COUNT, STAR_1, STAR_2, HEART])
+    # a true object at a wrong place, or of a wrong size, is an error too
+    for wrong in ("A small red star is in the center.", "A large red star is in the bottom right."):
+        assert continue_correctly(" ".join([COUNT, STAR_1, wrong]), SCENE) == " ".join([COUNT, STAR_1, HEART, STAR_2])
+    # a hallucinated object, then true ones: everything after the error is rewritten in raster order
+    hallucinated = " ".join([COUNT, STAR_1, "A small green moon is at the top.", HEART])
+    assert continue_correctly(hallucinated, SCENE) == " ".join([COUNT, STAR_1, HEART, STAR_2])
+    # stopping early is an error too; the caption's other wording is kept
+    early = " ".join([COUNT, "In the top left there is a small red star."])
+    assert continue_correctly(early, SCENE) == " ".join([early, "In the center there is a medium-sized blue heart.",
+                                                         "In the bottom right there is a small red star."])
+    # a wrong count: the world's whole description
+    assert continue_correctly(" ".join(["The image shows two objects on a light background.", STAR_1]), SCENE) == \
+        " ".join([COUNT, STAR_1, HEART, STAR_2])
+    # a synonym names its category
+    assert continue_correctly(" ".join([COUNT, "A small red starburst is in the top left.", HEART, STAR_2]),
+                              SCENE) is None
+
+
+def test_continuation_pairs_and_yesno_anchors():
+    from mllm.course.self_pairs import continuation_pairs, yesno_anchor_pairs
+
+    rows = [_row("s", " ".join([COUNT, STAR_1, STAR_1, STAR_1]), 0),
+            _row("s", " ".join([COUNT, STAR_1, HEART, STAR_2]), 1)]
+    pairs = continuation_pairs(rows, {"s": SCENE})
+    assert len(pairs) == 1 and pairs[0]["rejected"] == rows[0]["answer"]
+    # the second "red star in the top left" is one too many there: the rest follows the first
+    assert pairs[0]["chosen"] == " ".join([COUNT, STAR_1, HEART, STAR_2]) and pairs[0]["image_path"] == "images/s.png"
+    items = [{"id": f"q{i}", "image": "images/s.png", "conversations": [
+        {"role": "user", "content": "<image>\nIs there a red star in the image? Please answer yes or no."},
+        {"role": "assistant", "content": answer}]} for i, answer in enumerate(["Yes", "No", "Yes"])]
+    anchors = yesno_anchor_pairs(items, 2, seed=0)
+    assert len(anchors) == 2 and len({a["metainfos"]["image_id"] for a in anchors}) == 2
+    for anchor in anchors:
+        assert anchor["question"] == "Is there a red star in the image? Please answer yes or no."
+        assert {anchor["chosen"], anchor["rejected"]} == {"Yes", "No"}
+        truth = items[int(anchor["metainfos"]["image_id"][1:])]["conversations"][1]["content"]
+        assert anchor["chosen"] == truth
+
+
+def test_box_anchors_prefer_the_true_box_to_another_objects():
+    from mllm.course.self_pairs import box_anchor_pairs
+
+    def rec(i, image, box):
+        return {"id": f"REC_{i}", "image": image, "conversations": [
+            {"role": "user", "content": f"<image>\nWhere is thing {i} in image? answer in [x0,y0,x1,y1] format."},
+            {"role": "assistant", "content": box}]}
+
+    records = [rec(0, "a.png", "[1,2,3,4]"), rec(1, "a.png", "[5,6,7,8]"), rec(2, "b.png", "[9,9,20,20]")]
+    pairs = box_anchor_pairs(records, 5, seed=0)
+    # b.png has one object: no wrong box to offer
+    assert sorted((p["chosen"], p["rejected"]) for p in pairs) == [("[1,2,3,4]", "[5,6,7,8]"), ("[5,6,7,8]", "[1,2,3,4]")]
+    assert all(p["question"].startswith("Where is thing") and p["image_path"] == "a.png" for p in pairs)
+    assert [p["idx"] for p in pairs] == [0, 1] and len(box_anchor_pairs(records, 1, seed=0)) == 1
+
+
+def test_build_pairs_continuation_describes_each_image_once_greedily(tiny_checkpoint, tmp_path):
+    from mllm.world.synth import generate
+
+    world = tmp_path / "world"
+    generate(world, n_train=4, n_test=1, seed=0, progress=False)
+    out = tmp_path / "pairs"
+    summary = build_pairs(tiny_checkpoint, world, out, n_images=3, max_new_tokens=6, mode="continuation",
+                          yesno_anchors=0.5, box_anchors=1.0)
+    answers = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(answers) == 3 and {a["run"]["decoding"] for a in answers} == {"greedy"}
+    pairs = json.loads((out / "pairs.json").read_text())
+    # six tokens of a random model never describe a scene right: every image it wrote something for gives a pair
+    # (empty answers are dropped), then half as many yes/no anchors and as many box anchors
+    described = summary["samples"]
+    assert described >= 1 and sum(bool(a["answer"].strip()) for a in answers) == described
+    sources = sorted(p["metainfos"]["source"] for p in pairs)
+    assert sources == sorted(["continuation"] * described + ["yesno_anchor"] * round(0.5 * described)
+                             + ["box_anchor"] * described)
+    assert [p["idx"] for p in pairs] == list(range(len(pairs)))
+    assert all(p["chosen"].startswith("The image shows") for p in pairs if p["metainfos"]["source"] == "continuation")
