@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mllm.course.polish import polish
 from mllm.course.shared import Budget, answer_yesno, describe_and_score, ground_and_score, world_dir
 from mllm.data.lessons import QUESTIONS_AND_STATEMENTS, LessonMix, tokenizer_texts
 from mllm.jsonio import write_json_atomic
@@ -392,11 +393,11 @@ def vision_phase(stage: Path, world: Path, budget: Budget, seed: int):
 
 
 def stage_base(out: Path, budget: Budget, seed: int) -> dict:
-    """Phase 0 (vision pretraining, `pretrain` above), then read, settle, align and tune (`base_stages`); the last
-    stage's model is the base. With two cores or more, phase 0 and the read-kind stages (which share no parameters)
-    run side by side, one core each. Every phase resumes: a
-    finished one is reused, a stopped one goes on from its last saved state, so a stopped run goes on where it
-    was."""
+    """Phase 0 (vision pretraining, `pretrain` above), then read, settle, ground, align and tune (`base_stages`),
+    then the polish rounds (`mllm.course.polish`); the last round's model is the base. With two cores or more,
+    phase 0 and the read-kind stages (which share no parameters) run side by side, one core each. Every phase
+    resumes: a finished one is reused, a stopped one goes on from its last saved state, so a stopped run goes on
+    where it was."""
     world = world_dir(out, budget, seed)
     stage = out / "base"
     reader = None
@@ -429,27 +430,33 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
         runner = BaseStage(model, tokenizer, slots, settings, stage / settings.label, seed=seed, after=stages[:k])
         summaries.append(runner.run(progress=lambda line: print(line, flush=True)))
         curves.append((settings.label, runner.curve()))
+    polished, polish_curve = polish(stage / "tune" / "model", world, stage / "polish", budget, seed)
+    if polish_curve:
+        curves.append(("polish", polish_curve))
+    polish_minutes = polish_curve[-1]["cpu_minutes"] if polish_curve else 0.0
     model_dir = stage / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
-    shutil.copytree(stage / "tune" / "model", model_dir)
+    shutil.copytree(polished, model_dir)
     pretrain_cpu_minutes = log[-1].get("cpu_minutes", log[-1]["minutes"])  # logs before CPU time was kept
     plot_base_curves(curves, pretrain_cpu_minutes, stage / "base_curves.png")
     chair_metrics = describe_and_score(model_dir, world, stage, limit=budget.eval_limit)
     yesno_metrics = answer_yesno(model_dir, world, stage, limit=budget.eval_limit)
     grounding_metrics = ground_and_score(model_dir, world, stage, limit=budget.eval_limit)
     kinds = json.loads((stage / "yesno.json").read_text()).get("categories", {})
-    cpu_minutes = pretrain_cpu_minutes + sum(s["cpu_minutes"] for s in summaries)
+    cpu_minutes = pretrain_cpu_minutes + sum(s["cpu_minutes"] for s in summaries) + polish_minutes
     return {"stage": "base", "model_dir": str(model_dir), "train_cpu_minutes": round(cpu_minutes, 1),
             "vision_pretrain": log[-1], "stages": summaries, "curves": str(stage / "base_curves.png"),
+            "polish": {"rounds": len(polish_curve), "cpu_minutes": round(polish_minutes, 2), "curve": polish_curve},
             "chair": chair_metrics, "yesno": yesno_metrics,
             "yesno_kinds": {k: round(v["acc"], 3) for k, v in kinds.items()}, "grounding": grounding_metrics}
 
 
 def plot_base_curves(curves: list[tuple[str, list[dict]]], start_minutes: float, path: Path) -> None:
-    """Held-out yes/no accuracy per kind (top), the share of colour-category pairs greedy descriptions name and
-    greedy grounding's Acc@0.5 (bottom) against cumulative training CPU-minutes, stage by stage (read-kind stages:
-    the scene as slot vectors; align and tune: from pixels)."""
+    """Held-out yes/no accuracy per kind (top), the share of colour-category pairs greedy descriptions name,
+    greedy grounding's Acc@0.5 and, for polish rounds, the bench's CHAIR Recall (bottom) against cumulative
+    training CPU-minutes, stage by stage (read-kind stages: the scene as slot vectors; align, tune and polish:
+    from pixels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -466,6 +473,9 @@ def plot_base_curves(curves: list[tuple[str, list[dict]]], start_minutes: float,
         described = [entry for entry in points if "describe" in entry]
         below.plot([offset + e["cpu_minutes"] for e in described], [e["describe"] for e in described], marker=".",
                    color="black", label="pairs named (greedy descriptions)" if index == 0 else None)
+        recalled = [entry for entry in points if "recall" in entry]
+        below.plot([offset + e["cpu_minutes"] for e in recalled], [e["recall"] for e in recalled], marker="o",
+                   color="tab:purple", label="bench Recall (greedy; polish rounds)" if recalled else None)
         grounded = [entry for entry in points if "ground" in entry]
         below.plot([offset + e["cpu_minutes"] for e in grounded], [e["ground"]["acc"] for e in grounded], marker=".",
                    color="tab:brown", label="grounding Acc@0.5 (greedy)" if index == 0 else None)

@@ -59,6 +59,11 @@ class Budget:
     tune_steps: int = 300  # everything; the LLM at tune_llm_lr_scale x tune_lr
     tune_lr: float = 3e-4
     tune_llm_lr_scale: float = 0.5
+    # then rounds of DPO on the base's own greedy descriptions corrected from their first error (`course.polish`)
+    polish_rounds: int = 2
+    polish_images: int = 1500  # fresh scenes a round describes
+    polish_steps: int = 400  # of 8 pairs
+    polish_anchors: float = 0.34  # yes/no pairs, and as many grounding pairs, per description pair
     base_batch: int = 32  # scenes per step (a conversation each) in every base stage
     base_eval_scenes: int = 100  # held-out scenes (a yes/no pair each) for the stages' curves
     base_eval_every: int = 250  # align: twice this (its steps are short and many)
@@ -75,7 +80,8 @@ class Budget:
     @classmethod
     def quick(cls) -> "Budget":
         return cls(n_train=200, n_test=40, vision_pretrain_steps=20, vision_pretrain_batch=16, read_steps=30,
-                   settle_steps=5, ground_steps=5, align_steps=10, tune_steps=10, base_batch=8, base_eval_scenes=20,
+                   settle_steps=5, ground_steps=5, align_steps=10, tune_steps=10,
+                   polish_rounds=1, polish_images=4, polish_steps=4, base_batch=8, base_eval_scenes=20,
                    base_eval_every=10, base_ground_scenes=4, base_save_every=10, sft_steps=10, grounding_steps=20,
                    sft_batch=8, eval_limit=40, smoke_test=True)
 

@@ -1,5 +1,6 @@
-"""The base recipe end to end on a tiny world: vision pretraining, read, settle, align and tune, evaluations,
-and a second run that resumes instead of training again (every finished phase is reused, the model is the same)."""
+"""The base recipe end to end on a tiny world: vision pretraining, read, settle, ground, align, tune and a polish
+round, evaluations, and a second run that resumes instead of training again (every finished phase is reused, the
+model is the same)."""
 
 import json
 import os
@@ -14,7 +15,8 @@ from mllm.course.shared import Budget
 def _budget():
     return Budget(n_train=8, n_test=4, vision_pretrain_steps=3, vision_pretrain_batch=4, read_steps=4, settle_steps=2,
                   ground_steps=2, align_steps=2, tune_steps=2, base_batch=2,
-                  base_eval_scenes=3, base_eval_every=2, base_ground_scenes=2, base_save_every=2, eval_limit=4)
+                  base_eval_scenes=3, base_eval_every=2, base_ground_scenes=2, base_save_every=2, eval_limit=4,
+                  polish_rounds=1, polish_images=3, polish_steps=2)
 
 
 def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
@@ -59,8 +61,14 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
     assert config["slice_config"]["max_slice_nums"] == 1 and config["question_first"] is True
     assert set(first["chair"]) == {"CHAIRs", "CHAIRi", "Recall", "Len"} and first["yesno"]["n_questions"] == 4
     minutes = first["vision_pretrain"]["cpu_minutes"] + sum(s["cpu_minutes"] for s in first["stages"])
-    assert first["train_cpu_minutes"] == round(minutes, 1)
+    assert first["polish"]["rounds"] == 1 and first["polish"]["cpu_minutes"] > 0
+    assert first["train_cpu_minutes"] == round(minutes + first["polish"]["cpu_minutes"], 1)
     weights = load_file(base / "model" / "model.safetensors")
+    # the base is the last polish round's model, which went on from tune's
+    polished = load_file(base / "polish" / "round1" / "model" / "model.safetensors")
+    assert all(bool((weights[k] == polished[k]).all()) for k in weights)
+    tuned = load_file(base / "tune" / "model" / "model.safetensors")
+    assert any(not bool((tuned[k] == weights[k]).all()) for k in tuned if k.startswith("llm."))
 
     # the tuned stage's weights differ from the read stages' in the LLM and the vision side; each read-kind stage
     # goes on from the one before it and changes the LLM
@@ -77,6 +85,7 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
     again = load_file(base / "model" / "model.safetensors")
     assert all(bool((weights[k] == again[k]).all()) for k in weights)
     assert second["stages"] == first["stages"] and second["chair"] == first["chair"]
+    assert second["polish"] == first["polish"]  # the finished round reused
 
 
 def test_the_course_table_says_when_its_numbers_are_a_smoke_run():
