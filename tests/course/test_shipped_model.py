@@ -1,13 +1,13 @@
 """The tiny base model shipped in the package, checked on freshly generated held-out scenes.
 
 A stale or broken checkpoint (weights, tokenizer or config out of step with the code) fails here. Measured on
-the course's 300 held-out scenes (README): yes/no 0.808 / acc+ 0.637, Recall 47.2, CHAIRi 3.5, grounding Acc@0.5
-0.282; on these 60 fresh ones (seed 4242): yes/no 0.900 / acc+ 0.800 (120 questions), Recall 44.9, CHAIRi 5.8,
-grounding Acc@0.5 0.326 (215 expressions). A random checkpoint of the same preset scores Recall ~0 and answers no
+the course's 300 held-out scenes (README): yes/no 0.872 / acc+ 0.800, Recall 65.6, CHAIRi 2.7, grounding Acc@0.5
+0.204; on these 60 fresh ones (seed 4242): yes/no 0.908 / acc+ 0.833 (120 questions), Recall 64.6, CHAIRi 8.0,
+grounding Acc@0.5 0.209 (215 expressions). A random checkpoint of the same preset scores Recall ~0 and answers no
 question with yes or no. The bars sit some standard errors below what it measures; the issue's targets
 (yes/no >= 0.90 with each kind >= 0.85, Recall >= 0.70) are not all reached by this checkpoint, and this test does
-not pretend they are: the base before it described at Recall 76 but answered yes/no at chance (0.59 here) and
-grounded nothing (0.020 in `make demo`).
+not pretend they are. The base before it (course13, stop 43) measured here yes/no 0.900 / acc+ 0.800, Recall 44.9
+(one object repeated), grounding 0.326.
 """
 
 import json
@@ -35,7 +35,7 @@ def test_shipped_checkpoint_is_small_and_complete():
 
 def test_shipped_model_describes_what_it_sees(world, tmp_path):
     chair = describe_and_score(SHIPPED_MODEL, world, tmp_path)
-    assert chair["Recall"] >= 0.35  # it names about half of the objects (the issue asks 0.70)
+    assert chair["Recall"] >= 0.55  # it names about two thirds of the objects (the issue asks 0.70)
     assert 0.0 < chair["CHAIRi"] < 0.15  # trained on noisy captions, it hallucinates measurably
 
 
@@ -44,10 +44,10 @@ def test_shipped_model_answers_yes_or_no(world, tmp_path):
     answers = [json.loads(line)["answer"] for line in (tmp_path / "yesno_answers.jsonl").read_text().splitlines()]
     assert result["n_questions"] == len(answers) > 100
     assert sum(a in ("Yes", "No") for a in answers) >= 0.95 * len(answers)
-    assert result["acc"] >= 0.80 and result["acc_plus"] >= 0.65  # chance: 0.5 / 0.25
+    assert result["acc"] >= 0.80 and result["acc_plus"] >= 0.70  # chance: 0.5 / 0.25
 
 
 def test_shipped_model_grounds_referring_expressions(world, tmp_path):
     result = ground_and_score(SHIPPED_MODEL, world, tmp_path)
     assert result["n"] > 150 and result["parse_failure_rate"] < 0.05
-    assert result["accuracy"] >= 0.20  # Acc@IoU>=0.5 from pixels
+    assert result["accuracy"] >= 0.15  # Acc@IoU>=0.5 from pixels (measured 0.209, ~0.028 a standard error)
