@@ -34,13 +34,13 @@ from pathlib import Path
 
 from mllm.course.shared import answer_yesno, describe_and_score, fresh
 
-# pairs: "self" (the base model's own sampled descriptions, `mllm.course.self_pairs`, with pair_mode, of
-# pair_images scenes: "fresh" ones generated for the stage, or the world's "train" images) or "world" (the world's
+# pairs: "self" (the base model's own descriptions, `mllm.course.self_pairs`, with pair_mode, of pair_images
+# scenes: "fresh" ones generated for the stage, or the world's "train" images; pair_samples each for the modes that
+# sample; yesno_anchors and box_anchors yes/no and grounding pairs per description pair) or "world" (the world's
 # corrupted descriptions, preference_train.json).
 FULL = {"steps": 300, "batch": 8, "lr": 1e-4, "beta": 0.1, "loss": "sigmoid", "sft_weight": 1.0,
         "average_logp": False, "use_lora": False, "pairs": "self", "pair_mode": "continuation", "pair_images": 1500,
-        "pair_samples": 4, "pair_scenes": "fresh", "yesno_anchors": 0.34,
-        "box_anchors": 0.34}
+        "pair_samples": 4, "pair_scenes": "fresh", "yesno_anchors": 0.34, "box_anchors": 0.34}
 QUICK = FULL | {"steps": 8, "batch": 4, "pair_images": 3, "pair_samples": 2}
 TARGETS = {"CHAIRs / CHAIRi": "< 29.5 / < 7.8"}  # the exercise's targets for the real model after alignment
 
