@@ -73,7 +73,7 @@ def align(base: Path, world: Path, stage: Path, settings: dict, seed: int = 0) -
                               box_anchors=settings["box_anchors"])
         source = Path(summary["pairs_file"])
         if not summary["pairs"]:  # a model that names nothing (random, or a --quick base) hallucinates nothing
-            print(f"{base}: its sampled descriptions gave no pair; using the world's corrupted descriptions")
+            print(f"{base}: its descriptions gave no pair; using the world's corrupted descriptions")
             source, images = world / "preference_train.json", world
     elif settings["pairs"] == "world":
         source = world / "preference_train.json"

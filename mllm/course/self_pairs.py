@@ -254,15 +254,15 @@ def box_anchor_pairs(records: list[dict], n: int, seed: int = 0) -> list[dict]:
     true box, rejected the box of another object of the same image (images with one object give none). Among
     description pairs they keep the box answers: without them three rounds of `polish` took course13's base from
     grounding Acc@0.5 0.282 to 0.000, every answer a description."""
-    by_image: dict[str, list[dict]] = {}
+    boxes: dict[str, set[str]] = {}  # image -> the box answers of its objects
     for record in records:
-        by_image.setdefault(record["image"], []).append(record)
+        boxes.setdefault(record["image"], set()).add(record["conversations"][1]["content"])
     rng = random.Random(seed)
-    candidates = [r for r in records if len({o["conversations"][1]["content"] for o in by_image[r["image"]]}) > 1]
+    candidates = [r for r in records if len(boxes[r["image"]]) > 1]
     pairs = []
     for record in rng.sample(candidates, min(n, len(candidates))):
         question, answer = (turn["content"] for turn in record["conversations"][:2])
-        others = sorted({o["conversations"][1]["content"] for o in by_image[record["image"]]} - {answer})
+        others = sorted(boxes[record["image"]] - {answer})
         pairs.append({"idx": len(pairs), "question": question.replace("<image>", "").strip(), "chosen": answer,
                       "rejected": rng.choice(others), "image_path": record["image"],
                       "metainfos": {"image_id": record["id"], "source": "box_anchor"}})
