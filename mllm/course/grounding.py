@@ -71,13 +71,13 @@ def course_stage(out: Path, budget, seed: int) -> dict:
     fine-tuning on every object of `rec_train.jsonl` mixed with ~15% general SFT data (`sft_train.json`,
     against forgetting), then Acc@0.5 again; pictures of sampled cases and the loss curve are written.
 
-    Budget attributes read (with defaults, so an older `Budget` works): grounding_steps (1100 for the full
-    course: 10.9 training minutes on 2 idle cores, so busy ones stop at the cap below; 20 for `--quick`),
+    Budget attributes read (with defaults, so an older `Budget` works): grounding_steps (1700 for the full
+    course: ~17 training minutes on 2 idle cores, so busy ones stop at the cap below; 20 for `--quick`),
     grounding_batch (32, capped at base_batch), grounding_lr (1e-4), grounding_mix (0.15), grounding_turns (1: one
     question per conversation),
-    grounding_tune_vision / grounding_tune_resampler (True), grounding_minutes (13: the cosine schedule runs
+    grounding_tune_vision / grounding_tune_resampler (True), grounding_minutes (17: the cosine schedule runs
     to whichever comes first, grounding_steps or these minutes of training, so the whole stage, two
-    evaluations included, fits in 20 minutes on 2 busy cores), eval_limit (None: all 1079 expressions).
+    evaluations included, fits in 20 minutes), eval_limit (None: all 1079 expressions).
     """
     from mllm.data.grounding_prepare import PrepareOptions, prepare
     from mllm.eval.grounding import evaluate_model
@@ -92,14 +92,15 @@ def course_stage(out: Path, budget, seed: int) -> dict:
     for old in ("before", "after", "model"):  # answers resume by path: never mix two runs' answers
         shutil.rmtree(stage / old, ignore_errors=True)
     stage.mkdir(parents=True, exist_ok=True)
-    steps = int(_budget(budget, "grounding_steps", 1100))
+    stage_started = time.time()
+    steps = int(_budget(budget, "grounding_steps", 1700))
     batch = int(_budget(budget, "grounding_batch", min(32, _budget(budget, "base_batch", 32))))
     # 1e-4, not 1e-3: unfrozen at >= 5e-4 the tiny model's vision side collapses to image-independent output
     # (the base recipe's probe; grounding pilots from 1e-3 ended with one box for every image)
     lr = float(_budget(budget, "grounding_lr", 1e-4))
     mix_ratio = float(_budget(budget, "grounding_mix", 0.15))
     turns = int(_budget(budget, "grounding_turns", 1))
-    minutes = float(_budget(budget, "grounding_minutes", 13.0))  # training wall-clock cap
+    minutes = float(_budget(budget, "grounding_minutes", 17.0))  # training wall-clock cap
     tune_vision = bool(_budget(budget, "grounding_tune_vision", True))
     tune_resampler = bool(_budget(budget, "grounding_tune_resampler", True))
     limit = getattr(budget, "eval_limit", None)
@@ -129,7 +130,7 @@ def course_stage(out: Path, budget, seed: int) -> dict:
     b, a = _acc(before), _acc(after)
     result = {
         "stage": "grounding", "model_dir": str(model_dir), "before": b, "after": a,
-        "train_minutes": round(train_minutes, 1),
+        "train_minutes": round(train_minutes, 1), "stage_minutes": round((time.time() - stage_started) / 60, 1),
         "settings": {"steps": steps, "batch": batch, "lr": lr, "mix_ratio": mix_ratio, "turns_per_image": turns,
                      "tune_vision": tune_vision, "tune_resampler": tune_resampler, "eval_limit": limit,
                      "minutes_cap": minutes, "stopped_early_at_step": clock.stopped_at,

@@ -5,7 +5,8 @@ the description bench before and after with the same greedy decoding.
                                     (out/preference/fresh_scenes/; pair_scenes "train": the world's training images),
                                     paired by pair_mode (`mllm.course.self_pairs`, out/preference/self_pairs/):
                                     "continuation" (default), each greedy description with an error against itself
-                                    corrected from its first error on, with yesno_anchors yes/no pairs and
+                                    corrected from its first error on ("cut": the description cut after its first
+                                    wrong word, as polish pairs them), with yesno_anchors yes/no pairs and
                                     box_anchors grounding pairs per description pair; or "balanced", "corrected",
                                     "ranked" on sampled descriptions; the world's pairs when the model's give none
     pairs "world"                   out/world/preference_train.json (chosen: correct detailed description;

@@ -22,6 +22,8 @@ def table(results: dict) -> str:
         c, y = results["base"]["chair"], results["base"]["yesno"]
         rows += [f"| base | CHAIRs / CHAIRi | {100 * c['CHAIRs']:.1f} / {100 * c['CHAIRi']:.1f} | 32.7 / 8.5 |",
                  f"| base | Recall / Len | {100 * c['Recall']:.1f} / {c['Len']:.1f} | 61.7 / 126 |",
+                 *([f"| base | descriptions echoing a prompt (a '?') | {100 * c['Echo']:.1f} % | 0 |"]
+                   if "Echo" in c else []),
                  f"| base | yes/no acc / acc+ | {y['acc']:.3f} / {y['acc_plus']:.3f} | 0.696 (exercise accuracy) |"]
         if "grounding" in results["base"]:
             rows.append(f"| base | grounding Acc@0.5 | {results['base']['grounding']['accuracy']:.3f} | - |")

@@ -5,11 +5,12 @@ Those pairs are off-policy: the base model ranks them correctly before any train
 from the first steps) and the errors they show are not the ones it makes, so aligning on them leaves its
 CHAIR where it was. Here, as in RLHF-V / RLAIF-V, the model itself describes the training images.
 
-"continuation" (the course's default): one greedy description per image, as the model answers when evaluated;
-where it goes wrong (a wrong count, a repeat beyond the scene's count of that object, an absent object, objects
-left out) the chosen answer is the same description up to that point, then the objects not yet named. The tiny
-base names the first object right and repeats it ("A small red moon ... A small red moon ..."); the pair
-differs from the error on, so DPO acts on the repeat itself. The other modes sample each image several times
+"continuation": one greedy description per image, as the model answers when evaluated; where it goes wrong (a
+wrong count, a repeat beyond the scene's count of that object, an absent object, objects left out) the chosen
+answer is the same description up to that point, then the objects not yet named. The tiny base names the first
+object right and repeats it ("A small red moon ... A small red moon ..."); the pair differs from the error on, so
+DPO acts on the repeat itself. "cut" (the course's default since stop 45) ends the rejected side at its first wrong
+word, so that the sentences after the error are not pushed down with it. The other modes sample each image several times
 and let CHAIR count each sample's hallucinated mentions: "ranked" pairs the least hallucinating sample (ties: the
 higher recall) with the most hallucinating one; "corrected", in the spirit of RLHF-V's corrected answers, pairs
 each hallucinating sample with itself minus the sentences that name an object the image lacks; "balanced" adds,
@@ -23,7 +24,8 @@ chosen from rejected. CHAIR cannot see a repeat, and on a base that hallucinates
     drop_true_sentences(caption, names_object, rng, k)           -> up to k copies, each minus one true sentence
     corrected_pairs(answers, sentences, vocab, gt, true_drops)   -> pair records
     continue_correctly(caption, scene)                           -> the caption up to its first error, then the rest
-    continuation_pairs(answers, scenes)                          -> pair records
+    cut_at_error(chosen, rejected)                               -> the rejected text to its first wrong word
+    continuation_pairs(answers, scenes, cut)                     -> pair records
     yesno_anchor_pairs(items, n, seed)                           -> yes/no pair records (true answer chosen)
     box_anchor_pairs(records, n, seed)                           -> grounding pair records (true box chosen)
     build_pairs(model_dir, world, out_dir, ...)                  -> pairs.json (decoding resumes like `mllm answer`)
@@ -218,19 +220,37 @@ def continue_correctly(caption: str, scene: dict) -> str | None:
     return " ".join(kept + ([rest] if rest else []))
 
 
-def continuation_pairs(answers: list[dict], scenes: dict[str, dict]) -> list[dict]:
+def cut_at_error(chosen: str, rejected: str) -> tuple[str, bool]:
+    """(the rejected text up to and including its first word that differs from the chosen one, whether that cut
+    anything off). A rejected text that ends where the chosen one goes on is kept whole: its end is its error.
+
+    Why: in a whole-text pair every rejected token after the error is pushed down too, the places and sizes of the
+    sentences that follow included; course14's second polish round then wrote "... is in the image? answer in the
+    image?" where a place should stand in 128 of 300 descriptions (stop 45). Cut, the rejected side holds the error
+    alone, and the chosen side still teaches the whole correct continuation."""
+    kept, written = chosen.split(" "), rejected.split(" ")
+    at = next((i for i, (a, b) in enumerate(zip(kept, written)) if a != b), min(len(kept), len(written)))
+    if at >= len(written):
+        return rejected, False
+    return " ".join(written[:at + 1]), at + 1 < len(written)
+
+
+def continuation_pairs(answers: list[dict], scenes: dict[str, dict], cut: bool = False) -> list[dict]:
     """One pair per greedy description with an error: chosen = `continue_correctly`'s caption, rejected = the
-    description as the model wrote it. `answers` are `mllm answer` rows (metainfos with image_id and image_path),
-    `scenes` the world's scene records by image_id."""
+    description as the model wrote it, or with `cut` that description up to its first wrong word (`cut_at_error`;
+    `"rejected_open": true` where it stops inside the text, so that its end token is not scored). `answers` are
+    `mllm answer` rows (metainfos with image_id and image_path), `scenes` the world's scene records by image_id."""
     pairs = []
     for answer in answers:
         image_id = answer["metainfos"]["image_id"]
         chosen = continue_correctly(answer["answer"], scenes[image_id])
         if chosen is None:
             continue
-        pairs.append({"idx": len(pairs), "question": answer["question"], "chosen": chosen,
-                      "rejected": answer["answer"], "image_path": answer["metainfos"]["image_path"],
-                      "metainfos": {"image_id": image_id, "source": "continuation"}})
+        rejected, opened = cut_at_error(chosen, answer["answer"]) if cut else (answer["answer"], False)
+        pairs.append({"idx": len(pairs), "question": answer["question"], "chosen": chosen, "rejected": rejected,
+                      "image_path": answer["metainfos"]["image_path"],
+                      "metainfos": {"image_id": image_id, "source": "continuation"}}
+                     | ({"rejected_open": True} if opened else {}))
     return pairs
 
 
@@ -269,7 +289,7 @@ def box_anchor_pairs(records: list[dict], n: int, seed: int = 0) -> list[dict]:
     return pairs
 
 
-MODES = ("corrected", "balanced", "ranked", "continuation")
+MODES = ("corrected", "balanced", "ranked", "continuation", "cut")
 
 
 def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n_images: int = 600,
@@ -278,7 +298,8 @@ def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n
                 quiet: bool = True, runtime: dict | None = None) -> dict:
     """Describe the world's training images with `model_dir` and pair the descriptions: mode "corrected" or
     "balanced" (sampled, `corrected_pairs`, the latter with `true_drops`), "ranked" (sampled, `rank_pairs`) or
-    "continuation" (one greedy description per image, `continuation_pairs`). `yesno_anchors` and `box_anchors` add
+    "continuation" (one greedy description per image, `continuation_pairs`) or "cut" (the same, the rejected side cut
+    after its first wrong word). `yesno_anchors` and `box_anchors` add
     that many yes/no and grounding pairs per description pair (`yesno_anchor_pairs`, `box_anchor_pairs`, from the
     world's yes/no training questions and referring expressions).
 
@@ -294,7 +315,7 @@ def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n
     world, out_dir = Path(world), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scenes = [json.loads(line) for line in (world / "scenes.jsonl").read_text().splitlines() if line.strip()]
-    greedy = mode == "continuation"  # the description the model gives, corrected; the others rank samples
+    greedy = mode in ("continuation", "cut")  # the description the model gives, corrected; the others rank samples
     questions = _questions(scenes, n_images, 1, seed) if greedy else sample_questions(scenes, n_images,
                                                                                      samples_per_image, seed)
     question_file = out_dir / "questions.jsonl"
@@ -316,8 +337,8 @@ def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n
         answers = [a for i, a in enumerate(answers) if i not in empty]
     if mode == "ranked":
         pairs = rank_pairs(answers, scored["sentences"])
-    elif mode == "continuation":
-        pairs = continuation_pairs(answers, {scene["image_id"]: scene for scene in scenes})
+    elif mode in ("continuation", "cut"):
+        pairs = continuation_pairs(answers, {scene["image_id"]: scene for scene in scenes}, cut=mode == "cut")
     else:
         pairs = corrected_pairs(answers, scored["sentences"], vocab, gt,
                                 true_drops=0 if mode == "corrected" else true_drops, seed=seed)

@@ -62,7 +62,7 @@ class Budget:
     # then rounds of DPO on the base's own greedy descriptions corrected from their first error (`course.polish`)
     polish_rounds: int = 2
     polish_images: int = 1500  # fresh scenes a round describes
-    polish_steps: int = 400  # of 8 pairs
+    polish_steps: int = 800  # of 8 pairs (two rounds, cut pairs: Recall 75.8; 400 steps of whole-text ones: 65.6)
     polish_anchors: float = 0.34  # yes/no pairs, and as many grounding pairs, per description pair
     base_batch: int = 32  # scenes per step (a conversation each) in every base stage
     base_eval_scenes: int = 100  # held-out scenes (a yes/no pair each) for the stages' curves
@@ -70,7 +70,10 @@ class Budget:
     base_ground_scenes: int = 30  # held-out scenes each stage grounds one object of, greedily, at each evaluation
     base_save_every: int = 50
     sft_steps: int = 150
-    grounding_steps: int = 1100  # the stage's schedule runs to this or its 13 minutes of training, which comes first
+    # the stage's schedule runs to this or its 17 minutes of training, whichever comes first (1,100 steps: 0.643,
+    # 1,700: 0.725 from course14's base; docs/probes/README.md, stop 45)
+    grounding_steps: int = 1700
+    grounding_minutes: float = 17.0
     sft_batch: int = 16
     sft_lr: float = 1e-4
     eval_limit: int | None = None  # questions per evaluation (None: all)
@@ -122,8 +125,16 @@ def describe_and_score(model_dir: Path, world: Path, out_dir: Path, decoding: st
                   "counts": {"captions": 0, "skipped": len(records)}, "sentences": []}
     else:
         result = chair.score([{"image_id": r["image_id"], "caption": r["answer"]} for r in records], gt, vocab)
+    result["echo"] = echo_share([r["answer"] for r in records])
     write_json_atomic(out_dir / f"chair_{decoding}.json", result)
-    return result["overall_metrics"]
+    return result["overall_metrics"] | {"Echo": result["echo"]}
+
+
+def echo_share(descriptions: list[str]) -> float:
+    """Share of descriptions holding a question mark: the world's descriptions never ask anything, so a "?" is a
+    prompt's text written into the description ("A small red moon is in the image? answer in the image?"), which
+    a DPO round can teach by pushing place words down (stop 45: 128 of course14's 300 bench descriptions)."""
+    return sum("?" in text for text in descriptions) / len(descriptions) if descriptions else 0.0
 
 
 def yesno_questions(test_json: Path, out: Path) -> Path:

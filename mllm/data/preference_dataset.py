@@ -4,7 +4,7 @@ A data file is a JSON list of records (facts sheet §8.3)
 
     {"idx": 0, "question": "Describe the image.", "chosen": "...", "rejected": "...",
      "image_path": "images/train/x.png"   (relative to `image_folder`)  |  "image": "<base64 bytes>",
-     "metainfos": {...} (optional)}
+     "metainfos": {...} (optional), "rejected_open": true (optional)}
 
 as JSON or JSON lines, or the RLAIF-V parquet layout (a datasets folder or .parquet file(s), image bytes written
 to `image_cache`, see `mllm.data.formats.read_preference_pairs`).
@@ -13,6 +13,10 @@ Each record gives two conversations sharing the prompt and the image: user "<ima
 chosen (or the rejected) answer as the assistant reply, each turned into input_ids / pre-shifted labels /
 image_bound by `conversation_to_ids` (the SFT conventions). `idx` identifies a pair (the reference-log-prob
 cache is keyed by it; a record without `idx` gets its position); duplicates are refused.
+
+A pair with `"rejected_open": true` has a rejected answer that stops inside a sentence, right after its error
+(`mllm.course.self_pairs.cut_at_error`): its end token is not scored, so that the pair's log-ratio holds the error
+alone and not a stop nobody would write there.
 
 With `reference` (idx -> cached entry, see `mllm.train.logp`), each sample also carries the reference
 log-probs of both answers, summed and token-averaged.
@@ -134,8 +138,11 @@ class PreferenceDataset(Dataset):
                                           self.token_ids)
             except ValueError as err:  # NoTargetError, TruncationError, template problems
                 raise ValueError(f"{self.data_path}: pair idx {self.keys[index]} ({side}): {err}") from err
+            labels = ids["labels"]
+            if side == "rejected" and record.get("rejected_open") is True:
+                labels = _without_end(labels)
             sample[f"{side}_input_ids"] = ids["input_ids"]
-            sample[f"{side}_labels"] = ids["labels"]
+            sample[f"{side}_labels"] = labels
             sample[f"{side}_image_bound"] = ids["image_bound"]
         if self.reference is not None:
             entry = self.reference[self.keys[index]]
@@ -143,6 +150,15 @@ class PreferenceDataset(Dataset):
                 sample[f"ref_{side}_logps"] = float(entry[f"{side}_logp"])
                 sample[f"ref_{side}_avg_logps"] = float(entry[f"{side}_avg_logp"])
         return sample
+
+
+def _without_end(labels):
+    """Labels (pre-shifted) with the last scored target, the assistant turn's end token, set to ignore."""
+    labels = torch.as_tensor(labels).clone()
+    scored = (labels != -100).nonzero()
+    if len(scored):
+        labels[scored[-1, 0]] = -100
+    return labels
 
 
 @dataclass

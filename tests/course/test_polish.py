@@ -27,7 +27,8 @@ def fake_training(monkeypatch):
 
     monkeypatch.setattr(P, "align", align)
     monkeypatch.setattr(P, "answer_yesno", answer_yesno)
-    monkeypatch.setattr(P, "describe_and_score", lambda model, world, out, limit=None: {"Recall": 0.6, "CHAIRi": 0.03})
+    chair = {"Recall": 0.6, "CHAIRi": 0.03, "Echo": 0.0}
+    monkeypatch.setattr(P, "describe_and_score", lambda model, world, out, limit=None: chair)
     monkeypatch.setattr(P, "ground_and_score", lambda model, world, out, limit=None: {"accuracy": 0.25})
     return calls
 

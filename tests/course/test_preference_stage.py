@@ -30,7 +30,7 @@ def test_course_stage_on_a_tiny_world(tiny_checkpoint, tmp_path):
     assert summary["samples"] == 6 and summary["pairs"] == 0
     assert (tmp_path / "preference" / "fresh_scenes" / "chair_gt.json").is_file()  # described scenes it never saw
     assert result["pairs_source"] == str(tmp_path / "world" / "preference_train.json")
-    assert set(result["before"]) == set(result["after"]) == {"CHAIRs", "CHAIRi", "Recall", "Len"}
+    assert set(result["before"]) == set(result["after"]) == {"CHAIRs", "CHAIRi", "Recall", "Len", "Echo"}
     assert 0.0 <= result["reward_accuracy"] <= 1.0 and result["settings"]["steps"] == 2
     assert 0.0 <= result["reward_accuracy_all_pairs"] <= 1.0
     assert (tmp_path / "preference" / "pairs.after.logp.jsonl").is_file()  # the trained policy's pass over the pairs

@@ -177,6 +177,25 @@ def test_continuation_pairs_and_yesno_anchors():
         assert anchor["chosen"] == truth
 
 
+def test_cut_pairs_end_the_rejected_side_at_its_first_wrong_word():
+    from mllm.course.self_pairs import continuation_pairs, cut_at_error
+
+    # a repeat: the texts part at the third sentence's size word ("medium-sized" blue heart against "small" red star)
+    repeated = " ".join([COUNT, STAR_1, STAR_1, HEART])
+    chosen = " ".join([COUNT, STAR_1, HEART, STAR_2])
+    assert cut_at_error(chosen, repeated) == (" ".join([COUNT, STAR_1, "A small"]), True)
+    # stopping early: the rejected side ends where the chosen one goes on, and its end is the error
+    early = " ".join([COUNT, STAR_1])
+    assert cut_at_error(chosen, early) == (early, False)
+    # the last word is the first wrong one: nothing is cut off
+    assert cut_at_error("a b c", "a b d") == ("a b d", False)
+    rows = [_row("s", repeated, 0), _row("s", early, 1), _row("s", chosen, 2)]
+    pairs = continuation_pairs(rows, {"s": SCENE}, cut=True)
+    assert [p["rejected"] for p in pairs] == [" ".join([COUNT, STAR_1, "A small"]), early]
+    assert [p.get("rejected_open") for p in pairs] == [True, None] and all(p["chosen"] == chosen for p in pairs)
+    assert [p["rejected"] for p in continuation_pairs(rows, {"s": SCENE})] == [repeated, early]
+
+
 def test_box_anchors_prefer_the_true_box_to_another_objects():
     from mllm.course.self_pairs import box_anchor_pairs
 

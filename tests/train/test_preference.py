@@ -174,3 +174,24 @@ def test_a_question_first_model_gets_its_image_after_the_question(tiny_checkpoin
             image_after_question[question_first, side] = at < start
     assert image_after_question == {(False, "chosen"): False, (False, "rejected"): False,
                                     (True, "chosen"): True, (True, "rejected"): True}
+
+
+def test_an_open_rejected_answer_scores_no_end_token(tiny_checkpoint, preference_data, tmp_path):
+    """`"rejected_open": true` (a rejected answer cut right after its error): the end token is not a target on the
+    rejected side; the chosen side and a pair without the flag keep it."""
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    config = MLLMModel.from_pretrained(tiny_checkpoint).config
+    pairs = json.loads((preference_data / "pairs.json").read_text())[:2]
+    pairs[0]["rejected_open"] = True
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    dataset = PreferenceDataset.from_config(tmp_path / "pairs.json", tokenizer, config, preference_data)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    last_target = {}
+    for i in range(2):
+        for side in ("chosen", "rejected"):
+            labels = dataset[i][f"{side}_labels"]
+            last_target[i, side] = int(labels[labels != -100][-1])
+    assert last_target[0, "chosen"] == last_target[1, "chosen"] == last_target[1, "rejected"] == end
+    assert last_target[0, "rejected"] != end
+    word = tokenizer.encode(" " + pairs[0]["rejected"].split(" ")[-1], add_special_tokens=False)[-1]
+    assert last_target[0, "rejected"] == word  # the answer's own last word is still scored
