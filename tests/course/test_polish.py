@@ -40,8 +40,8 @@ def test_rounds_chain_resume_and_refuse_other_settings(tmp_path, fake_training):
     (start / "model.safetensors").write_bytes(b"tune's weights")
     model, curve = P.polish(start, tmp_path / "world", tmp_path / "polish", budget, seed=3)
     assert model == tmp_path / "polish" / "round2" / "model"
-    assert fake_training == [(str(start), 3 + P.ROUND_SEED, "continuation", 7),
-                             (str(tmp_path / "polish" / "round1" / "model"), 3 + 2 * P.ROUND_SEED, "continuation", 7)]
+    assert fake_training == [(str(start), 3 + P.ROUND_SEED, "cut", 7),
+                             (str(tmp_path / "polish" / "round1" / "model"), 3 + 2 * P.ROUND_SEED, "cut", 7)]
     assert [entry["yesno"] for entry in curve] == [{"count": 0.6, "all": 0.9}, {"count": 0.7, "all": 0.9}]
     assert curve[1]["cpu_minutes"] >= curve[0]["cpu_minutes"] and curve[0]["recall"] == 0.6
     assert curve[0]["ground"] == {"acc": 0.25}
@@ -72,7 +72,7 @@ def test_no_rounds_hand_back_the_tuned_model(tmp_path, fake_training):
 
 def test_round_settings_follow_the_budget():
     settings = P.round_settings(Budget())
-    assert settings["pair_mode"] == "continuation" and settings["pair_images"] == 1500 and settings["steps"] == 400
+    assert settings["pair_mode"] == "cut" and settings["pair_images"] == 1500 and settings["steps"] == 800
     assert settings["yesno_anchors"] == settings["box_anchors"] == 0.34 and settings["batch"] == 8
     quick = P.round_settings(Budget.quick())
     assert quick["steps"] == 4 and quick["pair_images"] == 4 and quick["batch"] == 4
