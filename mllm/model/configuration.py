@@ -157,6 +157,12 @@ class MLLMConfig(PreTrainedConfig):
     # not a MiniCPM-V key (written only when True, so the reference's layout is unchanged): this model was trained
     # with the image after the question, and its prompts put it there (mllm.model.generation.build_chat_prompt)
     question_first: bool = False
+    # not a MiniCPM-V key (written only when not "absolute"): "relative" places the resampler's keys at their place
+    # in the image, scaled onto the grid of a square view (`slice.scale_resolution / patch_size` cells a side),
+    # instead of at their absolute patch (row, column); mllm.model.resampler says why
+    resampler_positions: str = "absolute"
+    # not a MiniCPM-V key (written only when above 0): transformer layers over the resampler's Q tokens of a view
+    resampler_query_layers: int = 0
 
     def __post_init__(self, **kwargs):
         self.llm = self.llm if self.llm is not None else LLMConfig()
@@ -164,6 +170,11 @@ class MLLMConfig(PreTrainedConfig):
         self.slice = self.slice if self.slice is not None else SliceConfig()
         if not self.batch_vision_input:
             raise ValueError("batch_vision_input must be True: only the patch-strip pixel layout is supported")
+        if self.resampler_positions not in ("absolute", "relative"):
+            raise ValueError(f"resampler_positions must be 'absolute' or 'relative', got {self.resampler_positions!r}")
+        if not isinstance(self.resampler_query_layers, int) or self.resampler_query_layers < 0:
+            raise ValueError(f"resampler_query_layers must be a whole number >= 0, "
+                             f"got {self.resampler_query_layers!r}")
         super().__post_init__(**kwargs)
 
     # ---- derived sizes -------------------------------------------------------------------------------------
@@ -175,6 +186,13 @@ class MLLMConfig(PreTrainedConfig):
     def resampler_heads(self) -> int:
         # The reference uses embed_dim // 128 heads (28 for a 3584-wide LLM).
         return max(1, self.llm.hidden_size // 128)
+
+    @property
+    def resampler_relative_grid(self) -> int | None:
+        """Cells a side of the grid the resampler's relative key positions use; None for absolute positions."""
+        if self.resampler_positions == "absolute":
+            return None
+        return max(1, self.slice.scale_resolution // self.patch_size)
 
     @property
     def vision_layers_used(self) -> int:
@@ -208,6 +226,10 @@ class MLLMConfig(PreTrainedConfig):
         out["patch_size"] = self.patch_size
         if self.question_first:
             out["question_first"] = True
+        if self.resampler_positions != "absolute":
+            out["resampler_positions"] = self.resampler_positions
+        if self.resampler_query_layers:
+            out["resampler_query_layers"] = self.resampler_query_layers
         return out
 
     @classmethod

@@ -62,6 +62,8 @@ class MLLMModel(PreTrainedModel):
             num_heads=config.resampler_heads,
             kv_dim=config.vision.hidden_size,
             max_size=(grid, grid),
+            relative_grid=config.resampler_relative_grid,
+            query_layers=config.resampler_query_layers,
         )
         self.post_init()
 

@@ -227,6 +227,34 @@ def test_unknown_config_key_fails_loudly(tmp_path, model):
         MLLMModel.from_pretrained(tmp_path / "c")
 
 
+def test_resampler_positions_are_written_only_when_relative_and_reach_the_resampler():
+    plain = small_config()
+    assert "resampler_positions" not in plain.to_dict() and MLLMModel(plain).resampler.relative_grid is None
+    relative = small_config(resampler_positions="relative")
+    data = relative.to_dict()
+    assert data["resampler_positions"] == "relative"
+    assert MLLMConfig.from_dict(data).resampler_positions == "relative"
+    # the grid of a square view: scale_resolution 56 / patch 14 = 4 cells a side
+    assert relative.resampler_relative_grid == 4 and MLLMModel(relative).resampler.relative_grid == 4
+    data["resampler_positions"] = "learned"
+    with pytest.raises(ValueError, match="resampler_positions must be 'absolute' or 'relative', got 'learned'"):
+        MLLMConfig.from_dict(data)
+
+
+def test_resampler_query_layers_are_written_only_when_asked_and_load_back(tmp_path):
+    assert "resampler_query_layers" not in small_config().to_dict()
+    assert not any("query_layers" in n for n in MLLMModel(small_config()).state_dict())
+    model = MLLMModel(small_config(resampler_query_layers=1))
+    assert model.config.to_dict()["resampler_query_layers"] == 1
+    model.save_pretrained(tmp_path / "m")
+    loaded = MLLMModel.from_pretrained(tmp_path / "m")
+    names = [n for n in loaded.state_dict() if n.startswith("resampler.query_layers.0.")]
+    assert "resampler.query_layers.0.linear1.weight" in names
+    assert all(torch.equal(loaded.state_dict()[n], model.state_dict()[n]) for n in names)
+    with pytest.raises(ValueError, match="resampler_query_layers must be a whole number >= 0, got -1"):
+        small_config(resampler_query_layers=-1).__post_init__()
+
+
 def test_question_first_is_written_only_when_set_and_read_back():
     plain = small_config().to_dict()
     assert "question_first" not in plain  # the MiniCPM-V layout unchanged for every other model

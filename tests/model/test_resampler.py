@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mllm.model.resampler import Resampler, sincos_2d
+from mllm.model.resampler import Resampler, relative_positions, sincos_2d
 
 D, KV, Q, HEADS = 32, 24, 8, 4
 
@@ -51,14 +51,17 @@ def test_position_table_matches_hand_values():
     assert small[2, 4, 32] == pytest.approx(math.sin(2.0), abs=1e-6)  # row 2 in the second half
 
 
-def explicit_resampler(r: Resampler, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """One unpadded view with plain matrix ops: x [h*w, KV] -> [Q, D]."""
+def explicit_resampler(r: Resampler, x: torch.Tensor, h: int, w: int,
+                       at: tuple[list[float], list[float]] | None = None) -> torch.Tensor:
+    """One unpadded view with plain matrix ops: x [h*w, KV] -> [Q, D]; keys at rows/columns `at` (patch
+    indices when None)."""
     def layer_norm(t, ln):
         mean = t.mean(-1, keepdim=True)
         var = t.var(-1, unbiased=False, keepdim=True)
         return (t - mean) / torch.sqrt(var + 1e-6) * ln.weight + ln.bias
 
-    pos = torch.tensor([[table_entry(i, j, c, D) for c in range(D)] for i in range(h) for j in range(w)])
+    rows, cols = at if at is not None else (list(range(h)), list(range(w)))
+    pos = torch.tensor([[table_entry(i, j, c, D) for c in range(D)] for i in rows for j in cols])
     kv = layer_norm(x @ r.kv_proj.weight.T, r.ln_kv)  # (h*w, D)
     queries = layer_norm(r.query, r.ln_q)  # (Q, D)
     wq, wk, wv = r.attn.in_proj_weight.chunk(3)
@@ -156,3 +159,85 @@ def test_materialised_from_meta_rebuilds_its_table():
     with torch.no_grad():
         assert torch.equal(r.eval()(x, sizes), source(x, sizes))
     assert torch.equal(r.pos_embed, source.pos_embed)
+
+
+# ---- relative key positions (opt-in, not the reference's) ---------------------------------------------------------
+def test_relative_positions_are_part_centres_on_the_grid():
+    assert relative_positions(4, 8).tolist() == [0.5, 2.5, 4.5, 6.5]  # (r + 1/2) * 8/4 - 1/2
+    assert relative_positions(16, 8).tolist() == [-0.25 + 0.5 * c for c in range(16)]
+    assert relative_positions(8, 8).tolist() == list(range(8))  # a square view: the patch indices, exactly
+    assert relative_positions(7, 8)[3] == pytest.approx(3.5)  # the middle patch of 7 at the middle of 8 cells
+
+
+def test_relative_keys_match_hand_positions_and_leave_a_square_view_as_absolute():
+    absolute = make_resampler()
+    relative = make_resampler()
+    relative.relative_grid = 8
+    with torch.no_grad():
+        square = features(8, 8, seed=5)
+        same = relative(square[None], torch.tensor([[8, 8]]))[0]
+        assert torch.equal(same, absolute(square[None], torch.tensor([[8, 8]]))[0])
+        for h, w in [(4, 16), (7, 9), (1, 3)]:
+            x = features(h, w, seed=h + w)
+            got = relative(x[None], torch.tensor([[h, w]]))[0]
+            rows = [(i + 0.5) * 8 / h - 0.5 for i in range(h)]
+            cols = [(j + 0.5) * 8 / w - 0.5 for j in range(w)]
+            assert (got - explicit_resampler(relative, x, h, w, at=(rows, cols))).abs().max().item() <= 1e-5
+            # and not the absolute placement, which the reference keeps
+            assert (got - absolute(x[None], torch.tensor([[h, w]]))[0]).abs().max().item() > 1e-3
+
+
+def test_relative_padded_batch_equals_each_view_alone():
+    r = make_resampler()
+    r.relative_grid = 6
+    sizes = [[4, 16], [8, 8], [3, 5]]
+    feats = [features(h, w, seed=10 + i) for i, (h, w) in enumerate(sizes)]
+    with torch.no_grad():
+        batched = r(pad_batch(feats), torch.tensor(sizes))
+        for b, ((h, w), x) in enumerate(zip(sizes, feats)):
+            assert torch.allclose(batched[b], r(x[None], torch.tensor([[h, w]]))[0], atol=1e-5), b
+    assert r.max_size == (70, 70)  # the absolute table is neither used nor grown
+
+
+def test_relative_grid_must_be_positive():
+    with pytest.raises(ValueError, match="relative_grid must be a positive number of cells, got 0"):
+        Resampler(Q, D, HEADS, KV, relative_grid=0)
+
+
+# ---- layers over the resampled tokens (opt-in, not the reference's) -----------------------------------------------
+def test_query_layers_run_between_the_attention_and_ln_post_one_view_at_a_time():
+    torch.manual_seed(0)
+    r = Resampler(Q, D, HEADS, KV, query_layers=2).eval()
+    assert [n for n in r.state_dict() if n.startswith("query_layers.1.")][:2] == [
+        "query_layers.1.self_attn.in_proj_weight", "query_layers.1.self_attn.in_proj_bias"]
+    sizes = [[3, 4], [5, 1], [2, 7]]
+    feats = [features(h, w, seed=20 + i) for i, (h, w) in enumerate(sizes)]
+    with torch.no_grad():
+        batched = r(pad_batch(feats), torch.tensor(sizes))
+        x, (h, w) = feats[0], sizes[0]
+        kv = r.ln_kv(r.kv_proj(x))[:, None]  # (L, 1, D)
+        pos = torch.from_numpy(sincos_2d(D, (h, w))).reshape(h * w, 1, D)
+        attended = r.attn(r.ln_q(r.query)[:, None], kv + pos, kv)[0].transpose(0, 1)  # (1, Q, D)
+        by_hand = r.ln_post(r.query_layers[1](r.query_layers[0](attended))) @ r.proj
+        assert torch.allclose(batched[0], by_hand[0], atol=1e-5)
+        without = r.ln_post(attended) @ r.proj
+        assert (batched[0] - without[0]).abs().max().item() > 1e-3  # the layers change the tokens
+        # a view's tokens see each other, never another view's: changing view 1 leaves views 0 and 2 as they were
+        feats[1] = feats[1] + 1.0
+        changed = r(pad_batch(feats), torch.tensor(sizes))
+    assert torch.allclose(changed[0], batched[0], atol=1e-6) and torch.allclose(changed[2], batched[2], atol=1e-6)
+    assert (changed[1] - batched[1]).abs().max().item() > 1e-3
+
+
+def test_query_layers_let_a_token_see_what_only_another_token_attended():
+    """Without the layers, token i is a function of the keys and query i alone; with them, of the other tokens too."""
+    torch.manual_seed(1)
+    for layers, moves in ((0, False), (1, True)):
+        r = Resampler(Q, D, HEADS, KV, query_layers=layers).eval()
+        with torch.no_grad():
+            r.query[1:].add_(3.0 * torch.randn_like(r.query[1:]))  # token 0 unchanged, the others moved
+            x = features(3, 3, seed=7)
+            before = r(x[None], torch.tensor([[3, 3]]))[0, 0]
+            r.query[1:].mul_(-1.0)
+            after = r(x[None], torch.tensor([[3, 3]]))[0, 0]
+        assert ((after - before).abs().max().item() > 1e-4) is moves, layers
