@@ -198,13 +198,15 @@ SLOT_GRID = 6  # the base reads an image as 6 x 6 = 36 tokens, one per cell of t
 
 def base_config(tokenizer) -> MLLMConfig:
     """The tiny preset as the base uses it: one 112-pixel view per image (no slices, so no image ids) read as
-    SLOT_GRID**2 tokens."""
+    SLOT_GRID**2 tokens, the resampler's keys at their relative place in the image (each query stands for one cell
+    of the slots' grid, found at the same key positions on every image shape)."""
     config = MLLMConfig.from_preset("tiny")
     config.llm.vocab_size = len(tokenizer)
     config.query_num = SLOT_GRID * SLOT_GRID
     config.slice.max_slice_nums = 1
     config.slice.scale_resolution = config.image_size = 112
     config.use_image_id = False
+    config.resampler_positions = "relative"
     return config
 
 

@@ -59,6 +59,7 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
     config = json.loads((base / "model" / "config.json").read_text())
     assert config["query_num"] == SLOT_GRID ** 2 and config["use_image_id"] is False
     assert config["slice_config"]["max_slice_nums"] == 1 and config["question_first"] is True
+    assert config["resampler_positions"] == "relative"  # each query's cell at the same keys on every image shape
     assert set(first["chair"]) == {"CHAIRs", "CHAIRi", "Recall", "Len", "Echo"} and first["yesno"]["n_questions"] == 4
     minutes = first["vision_pretrain"]["cpu_minutes"] + sum(s["cpu_minutes"] for s in first["stages"])
     assert first["polish"]["rounds"] == 1 and first["polish"]["cpu_minutes"] > 0

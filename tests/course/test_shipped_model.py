@@ -35,7 +35,7 @@ def test_shipped_checkpoint_is_small_and_complete():
 
 def test_shipped_model_describes_what_it_sees(world, tmp_path):
     chair = describe_and_score(SHIPPED_MODEL, world, tmp_path)
-    assert chair["Recall"] >= 0.55  # it names about two thirds of the objects (the issue asks 0.70)
+    assert chair["Recall"] >= 0.60  # measured 0.714 (stop 46's base; stop 45's 0.667)
     assert 0.0 < chair["CHAIRi"] < 0.15  # trained on noisy captions, it hallucinates measurably
     # and writes no prompt into them ("... is in the image? answer in the image?": stop 44's base, 26 of these 60)
     assert chair["Echo"] <= 0.05
@@ -46,10 +46,11 @@ def test_shipped_model_answers_yes_or_no(world, tmp_path):
     answers = [json.loads(line)["answer"] for line in (tmp_path / "yesno_answers.jsonl").read_text().splitlines()]
     assert result["n_questions"] == len(answers) > 100
     assert sum(a in ("Yes", "No") for a in answers) >= 0.95 * len(answers)
-    assert result["acc"] >= 0.80 and result["acc_plus"] >= 0.70  # chance: 0.5 / 0.25
+    # chance: 0.5 / 0.25; measured 0.925 / 0.867 (stop 46's base, ~0.024 a standard error; stop 45's 0.908 / 0.833)
+    assert result["acc"] >= 0.85 and result["acc_plus"] >= 0.75
 
 
 def test_shipped_model_grounds_referring_expressions(world, tmp_path):
     result = ground_and_score(SHIPPED_MODEL, world, tmp_path)
     assert result["n"] > 150 and result["parse_failure_rate"] < 0.05
-    assert result["accuracy"] >= 0.15  # Acc@IoU>=0.5 from pixels (measured 0.251, ~0.03 a standard error)
+    assert result["accuracy"] >= 0.28  # Acc@IoU>=0.5 from pixels (measured 0.372, ~0.033 a standard error)
