@@ -15,6 +15,10 @@ Design choices, each matching the reference checkpoint (facts sheet §4):
   shape (patch (h, w) of an H x W view sits at ((h + 1/2) G/H - 1/2, (w + 1/2) G/W - 1/2)); a G x G view gets the
   absolute table's entries exactly. A query that stands for one region of the image then finds it at the same
   position on every grid (the tiny course model: docs/probes/README.md, "Stop 46").
+- Not the reference's, opt-in (`query_layers`, the config's `resampler_query_layers`): that many pre-norm transformer
+  layers over a view's Q attended tokens, between the attention and ln_post, so that each token can see the others
+  (a count is a fact about the whole image, which one cross-attention of fixed queries does not gather; measured
+  not to carry it in the tiny course model, docs/probes/README.md, "Stop 46").
 """
 
 from __future__ import annotations
