@@ -23,9 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=self_pairs.MODES, default="continuation",
                         help="continuation: each image's greedy description with an error vs the same corrected "
                              "from its first error on; cut: the same with the rejected description ending at its "
-                             "first wrong word (the course's polish pairs); corrected: each hallucinating sample vs itself without its "
-                             "hallucinating sentences; balanced: those plus, per pair, the corrected description vs "
-                             "the same minus one true sentence; ranked: an image's least vs most hallucinating sample")
+                             "first wrong word (the course's polish pairs); corrected: each hallucinating sample vs "
+                             "itself without its hallucinating sentences; balanced: those plus, per pair, the "
+                             "corrected description vs the same minus one true sentence; ranked: an image's least vs "
+                             "most hallucinating sample")
     parser.add_argument("--true-drops", type=non_negative_int, default=1,
                         help="balanced: pairs per corrected description, each against it minus a different "
                              "true sentence")

@@ -290,6 +290,7 @@ def box_anchor_pairs(records: list[dict], n: int, seed: int = 0) -> list[dict]:
 
 
 MODES = ("corrected", "balanced", "ranked", "continuation", "cut")
+GREEDY_MODES = ("continuation", "cut")  # one greedy description per image, corrected; the others rank samples
 
 
 def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n_images: int = 600,
@@ -315,7 +316,7 @@ def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n
     world, out_dir = Path(world), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     scenes = [json.loads(line) for line in (world / "scenes.jsonl").read_text().splitlines() if line.strip()]
-    greedy = mode in ("continuation", "cut")  # the description the model gives, corrected; the others rank samples
+    greedy = mode in GREEDY_MODES
     questions = _questions(scenes, n_images, 1, seed) if greedy else sample_questions(scenes, n_images,
                                                                                      samples_per_image, seed)
     question_file = out_dir / "questions.jsonl"
@@ -337,7 +338,7 @@ def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n
         answers = [a for i, a in enumerate(answers) if i not in empty]
     if mode == "ranked":
         pairs = rank_pairs(answers, scored["sentences"])
-    elif mode in ("continuation", "cut"):
+    elif greedy:
         pairs = continuation_pairs(answers, {scene["image_id"]: scene for scene in scenes}, cut=mode == "cut")
     else:
         pairs = corrected_pairs(answers, scored["sentences"], vocab, gt,

@@ -38,7 +38,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mllm.data.collate import SupervisedCollator
-from mllm.data.conversation import conversation_to_ids, place_images
+from mllm.data.conversation import IGNORE_INDEX, conversation_to_ids, place_images
 from mllm.data.formats import read_preference_pairs
 from mllm.model.image_processing import ImageProcessor
 from mllm.model.tokenization import special_token_ids
@@ -155,9 +155,9 @@ class PreferenceDataset(Dataset):
 def _without_end(labels):
     """Labels (pre-shifted) with the last scored target, the assistant turn's end token, set to ignore."""
     labels = torch.as_tensor(labels).clone()
-    scored = (labels != -100).nonzero()
+    scored = (labels != IGNORE_INDEX).nonzero()
     if len(scored):
-        labels[scored[-1, 0]] = -100
+        labels[scored[-1, 0]] = IGNORE_INDEX
     return labels
 
 
