@@ -19,7 +19,7 @@ if __name__ == "__main__":
     budget = replace(Budget(), polish_rounds=int(args.pop("rounds", "2")))
     overrides = {name: ast.literal_eval(value) for name, value in args.items()}
     defaults = P.round_settings
-    P.round_settings = lambda b: defaults(b) | overrides
+    P.round_settings = lambda b, r=1: defaults(b, r) | overrides
     print(f"polish_variant.py: {P.round_settings(budget)}", flush=True)
     model, curve = P.polish(source / "base" / "tune" / "model", source / "world", out / "polish", budget, 0)
     print({"model": str(model), "curve": curve}, flush=True)

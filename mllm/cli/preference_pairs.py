@@ -20,8 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="sampled descriptions per image (modes that sample)")
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--max-new-tokens", type=positive_int, default=160)
-    parser.add_argument("--mode", choices=self_pairs.MODES, default="continuation",
-                        help="continuation: each image's greedy description with an error vs the same corrected "
+    parser.add_argument("--mode", choices=self_pairs.MODES, default="shape",
+                        help="shape (the course's preference stage): each image's greedy description that misnames "
+                             "a shape vs the same with the shapes renamed, the rejected one ending at the first "
+                             "misnamed shape; continuation: each image's greedy description with an error vs the "
+                             "same corrected "
                              "from its first error on; cut: the same with the rejected description ending at its "
                              "first wrong word (the course's polish pairs); corrected: each hallucinating sample vs "
                              "itself without its hallucinating sentences; balanced: those plus, per pair, the "

@@ -43,22 +43,25 @@ from mllm.model.checkpoint import model_fingerprint
 ROUND_SEED = 7919  # round r describes scenes of seed + r * ROUND_SEED (+1): none of the world's, none of another's
 
 
-def round_settings(budget) -> dict:
-    """`preference.align`'s settings for one round: the preference stage's defaults (QUICK for a small world), the
-    continuation pairs, and the budget's polish sizes."""
+def round_settings(budget, r: int = 1) -> dict:
+    """`preference.align`'s settings for round r (from 1): the preference stage's defaults (QUICK for a small world),
+    the continuation pairs cut after their first wrong word, and the budget's polish sizes and anchors."""
     defaults = QUICK if budget.n_train < 1000 else FULL
+    yesno = budget.polish_yesno_anchors
+    if not yesno:
+        raise ValueError("Budget.polish_yesno_anchors needs at least one value (yes/no pairs per description pair)")
     return defaults | {"pairs": "self", "pair_mode": "cut", "pair_scenes": "fresh",
                        "pair_images": budget.polish_images, "steps": budget.polish_steps,
-                       "yesno_anchors": budget.polish_anchors, "box_anchors": budget.polish_anchors}
+                       "yesno_anchors": yesno[min(r, len(yesno)) - 1], "box_anchors": budget.polish_anchors}
 
 
 def polish(model_dir: Path, world: Path, stage: Path, budget, seed: int) -> tuple[Path, list[dict]]:
     """Budget.polish_rounds rounds from `model_dir` under stage/round{r}; returns the last round's model folder
     (`model_dir` itself for no rounds) and the curve: one entry per round (cumulative CPU-minutes, held-out yes/no
     per kind, bench Recall, grounding Acc@0.5)."""
-    settings = round_settings(budget)
     curve, cpu_minutes = [], 0.0
     for r in range(1, budget.polish_rounds + 1):
+        settings = round_settings(budget, r)
         folder = stage / f"round{r}"
         done = folder / "done.json"
         start = {"model": str(model_dir), "weights": model_fingerprint(model_dir)[:16]}

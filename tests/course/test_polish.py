@@ -53,6 +53,9 @@ def test_rounds_chain_resume_and_refuse_other_settings(tmp_path, fake_training):
     assert len(fake_training) == 2
     P.polish(start, tmp_path / "world", tmp_path / "polish", replace(budget, polish_rounds=3), seed=3)
     assert len(fake_training) == 3 and fake_training[-1][0] == str(model)
+    anchors = [json.loads((tmp_path / "polish" / f"round{r}" / "done.json").read_text())["settings"]["yesno_anchors"]
+               for r in (1, 2, 3)]
+    assert anchors == [0.34, 0.34, 0.5]  # each round's own (Budget.polish_yesno_anchors), reused with its round
 
     with pytest.raises(ValueError, match="round1: a finished round of other settings"):
         P.polish(start, tmp_path / "world", tmp_path / "polish", replace(budget, polish_steps=8), seed=3)
@@ -74,5 +77,10 @@ def test_round_settings_follow_the_budget():
     settings = P.round_settings(Budget())
     assert settings["pair_mode"] == "cut" and settings["pair_images"] == 1500 and settings["steps"] == 800
     assert settings["yesno_anchors"] == settings["box_anchors"] == 0.34 and settings["batch"] == 8
+    # yes/no anchors round by round, the last value for any round after: the third round asks more yes/no pairs
+    assert [P.round_settings(Budget(), r)["yesno_anchors"] for r in (1, 2, 3, 4)] == [0.34, 0.34, 0.5, 0.5]
+    assert {P.round_settings(Budget(), r)["box_anchors"] for r in (1, 2, 3, 4)} == {0.34}
+    with pytest.raises(ValueError, match="polish_yesno_anchors needs at least one value"):
+        P.round_settings(replace(Budget(), polish_yesno_anchors=()))
     quick = P.round_settings(Budget.quick())
     assert quick["steps"] == 4 and quick["pair_images"] == 4 and quick["batch"] == 4

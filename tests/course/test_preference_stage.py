@@ -22,7 +22,7 @@ def test_course_stage_on_a_tiny_world(tiny_checkpoint, tmp_path):
     generate(tmp_path / "world", n_train=6, n_test=3, seed=0, progress=False)
     shutil.copytree(tiny_checkpoint, tmp_path / "base" / "model")
     budget = SimpleNamespace(n_train=6, eval_limit=3, preference_steps=2, preference_batch=3,
-                             preference_pair_mode="balanced")
+                             preference_pair_mode="balanced", preference_bench_scenes=4)
     result = course_stage(tmp_path, budget, seed=0)
     assert result["stage"] == "preference" and result["pairs"] == 6
     # The random model's own samples name no object, so no sampled pair: the stage says so and takes the world's.
@@ -39,12 +39,20 @@ def test_course_stage_on_a_tiny_world(tiny_checkpoint, tmp_path):
     assert result["table_rows"][0].startswith("| preference | CHAIRs / CHAIRi | ")
     assert result["table_rows"][-1].startswith("| preference | yes/no acc | ")
     assert result["yesno_before"]["n_questions"] == 3 and "acc" in result["yesno_after"]
+    # CHAIR on fresh scenes of a seed of its own too, before and after, with the change's spread
+    bench = result["fresh_bench"]
+    assert bench["scenes"] == 4 and bench["seed"] == 9090 and set(bench["change"]) == {"CHAIRs", "CHAIRi"}
+    answers = tmp_path / "preference" / "fresh_bench" / "after" / "bench_answers_greedy.jsonl"
+    described = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert len(described) == 4 and {d["image_id"] for d in described}.isdisjoint({"synth_train_000000"})
+    assert result["table_rows"][1].startswith("| preference | CHAIRs / CHAIRi, 4 fresh scenes (change, 5-95 %) | ")
     MLLMModel.from_pretrained(result["model_dir"])
 
 
-def test_course_stage_corrects_the_models_greedy_descriptions_by_default(tiny_checkpoint, tmp_path):
-    """The default pairs: each greedy description the random model writes is wrong, so each is paired with the
-    scene's own description (it names nothing right), and yes/no anchors join them."""
+def test_course_stage_corrects_the_models_greedy_descriptions(tiny_checkpoint, tmp_path):
+    """Continuation pairs: each greedy description the random model writes is wrong, so each is paired with the
+    scene's own description (it names nothing right), and yes/no anchors join them. The default, shape pairs, finds
+    no object sentence with a misnamed shape in them: the world's pairs are taken."""
     from types import SimpleNamespace
 
     from mllm.course.preference import course_stage
@@ -54,7 +62,11 @@ def test_course_stage_corrects_the_models_greedy_descriptions_by_default(tiny_ch
     shutil.copytree(tiny_checkpoint, tmp_path / "base" / "model")
     budget = SimpleNamespace(n_train=6, eval_limit=3, preference_steps=2, preference_batch=3)
     result = course_stage(tmp_path, budget, seed=0)
-    assert result["settings"]["pair_mode"] == "continuation"
+    assert result["settings"]["pair_mode"] == "shape" and result["fresh_bench"] is None  # eval_limit: no bench
+    assert result["pairs_source"] == str(tmp_path / "world" / "preference_train.json")
+    shutil.rmtree(tmp_path / "preference")
+    budget.preference_pair_mode = "continuation"
+    result = course_stage(tmp_path, budget, seed=0)
     assert result["pairs_source"] == str(tmp_path / "preference" / "self_pairs" / "pairs.json")
     pairs = json.loads((tmp_path / "preference" / "self_pairs" / "pairs.json").read_text())
     sources = [p["metainfos"]["source"] for p in pairs]

@@ -196,6 +196,33 @@ def test_cut_pairs_end_the_rejected_side_at_its_first_wrong_word():
     assert [p["rejected"] for p in continuation_pairs(rows, {"s": SCENE})] == [repeated, early]
 
 
+def test_shape_correction_renames_the_misnamed_shape_of_the_object_at_that_colour_and_place():
+    from mllm.course.self_pairs import correct_shapes, shape_pairs
+
+    assert correct_shapes(" ".join([COUNT, STAR_1, HEART, STAR_2]), SCENE) is None  # every shape right
+    # the blue object in the centre is the heart: "circle" (absent from the scene) is its misnamed shape
+    circle = " ".join([COUNT, STAR_1, "A medium-sized blue circle is in the center.", STAR_2])
+    assert correct_shapes(circle, SCENE) == (" ".join([COUNT, STAR_1, HEART, STAR_2]),
+                                             " ".join([COUNT, STAR_1, "A medium-sized blue circle"]), True)
+    # a shape the scene has (a star for the heart) is misnamed too, but no hallucination; the other wording, and two
+    # errors: both renamed on the chosen side, the rejected side cut at the first
+    other = " ".join([COUNT, "In the top left there is a small red heart.", "In the center there is a medium-sized "
+                      "blue star.", "In the bottom right there is a small red star."])
+    assert correct_shapes(other, SCENE) == (
+        " ".join([COUNT, "In the top left there is a small red star.", "In the center there is a medium-sized blue "
+                  "heart.", "In the bottom right there is a small red star."]),
+        " ".join([COUNT, "In the top left there is a small red heart."]), False)
+    # a colour or place no object has, or a wrong colour, is not a shape error: nothing to rename
+    for wrong in ("A small green moon is at the top.", "A small blue star is in the top left."):
+        assert correct_shapes(" ".join([COUNT, STAR_1, wrong]), SCENE) is None
+    rows = [_row("s", circle, 0), _row("s", circle, 1), _row("s", other, 2), _row("s", " ".join([COUNT, STAR_1]), 3)]
+    pairs = shape_pairs(rows, {"s": SCENE})  # the repeated sample gives one pair; the short right one none
+    assert [(p["rejected"], p["rejected_open"], p["metainfos"]["absent"]) for p in pairs] == [
+        (" ".join([COUNT, STAR_1, "A medium-sized blue circle"]), True, True),
+        (" ".join([COUNT, "In the top left there is a small red heart."]), True, False)]
+    assert pairs[0]["chosen"] == " ".join([COUNT, STAR_1, HEART, STAR_2]) and pairs[1]["idx"] == 1
+
+
 def test_box_anchors_prefer_the_true_box_to_another_objects():
     from mllm.course.self_pairs import box_anchor_pairs
 

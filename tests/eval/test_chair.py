@@ -6,6 +6,7 @@ unpickler; the CLI."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -464,3 +465,25 @@ def test_cli_vocabulary(tmp_path, capsys):
     assert eval_chair.main(["--answers", str(answers), "--chair-gt", str(world), "--vocabulary", "mllm",
                             "--out", str(out)]) == 2
     assert "carries its own vocabulary" in capsys.readouterr().err
+
+
+def _scored(image_id: str, hallucinated: int, mentions: int) -> dict:
+    return {"image_id": image_id, "mscoco_hallucinated_words": [["hexagon", "hexagon"]] * hallucinated,
+            "mscoco_generated_words": ["circle"] * mentions}
+
+
+def test_paired_change_gives_relative_changes_with_bootstrap_bounds_around_them():
+    from mllm.eval.chair import paired_change
+
+    before = [_scored("a", 1, 2), _scored("b", 0, 2), _scored("c", 0, 2), _scored("d", 0, 2)]  # 1/4, 1/8
+    after = [_scored("a", 0, 2), _scored("b", 0, 2), _scored("c", 1, 2), _scored("d", 1, 3)]  # 2/4, 2/9
+    change = paired_change(before, after, draws=500)
+    assert change["CHAIRs"][0] == pytest.approx(1.0) and change["CHAIRi"][0] == pytest.approx((2 / 9) / (1 / 8) - 1)
+    for point, low, high in change.values():
+        assert low <= point <= high and low < high
+    # the same captions: no change and no spread; a clean bench that starts hallucinating: an infinite rise
+    assert paired_change(before, before) == {"CHAIRs": (0.0, 0.0, 0.0), "CHAIRi": (0.0, 0.0, 0.0)}
+    clean = [_scored(s["image_id"], 0, 2) for s in before]
+    assert paired_change(clean, after, draws=50)["CHAIRs"][0] == math.inf
+    with pytest.raises(ValueError, match="same images in the same order"):
+        paired_change(before, after[::-1])
