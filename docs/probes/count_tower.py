@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mllm.course.base import SHAPES, _examples, patch_targets
+from mllm.course.base import SHAPES, patch_targets
 from mllm.model.image_processing import ImageProcessor
 from mllm.model.modeling_mllm import MLLMModel
 from mllm.model.vision import pack_patch_strips

@@ -50,13 +50,16 @@ TARGETS = {"CHAIRs / CHAIRi": "< 29.5 / < 7.8"}  # the exercise's targets for th
 # CHAIR before and after on this many fresh scenes too (seed + BENCH_SEED: no training scene), with a paired
 # bootstrap of the relative change: at CHAIRs of a few percent the world's 300-scene bench holds ~12 hallucinating
 # descriptions, and a -20 % change is within its spread (stop 47: the continuation pairs' 4.0 -> 4.7 there was
-# 2.3 -> 3.8 here, +61 %, 5-95 %: +21 .. +120 %).
+# 2.3 -> 3.8 here, +61 %, 5-95 %: +20 .. +119 %).
 BENCH_SCENES, BENCH_SEED = 1200, 9090
 
 
+def _small_world(budget) -> bool:
+    return getattr(budget, "n_train", 4000) < 1000
+
+
 def stage_settings(budget) -> dict:
-    quick = getattr(budget, "n_train", 4000) < 1000
-    defaults = QUICK if quick else FULL
+    defaults = QUICK if _small_world(budget) else FULL
     return {key: getattr(budget, f"preference_{key}", value) for key, value in defaults.items()}
 
 
@@ -147,7 +150,7 @@ def course_stage(out: Path, budget, seed: int = 0) -> dict:
     before = describe_and_score(base, world, fresh(stage / "before"), "greedy", limit=limit)
     result = align(base, world, stage, settings, seed)
     after = describe_and_score(Path(result["model_dir"]), world, fresh(stage / "after"), "greedy", limit=limit)
-    bench_scenes = getattr(budget, "preference_bench_scenes", 0 if limit or budget.n_train < 1000 else BENCH_SCENES)
+    bench_scenes = getattr(budget, "preference_bench_scenes", 0 if limit or _small_world(budget) else BENCH_SCENES)
     bench = fresh_bench(base, Path(result["model_dir"]), stage, bench_scenes, seed + BENCH_SEED)
     all_pairs_accuracy = pairs_reward_accuracy(Path(result["model_dir"]), Path(result["pairs_file"]),
                                                Path(result["image_folder"]), settings)

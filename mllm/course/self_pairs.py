@@ -276,7 +276,8 @@ def correct_shapes(caption: str, scene: dict) -> tuple[str, str, bool] | None:
 
     mentions = S.scene_mentions(S.scene_from_dict(scene), random.Random(0))
     present = {m.name for m in mentions}
-    words, first, absent = caption.strip().split(" "), None, False
+    written = caption.strip().split(" ")
+    words, first, absent = list(written), None, False
     position = 0  # word index of the current sentence's start
     for sentence in _sentences(caption):
         match = _OBJECT_SENTENCE.fullmatch(sentence)
@@ -295,7 +296,7 @@ def correct_shapes(caption: str, scene: dict) -> tuple[str, str, bool] | None:
         position += length
     if first is None:
         return None
-    return " ".join(words), " ".join(caption.strip().split(" ")[:first + 1]), absent
+    return " ".join(words), " ".join(written[:first + 1]), absent
 
 
 def shape_pairs(answers: list[dict], scenes: dict[str, dict]) -> list[dict]:
