@@ -23,10 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mode", choices=self_pairs.MODES, default="shape",
                         help="shape (the course's preference stage): each image's greedy description that misnames "
                              "a shape vs the same with the shapes renamed, the rejected one ending at the first "
-                             "misnamed shape; continuation: each image's greedy description with an error vs the "
-                             "same corrected "
-                             "from its first error on; cut: the same with the rejected description ending at its "
-                             "first wrong word (the course's polish pairs); corrected: each hallucinating sample vs "
+                             "misnamed shape; hedge: the same with the misnamed shapes called 'object' (fewer "
+                             "hallucinations, less Recall); continuation: each image's greedy description with an "
+                             "error vs the same corrected from its first error on; cut: the same with the rejected "
+                             "description ending at its first wrong word (the course's polish pairs); corrected: each "
+                             "hallucinating sample vs "
                              "itself without its hallucinating sentences; balanced: those plus, per pair, the "
                              "corrected description vs the same minus one true sentence; ranked: an image's least vs "
                              "most hallucinating sample")
@@ -37,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="yes/no pairs (the world's yes/no training questions) per description pair")
     parser.add_argument("--box-anchors", type=non_negative_float, default=0.34,
                         help="grounding pairs (the world's referring expressions) per description pair")
+    parser.add_argument("--hedge-below", type=non_negative_float, default=0.0,
+                        help="hedge: also call 'object' each shape the model wrote with a probability below this")
+    parser.add_argument("--named-shapes", type=non_negative_float, default=0.0,
+                        help="hedge: pairs per hedge pair that keep a right shape against 'object'")
     parser.add_argument("--seed", type=int, default=0)
     add_device_arguments(parser)
     return parser
@@ -48,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     runtime = runtime_of(parser, args)
     summary = self_pairs.build_pairs(args.model, args.world, args.out, args.images, args.samples, args.seed,
                                      args.batch_size, args.max_new_tokens, args.mode, args.true_drops,
-                                     yesno_anchors=args.yesno_anchors, box_anchors=args.box_anchors, quiet=False,
+                                     yesno_anchors=args.yesno_anchors, box_anchors=args.box_anchors,
+                                     hedge_below=args.hedge_below, named_shapes=args.named_shapes, quiet=False,
                                      runtime=runtime)
     print(json.dumps(summary, indent=1))
     return 0

@@ -234,6 +234,10 @@ def base_stages(budget: Budget) -> list[StageSettings]:
             yes/no numbers kept, greedy descriptions 0.30 -> 0.45 of pairs named in 300 steps
     ground  (Budget.ground_steps > 0) grounding-heavy conversations (`GROUND_MIX`), for the box heads' reading:
             greedy grounding from slots 0.233 -> 0.833 in 200 steps, yes/no .930 -> .890 (course13, stop 43)
+    recount (Budget.recount_steps > 0) the LLM on read's questions and statements with no count word in the slots,
+            from here on (align and tune regress slots without it): count questions answered by counting the
+            question's cells, which pixels can give (count from slots .73 / .85 / .94 at 250 / 500 / 750 steps),
+            then ground's steps again without it (`reground`): recount alone unlearns descriptions and boxes
     align   vision + a fresh resampler regress the slots and read back words, LLM frozen: .92/.52/.70/.80 from
             pixels after 3,000 steps (~0.3 s a step: no LLM in it)
     tune    everything, the LLM at tune_llm_lr_scale, the full mix with caption noise: .97/.65/.98/.91 after 300
@@ -255,15 +259,24 @@ def base_stages(budget: Budget) -> list[StageSettings]:
                          mix=replace(GROUND_MIX, detailed=budget.ground_describe),
                          turns=budget.ground_turns, **pointer, **reads)]
           if budget.ground_steps else []),
+        *([StageSettings(name="recount", steps=budget.recount_steps, lr=budget.recount_lr, warmup=50,
+                         trains={"llm": 1.0}, mix=QUESTIONS_AND_STATEMENTS, turns=2, slot_counts=False, **reads),
+           # recount's questions alone leave no description or box (from slots after it: 0.07 of pairs named,
+           # grounding 0.000): ground's conversations again, without the count word
+           StageSettings(name="reground", steps=budget.ground_steps, lr=budget.ground_lr, warmup=20,
+                         trains={"llm": 1.0}, mix=replace(GROUND_MIX, detailed=budget.ground_describe),
+                         turns=budget.ground_turns, slot_counts=False, **pointer, **reads)]
+          if budget.recount_steps else []),
         # align trains no LLM: the head (read on the LLM's hidden states) has nothing to teach it there
         StageSettings(kind="align", steps=budget.align_steps, lr=budget.align_lr, trains={"vision": 1.0},
                       answer_weight=0.0, slot_weight=1.0, readout_weight=1.0,
                       box_readout_weight=budget.box_readout_weight, warmup=50, beta2=0.98,
+                      slot_counts=not budget.recount_steps,
                       **common | {"match_weight": 0.0, "eval_every": 2 * budget.base_eval_every}),
         StageSettings(kind="tune", steps=budget.tune_steps, lr=budget.tune_lr,
                       trains={"vision": 1.0, "llm": budget.tune_llm_lr_scale}, lm_weight=0.5, slot_weight=1.0,
                       readout_weight=1.0, box_readout_weight=budget.box_readout_weight, warmup=50, beta2=0.98,
-                      **pointer,
+                      slot_counts=not budget.recount_steps, **pointer,
                       mix=LessonMix(caption_noise=budget.caption_noise, alone=0.3), **common),
     ]
 

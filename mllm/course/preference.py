@@ -5,7 +5,9 @@ the description bench before and after with the same greedy decoding.
                                     (out/preference/fresh_scenes/; pair_scenes "train": the world's training images),
                                     paired by pair_mode (`mllm.course.self_pairs`, out/preference/self_pairs/):
                                     "shape" (default), each greedy description that misnames a shape against itself
-                                    with the shapes renamed, cut after the first misnamed one; "continuation", each
+                                    with the shapes renamed, cut after the first misnamed one; "hedge", the same
+                                    with each misnamed shape called "object" (hedge_below, named_shapes: settings read
+                                    with defaults, `self_pairs.build_pairs`); "continuation", each
                                     greedy description with an error against itself corrected from its first error on
                                     ("cut": the description cut after its first wrong word, as polish pairs them);
                                     with yesno_anchors yes/no pairs and box_anchors grounding pairs per description
@@ -16,7 +18,8 @@ the description bench before and after with the same greedy decoding.
     out/base/model                  the policy's starting point and the reference model
     -> out/preference/{before,after}/chair_greedy.json, pairs.json + its reference cache, model/ (+ reward_curves.png),
        the trained policy's log-probs of the pairs (pairs.after.logp.jsonl: reward accuracy over all pairs),
-       fresh_bench/{world,before,after}/: CHAIR on BENCH_SCENES fresh scenes, with the change's bootstrap spread
+       fresh_bench/{world,before,after}/: CHAIR on BENCH_SCENES fresh scenes, with the change's bootstrap spread and
+       the share of objects called by the hedge word
 
 The base's own last stage (`mllm.course.polish`) runs rounds of the same; this stage is one more, on scenes of
 another seed.
@@ -36,6 +39,7 @@ import json
 import time
 from pathlib import Path
 
+from mllm.course.self_pairs import HEDGE_WORD, shape_words
 from mllm.course.shared import answer_yesno, describe_and_score, fresh
 
 # pairs: "self" (the base model's own descriptions, `mllm.course.self_pairs`, with pair_mode, of pair_images
@@ -82,7 +86,8 @@ def align(base: Path, world: Path, stage: Path, settings: dict, seed: int = 0) -
                 generate(images, n_train=settings["pair_images"], n_test=0, seed=seed + 1, progress=False)
         summary = build_pairs(base, images, stage / "self_pairs", settings["pair_images"], settings["pair_samples"],
                               seed=seed, mode=settings["pair_mode"], yesno_anchors=settings["yesno_anchors"],
-                              box_anchors=settings["box_anchors"])
+                              box_anchors=settings["box_anchors"], hedge_below=settings.get("hedge_below", 0.0),
+                              named_shapes=settings.get("named_shapes", 0.0))
         source = Path(summary["pairs_file"])
         if not summary["pairs"]:  # a model that names nothing (random, or a --quick base) hallucinates nothing
             print(f"{base}: its descriptions gave no pair; using the world's corrupted descriptions")
@@ -164,7 +169,10 @@ def course_stage(out: Path, budget, seed: int = 0) -> dict:
             *([f"| preference | CHAIRs / CHAIRi, {bench_scenes:,} fresh scenes (change, 5-95 %) | "
                f"{bench['before']['CHAIRs']:.1f} / {bench['before']['CHAIRi']:.1f} -> {bench['after']['CHAIRs']:.1f} / "
                f"{bench['after']['CHAIRi']:.1f} ({_percent(bench['change']['CHAIRs'])} / "
-               f"{_percent(bench['change']['CHAIRi'])}) | falling |"] if bench else []),
+               f"{_percent(bench['change']['CHAIRi'])}) | falling |",
+               f"| preference | Recall / objects called \"{HEDGE_WORD}\", {bench_scenes:,} fresh scenes | "
+               f"{bench['before']['Recall']:.1f} / {bench['hedged']['before']:.1f} % -> "
+               f"{bench['after']['Recall']:.1f} / {bench['hedged']['after']:.1f} % | Recall kept |"] if bench else []),
             f"| preference | Recall / Len | {100 * before['Recall']:.1f} / {before['Len']:.1f} -> "
             f"{100 * after['Recall']:.1f} / {after['Len']:.1f} | Recall kept |",
             f"| preference | reward accuracy (last steps / all {result['pairs']} pairs) / margin | "
@@ -200,8 +208,16 @@ def fresh_bench(base: Path, policy: Path, stage: Path, scenes: int, seed: int) -
         {s["image_id"]: s for s in json.loads((world / name / "chair_greedy.json").read_text())["sentences"]}
         for name in ("before", "after")))
     change = paired_change(before, after)
-    return scored | {"scenes": scenes, "seed": seed,
+    hedged = {name: hedged_share(world / name / "bench_answers_greedy.jsonl") for name in ("before", "after")}
+    return scored | {"scenes": scenes, "seed": seed, "hedged": hedged,
                      "change": {k: [round(100 * v, 1) for v in values] for k, values in change.items()}}
+
+
+def hedged_share(answers: Path) -> float:
+    """Percent of the object sentences of `mllm answer` rows that name their object by the hedge word."""
+    names = [name for line in answers.read_text().splitlines() if line.strip()
+             for _, name, _ in shape_words(json.loads(line)["answer"])]
+    return round(100 * names.count(HEDGE_WORD) / max(len(names), 1), 2)
 
 
 def _percent(change: list[float]) -> str:

@@ -39,6 +39,13 @@ class Budget:
     # ground's description turns' weight (grounding's is 1.0), lone turns included: 0.4 kept settle's descriptions
     # (course13: 0.394 of pairs named after ground, as after settle), 0.1 too (course12; Recall 47.2 at the end)
     ground_describe: float = 0.4
+    # then the LLM alone, the count word taken out of the slots (`recount`), so that a count question is answered by
+    # counting the cells of that category, which the image tokens can give (a category's count in every cell of it
+    # they cannot: read back at its prior after align and tune); align and tune then regress slots without it.
+    # 0: no such stage, the count word in the slots throughout (stop 48: count from slots .73 / .85 / .94 after
+    # 250 / 500 / 750 steps at 5e-4 from course18's ground stage; from a random LLM, read without it: .69 at 1,000)
+    recount_steps: int = 0
+    recount_lr: float = 5e-4
     match_weight: float = 1.0  # each image position says whether it answers the first question (all but align)
     # settle, tune: each description token pointed at its object's cell; off: measured no better (docs/probes, stop 36)
     pointer_weight: float = 0.0

@@ -93,6 +93,7 @@ class StageSettings:
     mix: LessonMix = field(default_factory=LessonMix)
     curriculum: tuple[tuple[LessonMix, int], ...] = ()  # (mix, steps) in order before `mix`: the first steps
     name: str = ""  # the stage's folder and label when one kind runs more than once (default: kind)
+    slot_counts: bool = True  # the slots hold each object's category count word (`SceneSlots.count_words`)
 
     def __post_init__(self):
         if self.kind not in ("read", "align", "tune"):
@@ -472,6 +473,7 @@ class BaseStage:
         A finished stage (done.json present) only loads its weights."""
         s, folder = self.settings, self.folder
         folder.mkdir(parents=True, exist_ok=True)
+        self.slots.count_words = s.slot_counts  # what this stage's slots hold, for its training and evaluations
         if (folder / "done.json").is_file():
             done = json.loads((folder / "done.json").read_text())
             _check_same_training(folder / "done.json", done.get("settings", {}), _jsonable(s))

@@ -150,6 +150,8 @@ class SceneSlots(nn.Module):
         self.sizes = WordTable(tokenizer, list(SIZES))
         self.places = WordTable(tokenizer, [w for cell in CELLS for w in place_words(cell)])  # 2 per place
         self.counts = WordTable(tokenizer, list(COUNT_WORDS))
+        # False: no count word in the slots and none read back (`base_recipe.StageSettings.slot_counts`)
+        self.count_words = True
 
     def word_ids(self) -> torch.Tensor:
         """The first token of every colour, category, size, place and count word the slots hold (sorted, unique)."""
@@ -191,12 +193,13 @@ class SceneSlots(nn.Module):
         return f, tokens[rows, f[:, 0]] - self.cell.weight[f[:, 0]]
 
     def readout_loss(self, scenes: list[S.Scene], tokens: torch.Tensor, word_embedding: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of reading each object's colour, category and count word back from its cell's token
-        ([B, Q, D], the cell's own vector removed) by dot products with the candidate words' embeddings: the
-        parts of a slot the questions read, which a plain regression of the whole slot leaves out (measured)."""
+        """Mean cross-entropy of reading each object's colour, category and (`count_words`) count word back from its
+        cell's token ([B, Q, D], the cell's own vector removed) by dot products with the candidate words' embeddings:
+        the parts of a slot the questions read, which a plain regression of the whole slot leaves out (measured)."""
         f, content = self._contents(scenes, tokens)  # (N, 10), (N, D)
         losses = []
-        for table, column in ((self.colours, 1), (self.categories, 2), (self.counts, 9)):
+        tables = ((self.colours, 1), (self.categories, 2)) + (((self.counts, 9),) if self.count_words else ())
+        for table, column in tables:
             words = table(torch.arange(len(table.ids), device=f.device), word_embedding)  # (n, D)
             # in units of a word's squared norm: a slot holding the word scores ~4 on it (as is, the true slots
             # read back at a loss of 1.83 against chance's 1.99: too flat to teach anything)
@@ -229,7 +232,7 @@ class SceneSlots(nn.Module):
         vectors = (self.colours(f[:, 1], word_embedding) + self.categories(f[:, 2], word_embedding)
                    + self.sizes(f[:, 3], word_embedding)
                    + self.places(2 * f[:, 8:9] + torch.arange(2, device=f.device), word_embedding).sum(1)
-                   + self.counts(f[:, 9], word_embedding)
+                   + (self.counts(f[:, 9], word_embedding) if self.count_words else 0.0)
                    + self.colour_category(f[:, 1] * len(CATEGORIES) + f[:, 2])
                    + self._box_part(scenes, f[:, 4:8]))  # (N, D)
         return out.index_put((rows, f[:, 0]), vectors.to(out.dtype), accumulate=True)

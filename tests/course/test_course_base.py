@@ -4,6 +4,7 @@ model is the same)."""
 
 import json
 import os
+from dataclasses import replace
 
 import torch
 from safetensors.torch import load_file
@@ -256,3 +257,21 @@ def test_the_ground_phase_comes_after_settle_only_when_asked_for():
                                                                      ground_describe=0.0))
     assert base_stages(Budget())[2].mix == GROUND_MIX  # the default: descriptions among ground's lone turns
     assert GROUND_MIX.detailed > 0 and base_stages(Budget(ground_describe=0.0))[2].mix.detailed == 0.0
+
+
+def test_recount_takes_the_count_word_out_of_the_slots_from_there_on():
+    from mllm.train.base_recipe import chain_fingerprint
+
+    default = base_stages(Budget())
+    assert all(s.slot_counts for s in default)  # no recount by default: the count word in every stage's slots
+    counted = base_stages(Budget(recount_steps=7, recount_lr=2e-4, ground_steps=9))
+    assert [s.label for s in counted] == ["read", "settle", "ground", "recount", "reground", "align", "tune"]
+    recount, reground = counted[3], counted[4]
+    assert (recount.kind, recount.steps, recount.lr, recount.trains, recount.turns) == ("read", 7, 2e-4,
+                                                                                         {"llm": 1.0}, 2)
+    assert recount.mix == counted[0].mix  # read's questions and statements
+    assert (reground.steps, reground.mix, reground.trains) == (9, counted[2].mix, {"llm": 1.0})
+    assert [s.slot_counts for s in counted] == [True, True, True, False, False, False, False]
+    # the field at its default is not hashed: stages finished before it existed keep their fingerprints
+    assert chain_fingerprint(default) == chain_fingerprint([replace(s, slot_counts=True) for s in default])
+    assert chain_fingerprint(default[:1]) != chain_fingerprint([replace(default[0], slot_counts=False)])

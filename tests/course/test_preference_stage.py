@@ -46,6 +46,9 @@ def test_course_stage_on_a_tiny_world(tiny_checkpoint, tmp_path):
     described = [json.loads(line) for line in answers.read_text().splitlines()]
     assert len(described) == 4 and {d["image_id"] for d in described}.isdisjoint({"synth_train_000000"})
     assert result["table_rows"][1].startswith("| preference | CHAIRs / CHAIRi, 4 fresh scenes (change, 5-95 %) | ")
+    # the random model names no object: no object sentence, none of them hedged
+    assert bench["hedged"] == {"before": 0.0, "after": 0.0}
+    assert result["table_rows"][2].startswith('| preference | Recall / objects called "object", 4 fresh scenes | ')
     MLLMModel.from_pretrained(result["model_dir"])
 
 

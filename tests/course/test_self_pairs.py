@@ -2,6 +2,7 @@
 sample -> score -> pair run on a tiny world (resumable, files written)."""
 
 import json
+import math
 
 import pytest
 
@@ -222,6 +223,97 @@ def test_shape_correction_renames_the_misnamed_shape_of_the_object_at_that_colou
         (" ".join([COUNT, "In the top left there is a small red heart."]), True, False)]
     assert pairs[0]["chosen"] == " ".join([COUNT, STAR_1, HEART, STAR_2]) and pairs[1]["idx"] == 1
 
+
+
+def test_hedge_pairs_call_the_unsure_shapes_by_the_hedge_word_and_nothing_else(tmp_path):
+    from mllm.course.self_pairs import correct_shapes, named_shape_pairs, shape_pairs, unsure_shapes
+    from mllm.eval import chair
+    from mllm.world.scenes import CATEGORIES, DOUBLE_WORDS
+
+    circle = " ".join([COUNT, STAR_1, "A medium-sized blue circle is in the center.", STAR_2])
+    # the unsure sentence (the second) is hedged; the misnamed one elsewhere would be renamed
+    hedged = " ".join([COUNT, STAR_1, "A medium-sized blue object is in the center.", STAR_2])
+    cut = " ".join([COUNT, STAR_1, "A medium-sized blue circle"])
+    assert correct_shapes(circle, SCENE, "object", unsure={1}) == (hedged, cut, True)
+    assert correct_shapes(circle, SCENE, "object") == (hedged, cut, True)  # a misnamed shape is hedged too
+    # a right shape hedged (the first sentence) and the misnamed one after it; the cut at the first change
+    assert correct_shapes(circle, SCENE, None, unsure={0}) == correct_shapes(circle, SCENE)  # no hedge word: renamed
+    assert correct_shapes(circle, SCENE, "object", unsure={0}) == (
+        " ".join([COUNT, "A small red object is in the top left.", "A medium-sized blue object is in the center.",
+                  STAR_2]),
+        " ".join([COUNT, "A small red star"]), False)
+    assert correct_shapes(" ".join([COUNT, STAR_1, HEART, STAR_2]), SCENE, "object") is None
+    right = " ".join([COUNT, STAR_1, HEART, STAR_2])
+    rows = [_row("s", circle, 0), _row("s", right, 1), _row("s", right, 2)]
+    # probabilities per shape word: the first answer unsure of its second shape, the third of its first
+    def dists(*values):  # the probability of each written shape word (star, circle or heart, star), 0.01 the others
+        return [[{"star": 0.01, "circle": 0.01, "heart": 0.01} | {name: value} for name, value in zip(names, row)]
+                for names, row in zip([("star", "circle", "star")] + [("star", "heart", "star")] * 2, values)]
+
+    unsure = unsure_shapes(dists([0.99, 0.4, 0.95], [0.9, 0.8, 0.99], [0.5, 0.9, 0.9]), rows, below=0.7)
+    assert unsure == [{1}, set(), {0}]
+    assert unsure_shapes(dists([0.1, 0.2]), rows[:1], below=0.7) == [set()]  # two words for three sentences: none
+    pairs = shape_pairs(rows, {"s": SCENE}, "object", unsure)
+    assert [(p["chosen"], p["metainfos"]["source"]) for p in pairs] == [
+        (hedged, "hedge"), (" ".join([COUNT, "A small red object is in the top left.", HEART, STAR_2]), "hedge")]
+    assert [p["chosen"] for p in shape_pairs(rows, {"s": SCENE}, "object")] == [hedged]  # misnamed alone
+    # named pairs come from the right, sure answer alone: chosen as written, rejected cut at a hedged shape word
+    named = named_shape_pairs(rows, {"s": SCENE}, 5, unsure, seed=0)
+    assert len(named) == 1 and named[0]["chosen"] == right and named[0]["rejected_open"] is True
+    assert named[0]["rejected"] in {" ".join([COUNT, "A small red object"]),
+                                    " ".join([COUNT, STAR_1, "A medium-sized blue object"]),
+                                    " ".join([COUNT, STAR_1, HEART, "A small red object"])}
+    # the hedge word is no object to CHAIR: the hedged description names the two stars and nothing hallucinated
+    (tmp_path / "chair_gt.json").write_text(json.dumps({"vocabulary": CATEGORIES, "double_words": DOUBLE_WORDS,
+                                                        "images": {"s": ["heart", "star"]}}))
+    vocab, gt = chair.load_chair_gt(tmp_path / "chair_gt.json")
+    scored = chair.score([{"image_id": "s", "caption": hedged}], gt, vocab)
+    assert scored["sentences"][0]["mscoco_generated_words"] == ["star", "star"]
+    assert scored["sentences"][0]["mscoco_hallucinated_words"] == []
+
+
+
+
+def test_shape_word_probabilities_are_the_models_own(tmp_path):
+    """Each shape word's probability equals exp of the log-prob difference of the description cut after it and cut
+    before it, from the reference log-prob pass (`mllm.train.logp`, tested on its own)."""
+    from conftest import CORPUS
+
+    from mllm.course.shape_confidence import shape_word_probs
+    from mllm.model.random_checkpoint import make_random_checkpoint
+    from mllm.model.tokenization import load_tokenizer
+    from mllm.train.logp import compute_reference_logps, read_cache
+    from mllm.world.synth import generate
+
+    generate(tmp_path / "world", n_train=2, n_test=1, seed=0, progress=False)
+    tiny_checkpoint = tmp_path / "model"  # a tokenizer that holds "circle" and "star" whole, not "hexagon"
+    make_random_checkpoint(tiny_checkpoint, "tiny", texts=CORPUS * 20 + ["a small blue star", "a red circle"] * 40,
+                           vocab_size=300)
+    tokenizer = load_tokenizer(tiny_checkpoint)
+    assert [len(tokenizer.encode(" " + w, add_special_tokens=False)) for w in ("circle", "star")] == [1, 1]
+    assert len(tokenizer.encode(" hexagon", add_special_tokens=False)) > 1
+    text = "A small red circle is in the top left. A small blue star is in the center."
+    rows = [{"question": "Describe the image in detail.", "answer": text,
+             "metainfos": {"image_id": "synth_train_000000", "image_path": "images/train/synth_train_000000.png"}}]
+    hexagon = dict(rows[0], answer=text.replace("circle", "hexagon"))
+    probs = shape_word_probs(tiny_checkpoint, rows + [hexagon], tmp_path / "world")
+    # a shape name of several tokens is not scored: one probability for two shape words (`unsure_shapes` skips it)
+    assert len(probs) == 2 and len(probs[0]) == 2 and len(probs[1]) == 1
+    assert set(probs[0][0]) == {"circle", "star"} and sum(probs[0][0].values()) < 1.0  # the one-token names
+    words = text.split(" ")
+    cuts = [(" ".join(words[:3]), " ".join(words[:4])), (" ".join(words[:12]), " ".join(words[:13]))]
+    pairs = [{"idx": k, "question": rows[0]["question"], "chosen": after, "rejected": before, "rejected_open": True,
+              "image_path": rows[0]["metainfos"]["image_path"]} for k, (before, after) in enumerate(cuts)]
+    (tmp_path / "cuts.json").write_text(json.dumps(pairs))
+    for k in range(2):  # the chosen side scores its end token too: cut it off with a pair of the same text, open
+        pairs.append({"idx": 2 + k, "question": rows[0]["question"], "chosen": cuts[k][1], "rejected": cuts[k][1],
+                      "rejected_open": True, "image_path": rows[0]["metainfos"]["image_path"]})
+    (tmp_path / "cuts.json").write_text(json.dumps(pairs))
+    cache = read_cache(compute_reference_logps(tiny_checkpoint, tmp_path / "cuts.json", tmp_path / "world",
+                                               progress=False))[1]
+    for k in range(2):
+        expected = math.exp(cache[str(2 + k)]["rejected_logp"] - cache[str(k)]["rejected_logp"])
+        assert probs[0][k][("circle", "star")[k]] == pytest.approx(expected, rel=1e-4)
 
 def test_box_anchors_prefer_the_true_box_to_another_objects():
     from mllm.course.self_pairs import box_anchor_pairs

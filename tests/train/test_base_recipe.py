@@ -78,6 +78,31 @@ def test_slot_vectors_are_the_llm_word_embeddings_plus_learnt_parts(tokenizer):
     assert torch.equal(out[0, 1:], slots.cell.weight[1:])  # empty cells say only where they are
 
 
+
+def test_slots_without_count_words_leave_out_the_count_word_and_its_read_back(tokenizer):
+    from mllm.train.scene_slots import READOUT_SCALE
+
+    slots = SceneSlots(tokenizer, 8, grid=2)
+    embedding = torch.randn(len(tokenizer), 8)
+    scenes = [S.Scene("t", 120, 120, _scene().objects[:1], 0)]
+    counted = slots(scenes, embedding)
+    slots.count_words = False
+    uncounted = slots(scenes, embedding)
+    one = embedding[tokenizer.encode(" one", add_special_tokens=False)].sum(0)
+    assert torch.allclose(counted[0, 0] - uncounted[0, 0], one, atol=1e-5)  # the count word alone is gone
+    assert torch.equal(counted[0, 1:], uncounted[0, 1:])
+    # the read-back: the colour and category terms alone, each by hand
+    f = torch.tensor(slot_features(scenes[0], 2))
+    content = uncounted[:, f[:, 0]][0] - slots.cell.weight[f[:, 0]]
+    expected = []
+    for table, column in ((slots.colours, 1), (slots.categories, 2)):
+        words = table(torch.arange(len(table.ids)), embedding)
+        logits = READOUT_SCALE * (content @ words.T) / words.pow(2).sum(-1).mean()
+        expected.append(torch.nn.functional.cross_entropy(logits, f[:, column]))
+    assert torch.allclose(slots.readout_loss(scenes, uncounted, embedding), torch.stack(expected).mean(), atol=1e-5)
+    slots.count_words = True
+    assert not torch.allclose(slots.readout_loss(scenes, uncounted, embedding), torch.stack(expected).mean())
+
 def test_the_fourier_box_code_puts_each_digit_of_each_coordinate_in_the_angle_of_one_pair(tokenizer):
     values = torch.tensor([[0, 372, 999, 1000], [58, 407, 610, 95]])
     phases = box_phases(values).reshape(2, 4, len(BOX_PERIODS), 2)  # (cos, sin) per coordinate and period
