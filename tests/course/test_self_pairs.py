@@ -277,8 +277,6 @@ def test_hedge_pairs_call_the_unsure_shapes_by_the_hedge_word_and_nothing_else(t
 def test_shape_word_probabilities_are_the_models_own(tmp_path):
     """Each shape word's probability equals exp of the log-prob difference of the description cut after it and cut
     before it, from the reference log-prob pass (`mllm.train.logp`, tested on its own)."""
-    from conftest import CORPUS
-
     from mllm.course.shape_confidence import shape_word_probs
     from mllm.model.random_checkpoint import make_random_checkpoint
     from mllm.model.tokenization import load_tokenizer
@@ -287,7 +285,9 @@ def test_shape_word_probabilities_are_the_models_own(tmp_path):
 
     generate(tmp_path / "world", n_train=2, n_test=1, seed=0, progress=False)
     tiny_checkpoint = tmp_path / "model"  # a tokenizer that holds "circle" and "star" whole, not "hexagon"
-    make_random_checkpoint(tiny_checkpoint, "tiny", texts=CORPUS * 20 + ["a small blue star", "a red circle"] * 40,
+    corpus = ["Describe the image in detail.", "A small red circle is in the top left.", "Yes", "No",
+              "The image shows two objects. A small blue star is in the center.", "a hexagon"]
+    make_random_checkpoint(tiny_checkpoint, "tiny", texts=corpus * 20 + ["a small blue star", "a red circle"] * 40,
                            vocab_size=300)
     tokenizer = load_tokenizer(tiny_checkpoint)
     assert [len(tokenizer.encode(" " + w, add_special_tokens=False)) for w in ("circle", "star")] == [1, 1]
