@@ -27,8 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "hallucinations, less Recall); continuation: each image's greedy description with an "
                              "error vs the same corrected from its first error on; cut: the same with the rejected "
                              "description ending at its first wrong word (the course's polish pairs); corrected: each "
-                             "hallucinating sample vs "
-                             "itself without its hallucinating sentences; balanced: those plus, per pair, the "
+                             "hallucinating sample vs itself without its hallucinating sentences; balanced: those "
+                             "plus, per pair, the "
                              "corrected description vs the same minus one true sentence; ranked: an image's least vs "
                              "most hallucinating sample")
     parser.add_argument("--true-drops", type=non_negative_int, default=1,

@@ -439,9 +439,9 @@ def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n
     after its first wrong word) or "shape" (one greedy description per image, its misnamed shapes renamed,
     `shape_pairs`) or "hedge" (the same, each misnamed shape and each shape word the model wrote with a probability
     below `hedge_below` called `HEDGE_WORD`, with `named_shapes` pairs per such pair that keep a sure, right shape
-    against the hedge word, `named_shape_pairs`). `yesno_anchors` and
-    `box_anchors` add that many yes/no and grounding pairs per description pair (`yesno_anchor_pairs`,
-    `box_anchor_pairs`, from the world's yes/no training questions and referring expressions).
+    against the hedge word, `named_shape_pairs`). `yesno_anchors` and `box_anchors` add that many yes/no and
+    grounding pairs per description pair (`yesno_anchor_pairs`, `box_anchor_pairs`, from the world's yes/no training
+    questions and referring expressions).
 
     Writes out_dir/{questions.jsonl, samples.jsonl, pairs.json, pairs_summary.json}; an interrupted run resumes
     its decoding (samples.jsonl is appended by `mllm answer`). Returns the summary."""

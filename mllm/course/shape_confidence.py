@@ -1,6 +1,6 @@
 """How sure a model is of each shape it names: its greedy descriptions scored token by token (teacher-forced), the
-probability of every shape word it wrote. The preference stage's hedge pairs (`mllm.course.self_pairs`) aim the hedge
-word at the shapes below a threshold.
+probability of every shape name at each shape word it wrote. Hedge pairs (`mllm.course.self_pairs`, `hedge_below`)
+can aim the hedge word at the shapes the model wrote below a probability.
 
 Measured on course18's base (300 greedy descriptions of fresh scenes, 1,006 object sentences, 54 shapes misnamed):
 the 11.5 % of shape words below p 0.7 hold half of the misnamed ones, the 16.8 % below 0.8 two thirds

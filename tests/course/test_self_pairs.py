@@ -351,3 +351,9 @@ def test_build_pairs_continuation_describes_each_image_once_greedily(tiny_checkp
                              + ["box_anchor"] * described)
     assert [p["idx"] for p in pairs] == list(range(len(pairs)))
     assert all(p["chosen"].startswith("The image shows") for p in pairs if p["metainfos"]["source"] == "continuation")
+    # hedge pairs from the same greedy descriptions (reused), aimed by the model's own shape probabilities too: six
+    # random tokens name no object, so no pair and no anchor
+    assert main(["--model", str(tiny_checkpoint), "--world", str(world), "--out", str(out), "--images", "3",
+                 "--max-new-tokens", "6", "--mode", "hedge", "--hedge-below", "0.5", "--named-shapes", "1"]) == 0
+    assert json.loads((out / "pairs_summary.json").read_text())["mode"] == "hedge"
+    assert json.loads((out / "pairs.json").read_text()) == []
