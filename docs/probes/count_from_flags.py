@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from mllm.model.modeling_mllm import MLLMModel
 from mllm.course.base import _fresh_model, _slots, base_stages
 from mllm.course.shared import Budget
 from mllm.data.lessons import LessonMix
+from mllm.model.modeling_mllm import MLLMModel
 from mllm.train.base_recipe import BaseStage
 
 if __name__ == "__main__":
@@ -36,10 +36,8 @@ if __name__ == "__main__":
     budget = Budget()
     model, tokenizer = _fresh_model(source / "world", out / "init", 0, budget.whole_numbers, budget.box_code)
     slots = _slots(tokenizer, model, 0, budget.box_code)
-    if args.get("counts", "0") == "0":
-        slots.counts.forward = lambda index, word_embedding: torch.zeros(
-            len(index), word_embedding.shape[1], dtype=word_embedding.dtype, device=word_embedding.device)
-    settings = replace(base_stages(budget)[0], steps=int(args.get("steps", budget.read_steps)))
+    settings = replace(base_stages(budget)[0], steps=int(args.get("steps", budget.read_steps)),
+                       slot_counts=args.get("counts", "0") == "1")
     if "start" in args:
         model = MLLMModel.from_pretrained(Path(args["start"]) / "model")
         slots.load_state_dict(load_file(str(Path(args["start"]) / "slots.safetensors")))
