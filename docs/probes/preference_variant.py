@@ -27,7 +27,7 @@ if __name__ == "__main__":
     overrides = {name: ast.literal_eval(value) for name, value in args.items()}
     budget = Budget()
     for name, value in overrides.items():  # a setting the stage reads with a default (tune_vision)
-        P.FULL.setdefault(name, value)
+        P.STAGE.setdefault(name, value)
     for name, value in overrides.items():
         setattr(budget, f"preference_{name}", value)
     print(f"preference_variant.py: {P.stage_settings(budget)}", flush=True)

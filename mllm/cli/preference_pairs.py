@@ -21,10 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--max-new-tokens", type=positive_int, default=160)
     parser.add_argument("--mode", choices=self_pairs.MODES, default="shape",
-                        help="shape (the course's preference stage): each image's greedy description that misnames "
-                             "a shape vs the same with the shapes renamed, the rejected one ending at the first "
-                             "misnamed shape; hedge: the same with the misnamed shapes called 'object' (fewer "
-                             "hallucinations, less Recall); continuation: each image's greedy description with an "
+                        help="shape: each image's greedy description that misnames a shape vs the same with the "
+                             "shapes renamed, the rejected one ending at the first misnamed shape; hedge (the course's "
+                             "preference stage, with --named-shapes 0.075): the same with the misnamed shapes called "
+                             "'object' (fewer hallucinations, less Recall); continuation: each image's greedy description with an "
                              "error vs the same corrected from its first error on; cut: the same with the rejected "
                              "description ending at its first wrong word (the course's polish pairs); corrected: each "
                              "hallucinating sample vs itself without its hallucinating sentences; balanced: those "

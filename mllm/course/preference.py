@@ -4,10 +4,12 @@ the description bench before and after with the same greedy decoding.
     pairs "self" (default)          the base model's own descriptions of freshly generated scenes
                                     (out/preference/fresh_scenes/; pair_scenes "train": the world's training images),
                                     paired by pair_mode (`mllm.course.self_pairs`, out/preference/self_pairs/):
-                                    "shape" (default), each greedy description that misnames a shape against itself
-                                    with the shapes renamed, cut after the first misnamed one; "hedge", the same
-                                    with each misnamed shape called "object" (hedge_below, named_shapes: settings read
-                                    with defaults, `self_pairs.build_pairs`); "continuation", each
+                                    "hedge" (the stage's default, `STAGE`), each greedy description that misnames a
+                                    shape against itself with each misnamed shape called "object", cut after the first
+                                    one, and named_shapes (0.075) pairs per such pair that keep a right shape against
+                                    "object" (hedge_below: also hedge the shapes the model wrote with a probability
+                                    below it; `self_pairs.build_pairs`); "shape", the misnamed shapes renamed
+                                    instead; "continuation", each
                                     greedy description with an error against itself corrected from its first error on
                                     ("cut": the description cut after its first wrong word, as polish pairs them);
                                     with yesno_anchors yes/no pairs and box_anchors grounding pairs per description
@@ -46,10 +48,19 @@ from mllm.course.shared import answer_yesno, describe_and_score, fresh
 # scenes: "fresh" ones generated for the stage, or the world's "train" images; pair_samples each for the modes that
 # sample; yesno_anchors and box_anchors yes/no and grounding pairs per description pair) or "world" (the world's
 # corrupted descriptions, preference_train.json).
+# FULL and QUICK are the machinery's defaults, the base's polish rounds' too (`mllm.course.polish`, whose finished
+# rounds record them); the stage itself runs STAGE (QUICK_STAGE for a small world).
 FULL = {"steps": 300, "batch": 8, "lr": 1e-4, "beta": 0.1, "loss": "sigmoid", "sft_weight": 1.0,
         "average_logp": False, "use_lora": False, "pairs": "self", "pair_mode": "shape", "pair_images": 6000,
         "pair_samples": 4, "pair_scenes": "fresh", "yesno_anchors": 0.34, "box_anchors": 0.34}
 QUICK = FULL | {"steps": 8, "batch": 4, "pair_images": 3, "pair_samples": 2}
+# Hedge pairs (a misnamed shape called "object") with 0.075 as many that keep a right shape against the hedge, at a
+# third of the rate: from course18's base (the shipped one), on 1,200 fresh scenes of seed 9090, CHAIRs -44 % (5-95 %:
+# -61 .. -26), CHAIRi -36 % (-55 .. -17), Recall -4.7, reward accuracy 0.940 over all pairs, 10.4 % of objects
+# hedged, where shape pairs at 1e-4 gave +28 % / +42 % (the share chosen there among 0 to 0.2, then measured on seed
+# 7070's 1,500; docs/probes/README.md, "Stop 49").
+STAGE_CHANGES = {"pair_mode": "hedge", "named_shapes": 0.075, "lr": 3e-5}
+STAGE, QUICK_STAGE = FULL | STAGE_CHANGES, QUICK | STAGE_CHANGES
 TARGETS = {"CHAIRs / CHAIRi": "< 29.5 / < 7.8"}  # the exercise's targets for the real model after alignment
 # CHAIR before and after on this many fresh scenes too (seed + BENCH_SEED: no training scene), with a paired
 # bootstrap of the relative change: at CHAIRs of a few percent the world's 300-scene bench holds ~12 hallucinating
@@ -63,7 +74,7 @@ def _small_world(budget) -> bool:
 
 
 def stage_settings(budget) -> dict:
-    defaults = QUICK if _small_world(budget) else FULL
+    defaults = QUICK_STAGE if _small_world(budget) else STAGE
     return {key: getattr(budget, f"preference_{key}", value) for key, value in defaults.items()}
 
 

@@ -77,6 +77,8 @@ def test_round_settings_follow_the_budget():
     settings = P.round_settings(Budget())
     assert settings["pair_mode"] == "cut" and settings["pair_images"] == 1500 and settings["steps"] == 800
     assert settings["yesno_anchors"] == settings["box_anchors"] == 0.34 and settings["batch"] == 8
+    # the rounds keep the machinery's rate, not the preference stage's own (which its finished rounds never ran)
+    assert settings["lr"] == 1e-4 and "named_shapes" not in settings
     # yes/no anchors round by round, the last value for any round after: the third round asks more yes/no pairs
     assert [P.round_settings(Budget(), r)["yesno_anchors"] for r in (1, 2, 3, 4)] == [0.34, 0.34, 0.5, 0.5]
     assert {P.round_settings(Budget(), r)["box_anchors"] for r in (1, 2, 3, 4)} == {0.34}

@@ -54,7 +54,7 @@ def test_course_stage_on_a_tiny_world(tiny_checkpoint, tmp_path):
 
 def test_course_stage_corrects_the_models_greedy_descriptions(tiny_checkpoint, tmp_path):
     """Continuation pairs: each greedy description the random model writes is wrong, so each is paired with the
-    scene's own description (it names nothing right), and yes/no anchors join them. The default, shape pairs, finds
+    scene's own description (it names nothing right), and yes/no anchors join them. The default, hedge pairs, finds
     no object sentence with a misnamed shape in them: the world's pairs are taken."""
     from types import SimpleNamespace
 
@@ -65,7 +65,10 @@ def test_course_stage_corrects_the_models_greedy_descriptions(tiny_checkpoint, t
     shutil.copytree(tiny_checkpoint, tmp_path / "base" / "model")
     budget = SimpleNamespace(n_train=6, eval_limit=3, preference_steps=2, preference_batch=3)
     result = course_stage(tmp_path, budget, seed=0)
-    assert result["settings"]["pair_mode"] == "shape" and result["fresh_bench"] is None  # eval_limit: no bench
+    assert result["fresh_bench"] is None  # eval_limit: no bench
+    # the stage's own defaults: hedge pairs with 0.075 as many named ones, at 3e-5 (the polish rounds keep FULL's)
+    assert {k: result["settings"][k] for k in ("pair_mode", "named_shapes", "lr")} == \
+        {"pair_mode": "hedge", "named_shapes": 0.075, "lr": 3e-5}
     assert result["pairs_source"] == str(tmp_path / "world" / "preference_train.json")
     shutil.rmtree(tmp_path / "preference")
     budget.preference_pair_mode = "continuation"
