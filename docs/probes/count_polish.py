@@ -36,8 +36,7 @@ if __name__ == "__main__":
     model, tokenizer = MLLMModel.from_pretrained(start), load_tokenizer(start)
     slots = _slots(tokenizer, model, 0, budget.box_code)  # unused tables: no slot loss here
     count = float(args.get("count", "0.5"))
-    # a step's conversations ask count questions (share `count` of the steps) or any of the four kinds, with the
-    # statements turn and descriptions and boxes beside them in both
+    # the other steps: any of the four kinds, the statements turn, descriptions and boxes
     mix = LessonMix(yesno=1.0, lookup=0.0, short=0.0, detailed=float(args.get("detailed", "0.4")),
                     grounding=float(args.get("grounding", "0.4")), alone=float(args.get("alone", "0.3")),
                     caption_noise=budget.caption_noise)
@@ -47,7 +46,7 @@ if __name__ == "__main__":
         LessonMix(yesno=1.0, lookup=0.0, short=0.0, detailed=0.0, grounding=0.0, yesno_kinds=("count",))
     tune = base_stages(budget)[-1]
     trains = {"llm": 1.0, "vision": 1.0} if args.get("vision", "0") == "1" else {"llm": 1.0}
-    settings = replace(tune, name="count", steps=int(args.get("steps", "600")), lr=float(args.get("lr", "1e-4")),
+    settings = replace(tune, name="count", steps=int(args.get("steps", "600")), lr=float(args.get("lr", "2e-4")),
                        trains=trains, slot_weight=0.0, readout_weight=0.0, box_readout_weight=0.0, warmup=30,
                        eval_every=int(args.get("eval_every", "100")), eval_scenes=int(args.get("eval_scenes", "200")),
                        mix=mix, slot_counts=False)

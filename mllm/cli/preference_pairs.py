@@ -22,15 +22,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=positive_int, default=160)
     parser.add_argument("--mode", choices=self_pairs.MODES, default="shape",
                         help="shape: each image's greedy description that misnames a shape vs the same with the "
-                             "shapes renamed, the rejected one ending at the first misnamed shape; hedge (the course's "
-                             "preference stage, with --named-shapes 0.075): the same with the misnamed shapes called "
-                             "'object' (fewer hallucinations, less Recall); continuation: each image's greedy description with an "
-                             "error vs the same corrected from its first error on; cut: the same with the rejected "
-                             "description ending at its first wrong word (the course's polish pairs); corrected: each "
-                             "hallucinating sample vs itself without its hallucinating sentences; balanced: those "
-                             "plus, per pair, the "
-                             "corrected description vs the same minus one true sentence; ranked: an image's least vs "
-                             "most hallucinating sample")
+                             "shapes renamed, the rejected one ending at the first misnamed shape; hedge (the "
+                             "course's preference stage, with --named-shapes 0.075): the same with the misnamed "
+                             "shapes called 'object' (fewer hallucinations, less Recall); continuation: each "
+                             "image's greedy description with an error vs the same corrected from its first "
+                             "error on; cut: the same with the rejected description ending at its first wrong "
+                             "word (the course's polish pairs); corrected: each hallucinating sample vs itself "
+                             "without its hallucinating sentences; balanced: those plus, per pair, the "
+                             "corrected description vs the same minus one true sentence; ranked: an image's "
+                             "least vs most hallucinating sample")
     parser.add_argument("--true-drops", type=non_negative_int, default=1,
                         help="balanced: pairs per corrected description, each against it minus a different "
                              "true sentence")

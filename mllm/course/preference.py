@@ -9,12 +9,11 @@ the description bench before and after with the same greedy decoding.
                                     one, and named_shapes (0.075) pairs per such pair that keep a right shape against
                                     "object" (hedge_below: also hedge the shapes the model wrote with a probability
                                     below it; `self_pairs.build_pairs`); "shape", the misnamed shapes renamed
-                                    instead; "continuation", each
-                                    greedy description with an error against itself corrected from its first error on
-                                    ("cut": the description cut after its first wrong word, as polish pairs them);
-                                    with yesno_anchors yes/no pairs and box_anchors grounding pairs per description
-                                    pair; or "balanced", "corrected", "ranked" on sampled descriptions; the world's
-                                    pairs when the model's give none
+                                    instead; "continuation", each greedy description with an error against itself
+                                    corrected from its first error on ("cut": the description cut after its first
+                                    wrong word, as polish pairs them); with yesno_anchors yes/no pairs and
+                                    box_anchors grounding pairs per description pair; or "balanced", "corrected",
+                                    "ranked" on sampled descriptions; the world's pairs when the model's give none
     pairs "world"                   out/world/preference_train.json (chosen: correct detailed description;
                                     rejected: + a hallucinated object, a wrong shape or a wrong colour)
     out/base/model                  the policy's starting point and the reference model
