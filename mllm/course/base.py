@@ -249,23 +249,21 @@ def base_stages(budget: Budget) -> list[StageSettings]:
                "pointer_attention": budget.pointer_attention, "read_weight": budget.read_weight,
                "box_role_weight": budget.box_role_weight}
     reads = {"kind": "read", "lm_weight": 1.0, "beta2": 0.95, **common}
+    ground = StageSettings(name="ground", steps=budget.ground_steps, lr=budget.ground_lr, warmup=20,
+                           trains={"llm": 1.0}, mix=replace(GROUND_MIX, detailed=budget.ground_describe),
+                           turns=budget.ground_turns, **pointer, **reads)
     return [
         StageSettings(steps=budget.read_steps, lr=budget.read_lr, warmup=50, trains={"llm": 1.0, "slots": 1.0},
                       mix=QUESTIONS_AND_STATEMENTS, turns=2, **reads),
         StageSettings(name="settle", steps=budget.settle_steps, lr=budget.settle_lr, warmup=20, trains={"llm": 1.0},
                       mix=LessonMix(alone=0.3, grounding=budget.settle_grounding), turns=budget.settle_turns,
                       **pointer, **reads),
-        *([StageSettings(name="ground", steps=budget.ground_steps, lr=budget.ground_lr, warmup=20, trains={"llm": 1.0},
-                         mix=replace(GROUND_MIX, detailed=budget.ground_describe),
-                         turns=budget.ground_turns, **pointer, **reads)]
-          if budget.ground_steps else []),
+        *([ground] if budget.ground_steps else []),
         *([StageSettings(name="recount", steps=budget.recount_steps, lr=budget.recount_lr, warmup=50,
                          trains={"llm": 1.0}, mix=QUESTIONS_AND_STATEMENTS, turns=2, slot_counts=False, **reads),
            # recount's questions alone leave no description or box (from slots after it: 0.07 of pairs named,
            # grounding 0.000): ground's conversations again, without the count word
-           StageSettings(name="reground", steps=budget.ground_steps, lr=budget.ground_lr, warmup=20,
-                         trains={"llm": 1.0}, mix=replace(GROUND_MIX, detailed=budget.ground_describe),
-                         turns=budget.ground_turns, slot_counts=False, **pointer, **reads)]
+           replace(ground, name="reground", slot_counts=False)]
           if budget.recount_steps else []),
         # align trains no LLM: the head (read on the LLM's hidden states) has nothing to teach it there
         StageSettings(kind="align", steps=budget.align_steps, lr=budget.align_lr, trains={"vision": 1.0},

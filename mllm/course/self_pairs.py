@@ -361,15 +361,16 @@ def named_shape_pairs(answers: list[dict], scenes: dict[str, dict], n: int,
     objects in 300 descriptions, Recall 75.7 -> 67.2). The chosen side is the model's own text, other errors (a
     place, a size) included: its SFT term then teaches nothing the model does not already write."""
     rng = random.Random(seed)
-    candidates = [(answer, [at for at, _, _ in shape_words(answer["answer"])]) for i, answer in enumerate(answers)
+    candidates = [(answer, [(at, named) for at, named, _ in shape_words(answer["answer"])])
+                  for i, answer in enumerate(answers)
                   if not (unsure and unsure[i])
                   and correct_shapes(answer["answer"], scenes[answer["metainfos"]["image_id"]]) is None]
     candidates = [(answer, at) for answer, at in candidates if at]
     pairs = []
     for answer, places in rng.sample(candidates, min(n, len(candidates))):
         written = answer["answer"].strip().split(" ")
-        at = rng.choice(places)
-        rejected = " ".join(written[:at] + [hedge + written[at][len(written[at].rstrip(".")):]])
+        at, named = rng.choice(places)
+        rejected = " ".join(written[:at] + [hedge + written[at][len(named):]])  # as `correct_shapes` hedges
         pairs.append({"idx": len(pairs), "question": answer["question"], "chosen": answer["answer"].strip(),
                       "rejected": rejected, "rejected_open": True, "image_path": answer["metainfos"]["image_path"],
                       "metainfos": {"image_id": answer["metainfos"]["image_id"], "source": "named_shape"}})
