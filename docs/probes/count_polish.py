@@ -51,5 +51,5 @@ if __name__ == "__main__":
                        eval_every=int(args.get("eval_every", "100")), eval_scenes=int(args.get("eval_scenes", "200")),
                        mix=mix, slot_counts=False)
     stage = BaseStage(model, tokenizer, slots, settings, out / "count", seed=int(args.get("seed", "5")))
-    stage.mix_at = lambda step: count_mix if random.Random(step).random() < count else mix
+    stage.lesson_at = lambda step: (count_mix if random.Random(step).random() < count else mix, settings.turns)
     print(stage.run(progress=lambda line: print(line, flush=True)), flush=True)

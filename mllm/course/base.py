@@ -262,8 +262,9 @@ def base_stages(budget: Budget) -> list[StageSettings]:
         *([StageSettings(name="recount", steps=budget.recount_steps, lr=budget.recount_lr, warmup=50,
                          trains={"llm": 1.0}, mix=QUESTIONS_AND_STATEMENTS, turns=2, slot_counts=False, **reads),
            # recount's questions alone leave no description or box (from slots after it: 0.07 of pairs named,
-           # grounding 0.000): ground's conversations again, without the count word
-           replace(ground, name="reground", slot_counts=False)]
+           # grounding 0.000): ground's conversations again, without the count word, recount's among them
+           replace(ground, name="reground", slot_counts=False, steps=budget.reground_steps or ground.steps,
+                   interleave=_reground_lessons(ground, budget.reground_recount_every))]
           if budget.recount_steps else []),
         # align trains no LLM: the head (read on the LLM's hidden states) has nothing to teach it there
         StageSettings(kind="align", steps=budget.align_steps, lr=budget.align_lr, trains={"vision": 1.0},
@@ -277,6 +278,14 @@ def base_stages(budget: Budget) -> list[StageSettings]:
                       slot_counts=not budget.recount_steps, **pointer,
                       mix=LessonMix(caption_noise=budget.caption_noise, alone=0.3), **common),
     ]
+
+
+def _reground_lessons(ground: StageSettings, recount_every: int) -> tuple:
+    """reground's steps in turn: k - 1 of ground's conversations, then one batch of recount's (k = recount_every;
+    0: ground's alone), so that the count learnt in recount is asked on while the writing comes back."""
+    if not recount_every:
+        return ()
+    return ((ground.mix, ground.turns),) * (recount_every - 1) + ((QUESTIONS_AND_STATEMENTS, 2),)
 
 
 NUMBER_PERIODS = (1000, 500, 250, 100, 50, 25, 10)  # the phases whole-number tokens start from

@@ -46,6 +46,10 @@ class Budget:
     # 250 / 500 / 750 steps at 5e-4 from course18's ground stage; from a random LLM, read without it: .69 at 1,000)
     recount_steps: int = 0
     recount_lr: float = 5e-4
+    # then ground's conversations again without it (`reground`), for this many steps (0: ground_steps), every k-th of
+    # them one of recount's instead (0: none; stop 48: after 200 of ground's alone count from slots fell .94 -> .67)
+    reground_steps: int = 0
+    reground_recount_every: int = 0
     match_weight: float = 1.0  # each image position says whether it answers the first question (all but align)
     # settle, tune: each description token pointed at its object's cell; off: measured no better (docs/probes, stop 36)
     pointer_weight: float = 0.0

@@ -92,6 +92,9 @@ class StageSettings:
     ground_scenes: int = 30  # held-out scenes with one object to ground greedily at each evaluation (0: none)
     mix: LessonMix = field(default_factory=LessonMix)
     curriculum: tuple[tuple[LessonMix, int], ...] = ()  # (mix, steps) in order before `mix`: the first steps
+    # (mix, turns) pairs the steps after the curriculum take in turn, one a step, in place of `mix` and `turns`: two
+    # kinds of conversation in separate batches (`reground`: recount's questions kept beside ground's writing)
+    interleave: tuple[tuple[LessonMix, int], ...] = ()
     name: str = ""  # the stage's folder and label when one kind runs more than once (default: kind)
     slot_counts: bool = True  # the slots hold each object's category count word (`SceneSlots.count_words`)
 
@@ -263,17 +266,19 @@ class BaseStage:
         return self.model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                               output_hidden_states=hidden_states)
 
-    def mix_at(self, step: int) -> LessonMix:
-        """The lesson mix of training step `step` (1-based)."""
+    def lesson_at(self, step: int) -> tuple[LessonMix, int]:
+        """The lesson mix and the turns a conversation of training step `step` (1-based)."""
         s = self.settings
         end = 0
         for mix, steps in s.curriculum:
             end += steps
             if step <= end:
-                return mix
-        return s.mix
+                return mix, s.turns
+        if s.interleave:
+            return tuple(s.interleave[(step - end - 1) % len(s.interleave)])
+        return s.mix, s.turns
 
-    def loss(self, scenes, images, rng: random.Random, mix: LessonMix | None = None) -> dict:
+    def loss(self, scenes, images, rng: random.Random, mix: LessonMix | None = None, turns: int | None = None) -> dict:
         """The stage's weighted losses; the LLM runs only when a text loss has weight (slot regression alone
         needs just the vision side: 12x cheaper steps, measured)."""
         s = self.settings
@@ -281,8 +286,8 @@ class BaseStage:
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             tokens, slot_vectors = self._image_tokens(scenes, images)
             if s.answer_weight or s.lm_weight:
-                mix = mix or s.mix
-                conversations = [mix.turns(scene, rng, s.turns) for scene in scenes]
+                mix, turns = mix or s.mix, turns or s.turns
+                conversations = [mix.turns(scene, rng, turns) for scene in scenes]
                 if not all(conversations):  # a mix that only grounds finds no turn in a scene of look-alikes
                     kept = [b for b, conversation in enumerate(conversations) if conversation]
                     scenes, conversations = [scenes[b] for b in kept], [conversations[b] for b in kept]
@@ -504,7 +509,7 @@ class BaseStage:
         started = time.process_time() - cpu_seconds
         while step < s.steps:
             scenes, images = self._scenes(rng, s.batch)
-            parts = self.loss(scenes, images, rng, self.mix_at(step + 1))
+            parts = self.loss(scenes, images, rng, *self.lesson_at(step + 1))
             optimizer.zero_grad(set_to_none=True)
             parts["total"].backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -272,6 +272,12 @@ def test_recount_takes_the_count_word_out_of_the_slots_from_there_on():
     assert recount.mix == counted[0].mix  # read's questions and statements
     assert (reground.steps, reground.mix, reground.trains) == (9, counted[2].mix, {"llm": 1.0})
     assert [s.slot_counts for s in counted] == [True, True, True, False, False, False, False]
+    assert reground.interleave == ()  # by default ground's conversations alone
+    mixed = base_stages(Budget(recount_steps=7, recount_lr=2e-4, ground_steps=9, reground_steps=12,
+                               reground_recount_every=3))
+    assert mixed[:4] == counted[:4] and mixed[5:] == counted[5:]
+    ground_lesson = (counted[2].mix, counted[2].turns)
+    assert (mixed[4].steps, mixed[4].interleave) == (12, (ground_lesson, ground_lesson, (recount.mix, 2)))
     # the field at its default is not hashed: stages finished before it existed keep their fingerprints
     assert chain_fingerprint(default) == chain_fingerprint([replace(s, slot_counts=True) for s in default])
     assert chain_fingerprint(default[:1]) != chain_fingerprint([replace(default[0], slot_counts=False)])

@@ -647,12 +647,26 @@ def test_the_existence_curriculum_comes_first_then_the_full_mix(tmp_path, tokeni
         assert all(q.startswith("Is there") and a in ("Yes", "No") for q, a in questions)
         assert all(re.fullmatch(r"Is there an? \w+ in the image\? Please answer yes or no\.", q) for q, _ in questions)
     stage, _ = _read(tmp_path, tokenizer, curriculum=((EXISTENCE_FIRST, 2), (COLOUR_NEXT, 1)))
-    assert [stage.mix_at(step) for step in (1, 2, 3, 4)] == [EXISTENCE_FIRST, EXISTENCE_FIRST, COLOUR_NEXT,
-                                                              stage.settings.mix]
+    assert [stage.lesson_at(step)[0] for step in (1, 2, 3, 4)] == [EXISTENCE_FIRST, EXISTENCE_FIRST, COLOUR_NEXT,
+                                                                    stage.settings.mix]
     for _ in range(10):
         *questions, (dense, _) = COLOUR_NEXT.turns(scene, rng, 4)
         assert dense == "Which of these are in the image?"
         assert all(q.startswith("Is there") and q.split()[3] in S.COLOURS for q, _ in questions)
+
+
+def test_interleaved_lessons_take_turns_after_the_curriculum_each_with_its_own_turns(tmp_path, tokenizer,
+                                                                                     monkeypatch):
+    only_yesno = LessonMix(yesno=1.0, lookup=0.0, short=0.0, detailed=0.0, grounding=0.0, statements=False)
+    stage, _ = _read(tmp_path, tokenizer, steps=5, turns=3, curriculum=((EXISTENCE_FIRST, 1),),
+                     interleave=((only_yesno, 1), (only_yesno, 4)))
+    assert [stage.lesson_at(step) for step in (1, 2, 3, 4, 5)] == [
+        (EXISTENCE_FIRST, 3), (only_yesno, 1), (only_yesno, 4), (only_yesno, 1), (only_yesno, 4)]
+    drawn = []  # the turns each conversation of the training steps was drawn with
+    turns_of = LessonMix.turns
+    monkeypatch.setattr(LessonMix, "turns", lambda mix, scene, rng, n: drawn.append(n) or turns_of(mix, scene, rng, n))
+    stage.run(progress=lambda line: None)
+    assert drawn[:4 * 5] == [3] * 4 + [1] * 4 + [4] * 4 + [1] * 4 + [4] * 4  # a batch of 4 conversations a step
 
 
 def test_slot_regression_alone_never_runs_the_llm(tmp_path, tokenizer):
