@@ -285,6 +285,9 @@ def _reground_lessons(ground: StageSettings, recount_every: int) -> tuple:
     0: ground's alone), so that the count learnt in recount is asked on while the writing comes back."""
     if not recount_every:
         return ()
+    if recount_every < 2:
+        raise ValueError(f"Budget.reground_recount_every must be 0 (none) or 2 or more (every k-th step one of "
+                         f"recount's), got {recount_every}: at 1 reground would be recount again")
     return ((ground.mix, ground.turns),) * (recount_every - 1) + ((QUESTIONS_AND_STATEMENTS, 2),)
 
 

@@ -267,7 +267,7 @@ class BaseStage:
                               output_hidden_states=hidden_states)
 
     def lesson_at(self, step: int) -> tuple[LessonMix, int]:
-        """The lesson mix and the turns a conversation of training step `step` (1-based)."""
+        """The lesson mix of training step `step` (1-based) and the turns of each of its conversations."""
         s = self.settings
         end = 0
         for mix, steps in s.curriculum:

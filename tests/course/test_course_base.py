@@ -6,6 +6,7 @@ import json
 import os
 from dataclasses import replace
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -278,6 +279,8 @@ def test_recount_takes_the_count_word_out_of_the_slots_from_there_on():
     assert mixed[:4] == counted[:4] and mixed[5:] == counted[5:]
     ground_lesson = (counted[2].mix, counted[2].turns)
     assert (mixed[4].steps, mixed[4].interleave) == (12, (ground_lesson, ground_lesson, (recount.mix, 2)))
+    with pytest.raises(ValueError, match="reground_recount_every"):
+        base_stages(Budget(recount_steps=7, reground_recount_every=1))
     # the field at its default is not hashed: stages finished before it existed keep their fingerprints
     assert chain_fingerprint(default) == chain_fingerprint([replace(s, slot_counts=True) for s in default])
     assert chain_fingerprint(default[:1]) != chain_fingerprint([replace(default[0], slot_counts=False)])
