@@ -252,6 +252,8 @@ def base_stages(budget: Budget) -> list[StageSettings]:
     ground = StageSettings(name="ground", steps=budget.ground_steps, lr=budget.ground_lr, warmup=20,
                            trains={"llm": 1.0}, mix=replace(GROUND_MIX, detailed=budget.ground_describe),
                            turns=budget.ground_turns, **pointer, **reads)
+    recount = StageSettings(name="recount", steps=budget.recount_steps, lr=budget.recount_lr, warmup=50,
+                            trains={"llm": 1.0}, mix=QUESTIONS_AND_STATEMENTS, turns=2, slot_counts=False, **reads)
     return [
         StageSettings(steps=budget.read_steps, lr=budget.read_lr, warmup=50, trains={"llm": 1.0, "slots": 1.0},
                       mix=QUESTIONS_AND_STATEMENTS, turns=2, **reads),
@@ -259,12 +261,11 @@ def base_stages(budget: Budget) -> list[StageSettings]:
                       mix=LessonMix(alone=0.3, grounding=budget.settle_grounding), turns=budget.settle_turns,
                       **pointer, **reads),
         *([ground] if budget.ground_steps else []),
-        *([StageSettings(name="recount", steps=budget.recount_steps, lr=budget.recount_lr, warmup=50,
-                         trains={"llm": 1.0}, mix=QUESTIONS_AND_STATEMENTS, turns=2, slot_counts=False, **reads),
+        *([recount,
            # recount's questions alone leave no description or box (from slots after it: 0.07 of pairs named,
            # grounding 0.000): ground's conversations again, without the count word, recount's among them
            replace(ground, name="reground", slot_counts=False, steps=budget.reground_steps or ground.steps,
-                   interleave=_reground_lessons(ground, budget.reground_recount_every))]
+                   interleave=_reground_lessons(ground, recount, budget.reground_recount_every))]
           if budget.recount_steps else []),
         # align trains no LLM: the head (read on the LLM's hidden states) has nothing to teach it there
         StageSettings(kind="align", steps=budget.align_steps, lr=budget.align_lr, trains={"vision": 1.0},
@@ -280,7 +281,7 @@ def base_stages(budget: Budget) -> list[StageSettings]:
     ]
 
 
-def _reground_lessons(ground: StageSettings, recount_every: int) -> tuple:
+def _reground_lessons(ground: StageSettings, recount: StageSettings, recount_every: int) -> tuple:
     """reground's steps in turn: k - 1 of ground's conversations, then one batch of recount's (k = recount_every;
     0: ground's alone), so that the count learnt in recount is asked on while the writing comes back."""
     if not recount_every:
@@ -288,7 +289,7 @@ def _reground_lessons(ground: StageSettings, recount_every: int) -> tuple:
     if recount_every < 2:
         raise ValueError(f"Budget.reground_recount_every must be 0 (none) or 2 or more (every k-th step one of "
                          f"recount's), got {recount_every}: at 1 reground would be recount again")
-    return ((ground.mix, ground.turns),) * (recount_every - 1) + ((QUESTIONS_AND_STATEMENTS, 2),)
+    return ((ground.mix, ground.turns),) * (recount_every - 1) + ((recount.mix, recount.turns),)
 
 
 NUMBER_PERIODS = (1000, 500, 250, 100, 50, 25, 10)  # the phases whole-number tokens start from

@@ -275,7 +275,7 @@ class BaseStage:
             if step <= end:
                 return mix, s.turns
         if s.interleave:
-            return tuple(s.interleave[(step - end - 1) % len(s.interleave)])
+            return s.interleave[(step - end - 1) % len(s.interleave)]
         return s.mix, s.turns
 
     def loss(self, scenes, images, rng: random.Random, mix: LessonMix | None = None, turns: int | None = None) -> dict:
