@@ -55,6 +55,7 @@ from mllm.world.scenes import CATEGORIES, COLOURS
 SHAPES = list(CATEGORIES)
 COLOUR_NAMES = list(COLOURS)
 GRID = 3  # the 3x3 cells of ROWS x COLUMNS
+SLOT_GRID = 6  # the base reads an image as 6 x 6 = 36 tokens, one per cell of the slot grid
 N_SCENE_TARGETS = GRID * GRID * (len(SHAPES) + len(COLOUR_NAMES)) + len(SHAPES) * len(COLOUR_NAMES)
 
 
@@ -79,6 +80,25 @@ def patch_targets(scene: dict, rows: int, cols: int) -> tuple[torch.Tensor, torc
     return shape, colour
 
 
+def centre_targets(scene: dict, rows: int, cols: int, grid: int = SLOT_GRID) -> torch.Tensor:
+    """[rows*cols] per patch: 1 + the cell of the grid x grid slot grid that holds the centre of the object covering
+    the patch's centre (the last drawn, as in `patch_targets`), 0 = background. Every patch of an object names one
+    cell, the one the slots put the object in (`scene_slots.slot_features`): the tower is taught where an object's
+    centre falls, which a cell's token needs so that no neighbouring cell holds the object too."""
+    centre = torch.zeros(rows * cols, dtype=torch.long)
+    w, h = scene["width"], scene["height"]
+    for obj in scene["objects"]:
+        x0, y0, x1, y1 = obj["bbox"]
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        cell = min(grid - 1, int(grid * cy / h)) * grid + min(grid - 1, int(grid * cx / w))
+        for i in range(rows):
+            if y0 <= (i + 0.5) * h / rows <= y1:
+                for j in range(cols):
+                    if x0 <= (j + 0.5) * w / cols <= x1:
+                        centre[i * cols + j] = 1 + cell
+    return centre
+
+
 def scene_targets(scene: dict) -> torch.Tensor:
     """Multi-hot [N_SCENE_TARGETS]: per 3x3 cell (by object centre) the shapes, then the colours; then the
     shape-colour pairs present anywhere."""
@@ -95,11 +115,13 @@ def scene_targets(scene: dict) -> torch.Tensor:
 
 
 class PretrainHeads(nn.Module):
-    def __init__(self, vision_width: int, num_queries: int, embed_dim: int):
+    def __init__(self, vision_width: int, num_queries: int, embed_dim: int, centre: bool = False):
         super().__init__()
         self.patch_shape = nn.Linear(vision_width, len(SHAPES) + 1)
         self.patch_colour = nn.Linear(vision_width, len(COLOUR_NAMES) + 1)
         self.scene = nn.Linear(num_queries * embed_dim, N_SCENE_TARGETS)
+        if centre:  # made last, so that without it the other heads start as they always did
+            self.patch_centre = nn.Linear(vision_width, SLOT_GRID * SLOT_GRID + 1)
 
 
 def _examples(world: Path, processor: ImageProcessor, limit: int | None) -> list[dict]:
@@ -113,17 +135,20 @@ def _examples(world: Path, processor: ImageProcessor, limit: int | None) -> list
         rows, cols = (int(v) for v in views["tgt_sizes"][0])
         shape, colour = patch_targets(scene, rows, cols)
         examples.append({"strip": views["pixel_values"][0], "size": (rows, cols), "shape": shape,
-                         "colour": colour, "scene": scene_targets(scene)})
+                         "colour": colour, "scene": scene_targets(scene), "centre": centre_targets(scene, rows, cols)})
     return examples
 
 
 def pretrain(model, world: Path, steps: int = 1500, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-             limit: int | None = None, log_every: int = 100, scene_weight: float = 5.0) -> list[dict]:
+             limit: int | None = None, log_every: int = 100, scene_weight: float = 5.0,
+             centre_weight: float = 0.0) -> list[dict]:
     """Train `model.vpm` and `model.resampler` in place on the world's training scenes; returns the log
-    (step, loss, patch shape accuracy over non-background patches, scene-target F1)."""
+    (step, loss, patch shape accuracy over non-background patches, scene-target F1). `centre_weight` > 0: a third
+    patch head, each object patch's slot cell (`centre_targets`), its accuracy logged too."""
     processor = ImageProcessor.from_config(model.config.slice)
     examples = _examples(Path(world), processor, limit)
-    heads = PretrainHeads(model.config.vision.hidden_size, model.config.query_num, model.config.llm.hidden_size)
+    heads = PretrainHeads(model.config.vision.hidden_size, model.config.query_num, model.config.llm.hidden_size,
+                          centre=centre_weight > 0)
     params = list(model.vpm.parameters()) + list(model.resampler.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -148,6 +173,10 @@ def pretrain(model, world: Path, steps: int = 1500, batch_size: int = 64, lr: fl
         scene_t = torch.stack([e["scene"] for e in batch])
         loss = (F.cross_entropy(shape_logits, shape_t) + F.cross_entropy(colour_logits, colour_t)
                 + scene_weight * F.binary_cross_entropy_with_logits(scene_logits, scene_t))
+        if centre_weight:
+            centre_t = torch.cat([e["centre"] for e in batch])
+            centre_logits = heads.patch_centre(real)
+            loss = loss + centre_weight * F.cross_entropy(centre_logits, centre_t)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -164,6 +193,8 @@ def pretrain(model, world: Path, steps: int = 1500, batch_size: int = 64, lr: fl
             log.append({"step": step + 1, "loss": round(loss.item(), 4), "patch_shape_acc": round(shape_acc, 3),
                         "patch_colour_acc": round(colour_acc, 3),
                         "scene_f1": round(f1, 3), "minutes": round((time.time() - started) / 60, 2),
+                        **({"patch_centre_acc": round((centre_logits.argmax(-1)[fg] == centre_t[fg]).float().mean()
+                                                      .item(), 3)} if centre_weight else {}),
                         "cpu_minutes": round((time.process_time() - cpu_started) / 60, 2)})
             print(f"vision pretraining {log[-1]}", flush=True)
     model.vpm.eval()
@@ -193,7 +224,6 @@ def plot_log(log: list[dict], path: Path) -> None:
 
 
 # ---- the stage ------------------------------------------------------------------------------------------------
-SLOT_GRID = 6  # the base reads an image as 6 x 6 = 36 tokens, one per cell of the slot grid
 
 
 def base_config(tokenizer) -> MLLMConfig:
@@ -254,7 +284,7 @@ def base_stages(budget: Budget) -> list[StageSettings]:
                            turns=budget.ground_turns, **pointer, **reads)
     recount = StageSettings(name="recount", steps=budget.recount_steps, lr=budget.recount_lr, warmup=50,
                             trains={"llm": 1.0}, mix=QUESTIONS_AND_STATEMENTS, turns=2, slot_counts=False, **reads)
-    return [
+    stages = [
         StageSettings(steps=budget.read_steps, lr=budget.read_lr, warmup=50, trains={"llm": 1.0, "slots": 1.0},
                       mix=QUESTIONS_AND_STATEMENTS, turns=2, **reads),
         StageSettings(name="settle", steps=budget.settle_steps, lr=budget.settle_lr, warmup=20, trains={"llm": 1.0},
@@ -265,31 +295,41 @@ def base_stages(budget: Budget) -> list[StageSettings]:
            # recount's questions alone leave no description or box (from slots after it: 0.07 of pairs named,
            # grounding 0.000): ground's conversations again, without the count word, recount's among them
            replace(ground, name="reground", slot_counts=False, steps=budget.reground_steps or ground.steps,
-                   interleave=_reground_lessons(ground, recount, budget.reground_recount_every))]
+                   interleave=_with_recount((ground.mix, ground.turns), recount, budget.reground_recount_every,
+                                            "reground_recount_every"))]
           if budget.recount_steps else []),
         # align trains no LLM: the head (read on the LLM's hidden states) has nothing to teach it there
         StageSettings(kind="align", steps=budget.align_steps, lr=budget.align_lr, trains={"vision": 1.0},
                       answer_weight=0.0, slot_weight=1.0, readout_weight=1.0,
-                      box_readout_weight=budget.box_readout_weight, warmup=50, beta2=0.98,
-                      slot_counts=not budget.recount_steps,
+                      box_readout_weight=budget.box_readout_weight, census_weight=budget.census_weight, warmup=50,
+                      beta2=0.98, slot_counts=not budget.recount_steps, slot_tolerance=budget.slot_tolerance,
                       **common | {"match_weight": 0.0, "eval_every": 2 * budget.base_eval_every}),
         StageSettings(kind="tune", steps=budget.tune_steps, lr=budget.tune_lr,
                       trains={"vision": 1.0, "llm": budget.tune_llm_lr_scale}, lm_weight=0.5, slot_weight=1.0,
-                      readout_weight=1.0, box_readout_weight=budget.box_readout_weight, warmup=50, beta2=0.98,
-                      slot_counts=not budget.recount_steps, **pointer,
+                      readout_weight=1.0, box_readout_weight=budget.box_readout_weight,
+                      census_weight=budget.census_weight, warmup=50, beta2=0.98,
+                      slot_counts=not budget.recount_steps, slot_tolerance=budget.slot_tolerance, **pointer,
                       mix=LessonMix(caption_noise=budget.caption_noise, alone=0.3), **common),
     ]
+    if budget.tune_recount_every:
+        if not budget.recount_steps:
+            raise ValueError("Budget.tune_recount_every asks tune for recount's questions: it needs recount_steps > 0")
+        tune = stages[-1]
+        stages[-1] = replace(tune, interleave=_with_recount((tune.mix, tune.turns), recount, budget.tune_recount_every,
+                                                            "tune_recount_every"))
+    return stages
 
 
-def _reground_lessons(ground: StageSettings, recount: StageSettings, recount_every: int) -> tuple:
-    """reground's steps in turn: k - 1 of ground's conversations, then one batch of recount's (k = recount_every;
-    0: ground's alone), so that the count learnt in recount is asked on while the writing comes back."""
+def _with_recount(lesson: tuple, recount: StageSettings, recount_every: int, field: str) -> tuple:
+    """A stage's steps in turn: k - 1 of its own lesson (mix, turns), then one batch of recount's (k = recount_every;
+    0: its own alone), so that the count learnt in recount is asked on while the rest is learnt (reground) or read
+    from pixels (tune)."""
     if not recount_every:
         return ()
     if recount_every < 2:
-        raise ValueError(f"Budget.reground_recount_every must be 0 (none) or 2 or more (every k-th step one of "
-                         f"recount's), got {recount_every}: at 1 reground would be recount again")
-    return ((ground.mix, ground.turns),) * (recount_every - 1) + ((recount.mix, recount.turns),)
+        raise ValueError(f"Budget.{field} must be 0 (none) or 2 or more (every k-th step one of recount's), got "
+                         f"{recount_every}: at 1 the stage would be recount again")
+    return (lesson,) * (recount_every - 1) + ((recount.mix, recount.turns),)
 
 
 NUMBER_PERIODS = (1000, 500, 250, 100, 50, 25, 10)  # the phases whole-number tokens start from
@@ -405,17 +445,33 @@ def vision_phase(stage: Path, world: Path, budget: Budget, seed: int):
     one is reused (the phase is deterministic for a seed and its log is written last). Returns (model, tokenizer,
     log). It touches neither the LLM nor the slots, so the read-kind stages may run beside it."""
     log_path = stage / "phase0" / "vision_pretrain_log.json"
+    wanted = {"steps": budget.vision_pretrain_steps, "batch": budget.vision_pretrain_batch,
+              "lr": budget.vision_pretrain_lr, "centre": budget.vision_pretrain_centre, "seed": seed}
     if log_path.is_file() and (stage / "phase0" / "model.safetensors").is_file():
+        _check_phase0(stage / "phase0", wanted)
         print(f"reusing the finished vision pretraining in {stage / 'phase0'}", flush=True)
         return (MLLMModel.from_pretrained(stage / "phase0"), load_tokenizer(stage / "phase0"),
                 json.loads(log_path.read_text()))
     model, tokenizer = _fresh_model(world, stage / "init", seed, budget.whole_numbers, budget.box_code)
     log = pretrain(model, world, steps=budget.vision_pretrain_steps, batch_size=budget.vision_pretrain_batch,
-                   lr=budget.vision_pretrain_lr, seed=seed)
+                   lr=budget.vision_pretrain_lr, seed=seed, centre_weight=budget.vision_pretrain_centre)
     model.save_pretrained(stage / "phase0", tokenizer=tokenizer)
     plot_log(log, stage / "phase0" / "vision_pretrain.png")
+    write_json_atomic(stage / "phase0" / "settings.json", wanted)
     write_json_atomic(log_path, log)
     return model, tokenizer, log
+
+
+def _check_phase0(folder: Path, wanted: dict) -> None:
+    """A finished phase 0 is reused only for the settings it was trained with. One finished before its settings
+    were recorded counts as trained without the centre head (the others unknown, so not checked)."""
+    path = folder / "settings.json"
+    recorded = json.loads(path.read_text()) if path.is_file() else {"centre": 0.0}
+    differ = sorted(k for k in recorded if recorded[k] != wanted.get(k))
+    if differ:
+        detail = "; ".join(f"{k}: finished with {recorded[k]!r}, asked {wanted.get(k)!r}" for k in differ)
+        raise ValueError(f"{path}: this finished vision pretraining was trained with other settings ({detail}); run "
+                         f"into another --out, or move {folder} away to train it again (nothing is deleted)")
 
 
 def stage_base(out: Path, budget: Budget, seed: int) -> dict:

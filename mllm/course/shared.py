@@ -25,6 +25,7 @@ class Budget:
     vision_pretrain_steps: int = 3000  # phase 0: the vision side on the scenes' labels
     vision_pretrain_batch: int = 64
     vision_pretrain_lr: float = 3e-3
+    vision_pretrain_centre: float = 0.0  # phase 0: weight of each object patch naming its slot cell (0: no such head)
     read_steps: int = 1000  # the LLM from random init: yes/no questions + the statements turn, from slot vectors
     read_lr: float = 1e-3
     settle_steps: int = 400  # then the full mix (descriptions, lookups, grounding) on a fresh schedule
@@ -50,6 +51,7 @@ class Budget:
     # them one of recount's instead (0: none; stop 48: after 200 of ground's alone count from slots fell .94 -> .67)
     reground_steps: int = 0
     reground_recount_every: int = 0
+    tune_recount_every: int = 0  # tune too: every k-th step one of recount's batches, from pixels (0: none)
     match_weight: float = 1.0  # each image position says whether it answers the first question (all but align)
     # settle, tune: each description token pointed at its object's cell; off: measured no better (docs/probes, stop 36)
     pointer_weight: float = 0.0
@@ -65,6 +67,8 @@ class Budget:
     # start from (`scene_slots.number_code`; needs whole_numbers; stop 41)
     box_code: str = "number"
     box_readout_weight: float = 0.25  # align, tune: the box code read back from the image tokens (box_code="number")
+    census_weight: float = 0.0  # align, tune: every cell read back as empty or its object's category (0: off)
+    slot_tolerance: float = 0.0  # align, tune: an object near a border may be held across it (cells; 0: off)
     align_steps: int = 3000  # vision + resampler regress the slots and read back words (no LLM in the step)
     align_lr: float = 1e-3
     tune_steps: int = 300  # everything; the LLM at tune_llm_lr_scale x tune_lr

@@ -45,7 +45,7 @@ from mllm.model.decode import decode
 from mllm.model.image_processing import ImageProcessor
 from mllm.model.loading import bf16_autocast_pays
 from mllm.model.tokenization import special_token_ids
-from mllm.train.scene_slots import SceneSlots
+from mllm.train.scene_slots import SceneSlots, assign_cells
 from mllm.train.stage_heads import (BOX_ROLES, attention_pointer_losses, box_role_losses, check_box_heads,
                                    image_positions, match_loss, new_match_head, new_pointer_head, pointer_loss,
                                    whole_number_ids)
@@ -68,6 +68,10 @@ class StageSettings:
     slot_weight: float = 0.0  # normalised MSE between the image tokens and the scene's slot vectors
     readout_weight: float = 0.0  # cross-entropy of the object words read back from the image tokens
     box_readout_weight: float = 0.0  # ... and of the box coordinates (slots of box_code="number" only)
+    census_weight: float = 0.0  # cross-entropy of every cell read as empty or its object's category (no ghosts)
+    # (align, tune) an object within this many cells of its cell's border may be held in the neighbour across it,
+    # where the image tokens already hold it (`scene_slots.assign_cells`): one cell an object, whichever (0: off)
+    slot_tolerance: float = 0.0
     question_first: bool = False  # the image after the conversation's first question, not before it
     match_weight: float = 0.0  # binary cross-entropy of each image position saying whether it answers that question
     match_layer: int = 2  # ... read from the hidden states after this many decoder layers
@@ -104,6 +108,9 @@ class StageSettings:
         if len(self.box_heads) != len(BOX_ROLES) or len(set(map(tuple, self.box_heads))) != len(BOX_ROLES):
             raise ValueError(f"StageSettings.box_heads must name {len(BOX_ROLES)} different (layer, head) pairs, one "
                              f"for each of {BOX_ROLES}, got {self.box_heads}")
+        if self.slot_tolerance and (self.kind == "read" or self.pointer_weight):
+            raise ValueError(f"StageSettings.slot_tolerance applies to image tokens from pixels (align, tune) without "
+                             f"the pointer head; got kind={self.kind!r}, pointer_weight={self.pointer_weight}")
         unknown = set(self.trains) - set(PARTS)
         if unknown or not self.trains:
             raise ValueError(f"StageSettings.trains must map some of {PARTS} to learning-rate multiples, "
@@ -285,6 +292,11 @@ class BaseStage:
         parts = {}
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
             tokens, slot_vectors = self._image_tokens(scenes, images)
+            cells = None
+            if s.slot_tolerance:
+                embedding = self.model.llm.get_input_embeddings().weight
+                cells = assign_cells(self.slots, scenes, tokens, embedding, s.slot_tolerance)
+                slot_vectors = self.slots(scenes, embedding, cells)
             if s.answer_weight or s.lm_weight:
                 mix, turns = mix or s.mix, turns or s.turns
                 conversations = [mix.turns(scene, rng, turns) for scene in scenes]
@@ -292,19 +304,20 @@ class BaseStage:
                     kept = [b for b, conversation in enumerate(conversations) if conversation]
                     scenes, conversations = [scenes[b] for b in kept], [conversations[b] for b in kept]
                     tokens, slot_vectors = tokens[kept], slot_vectors[kept]
+                    cells = None if cells is None else [cells[b] for b in kept]
                 batch = self._on_device(collate([self._encode(c) for c in conversations], self.pad_id))
                 out = self._forward(batch, tokens,
                                     hidden_states=bool(s.match_weight or s.pointer_weight or s.box_role_weight))
                 logits = out.logits.float().flatten(0, 1)  # (B*T, V)
                 if s.match_weight:
-                    match = self._match_loss(scenes, conversations, batch, out.hidden_states[s.match_layer])
+                    match = self._match_loss(scenes, conversations, batch, out.hidden_states[s.match_layer], cells)
                     if match is not None:
                         parts["match"] = match
                 if s.pointer_weight:
                     parts |= self._pointer_loss(scenes, conversations, batch, out.hidden_states[s.pointer_layer])
                 if s.box_role_weight:
                     parts |= box_role_losses(self.model.llm, out.hidden_states, scenes, conversations, batch,
-                                             self.tokenizer, self.slots.grid, s.box_heads, self.whole_numbers)
+                                             self.tokenizer, self.slots.grid, s.box_heads, self.whole_numbers, cells)
         if s.answer_weight:
             parts["answer"] = F.cross_entropy(logits, batch["labels"].flatten(), ignore_index=-100)
         if s.lm_weight:
@@ -314,18 +327,22 @@ class BaseStage:
             parts["slots"] = ((tokens - slot_vectors) ** 2).mean() / slot_vectors.var()
         if s.readout_weight:
             parts["readout"] = self.slots.readout_loss(scenes, tokens.float(),
-                                                       self.model.llm.get_input_embeddings().weight)
+                                                       self.model.llm.get_input_embeddings().weight, cells)
         if s.box_readout_weight:
-            parts["box_readout"] = self.slots.box_readout_loss(scenes, tokens.float())
+            parts["box_readout"] = self.slots.box_readout_loss(scenes, tokens.float(), cells)
+        if s.census_weight:
+            parts["census"] = self.slots.census_loss(scenes, tokens.float(),
+                                                     self.model.llm.get_input_embeddings().weight, cells)
         weights = {"answer": s.answer_weight, "lm": s.lm_weight, "slots": s.slot_weight, "readout": s.readout_weight,
-                   "box_readout": s.box_readout_weight,
+                   "box_readout": s.box_readout_weight, "census": s.census_weight,
                    "match": s.match_weight, "pointer": s.pointer_weight, "read": s.read_weight,
                    "read_box": s.box_read_weight, "box_attend": s.box_role_weight, "box_read": s.box_role_weight}
         parts["total"] = sum(weights[name] * value for name, value in parts.items())
         return parts
 
-    def _match_loss(self, scenes, conversations, batch: dict, hidden: torch.Tensor) -> torch.Tensor | None:
-        return match_loss(self.match_head, scenes, conversations, batch, hidden, self.slots.grid)
+    def _match_loss(self, scenes, conversations, batch: dict, hidden: torch.Tensor,
+                    cells: list | None = None) -> torch.Tensor | None:
+        return match_loss(self.match_head, scenes, conversations, batch, hidden, self.slots.grid, cells)
 
     def _pointer_loss(self, scenes, conversations, batch: dict, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
         s = self.settings

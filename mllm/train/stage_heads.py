@@ -47,7 +47,7 @@ def new_pointer_head(hidden_size: int, seed: int) -> torch.nn.ModuleDict:
 
 
 def match_loss(head: torch.nn.Module, scenes, conversations, batch: dict, hidden: torch.Tensor,
-               grid: int) -> torch.Tensor | None:
+               grid: int, cells: list | None = None) -> torch.Tensor | None:
     """Binary cross-entropy of the match head on every image position's hidden state [B, Q, D]: does its cell
     hold an object the conversation's first question asks about (`answering_objects`). None when no
     conversation of the batch starts with such a question. About one cell in 36 is a target, so targets weigh
@@ -63,7 +63,7 @@ def match_loss(head: torch.nn.Module, scenes, conversations, batch: dict, hidden
         if hits is None:
             continue
         keep.append(b)
-        for hit, features in zip(hits, slot_features(scene, grid)):
+        for hit, features in zip(hits, slot_features(scene, grid, None if cells is None else cells[b])):
             if hit:
                 targets[b, features[0]] = 1.0  # the object's cell
     if not keep:
@@ -73,12 +73,13 @@ def match_loss(head: torch.nn.Module, scenes, conversations, batch: dict, hidden
 
 
 def pointer_targets(scene: S.Scene, conversation: list[tuple[str, str]], ids: list[int], tokenizer,
-                    grid: int, boxes: bool = False, descriptions: bool = True) -> list[tuple[int, int]]:
+                    grid: int, boxes: bool = False, descriptions: bool = True,
+                    cells: tuple[int, ...] | None = None) -> list[tuple[int, int]]:
     """(position in `ids`, image cell) for every token of the conversation's descriptions that predicts a token
     of a sentence or list item about one of the scene's objects (`described_objects`): the cell of that object.
     With `boxes`, also every token predicting one of a grounding answer's: the referred object's cell (without
     `descriptions`, only those)."""
-    cell_of = [features[0] for features in slot_features(scene, grid)]
+    cell_of = [features[0] for features in slot_features(scene, grid, cells)]
     out = []
     for prompt, answer in conversation:
         if descriptions and (prompt in S.SHORT_PROMPTS or prompt in S.DETAILED_PROMPTS):
@@ -235,13 +236,14 @@ def check_box_heads(heads: tuple, config) -> None:
 
 
 def box_role_targets(scene: S.Scene, conversation: list[tuple[str, str]], ids: list[int], tokenizer, grid: int,
-                     numbers: torch.Tensor) -> list[tuple[int, int, int]]:
+                     numbers: torch.Tensor, cells: tuple[int, ...] | None = None) -> list[tuple[int, int, int]]:
     """(position, referred cell, role) for every token predicting one of a grounding answer's tokens (its first
     but one on, as `pointer_targets`): role k where the box's k-th number comes next, -1 at its other tokens."""
     out, is_number = [], set(numbers.tolist())
     for turn in conversation:
         written = 0
-        for position, cell in pointer_targets(scene, [turn], ids, tokenizer, grid, boxes=True, descriptions=False):
+        for position, cell in pointer_targets(scene, [turn], ids, tokenizer, grid, boxes=True, descriptions=False,
+                                              cells=cells):
             number = ids[position + 1] in is_number
             out.append((position, cell, written if number and written < len(BOX_ROLES) else -1))
             written += number
@@ -249,7 +251,7 @@ def box_role_targets(scene: S.Scene, conversation: list[tuple[str, str]], ids: l
 
 
 def box_role_losses(llm, hidden_states: tuple, scenes, conversations, batch: dict, tokenizer, grid: int,
-                    heads: tuple, numbers: torch.Tensor) -> dict[str, torch.Tensor]:
+                    heads: tuple, numbers: torch.Tensor, cells: list | None = None) -> dict[str, torch.Tensor]:
     """Each coordinate k of a grounding answer's box (x0, y0, x1, y1, whole-number tokens) taught to query head
     `heads[k]` = (layer, head) of the LLM (`hidden_states[layer]` that layer's input [B, T, D]):
 
@@ -261,11 +263,12 @@ def box_role_losses(llm, hidden_states: tuple, scenes, conversations, batch: dic
     A head that finds the cell returns the same vector wherever it looks from, so one head for the whole box cannot
     say which coordinate is wanted; here the role is picked by which head looks (measured, docs/probes/README.md stop
     39: teacher-forced mean absolute error 42-68 of 1000 where the coordinates' spread is ~195). Empty when the batch
-    holds no grounding answer."""
+    holds no grounding answer. `cells`: per scene, its objects' cells (`scene_slots.assign_cells`)."""
+    placed = cells
     rows, at, cells, roles = [], [], [], []
     for b, (scene, conversation) in enumerate(zip(scenes, conversations)):
         for position, cell, role in box_role_targets(scene, conversation, batch["input_ids"][b].tolist(), tokenizer,
-                                                     grid, numbers):
+                                                     grid, numbers, None if placed is None else placed[b]):
             rows.append(b), at.append(position), cells.append(cell), roles.append(role)
     if not rows:
         return {}

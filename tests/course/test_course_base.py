@@ -281,6 +281,36 @@ def test_recount_takes_the_count_word_out_of_the_slots_from_there_on():
     assert (mixed[4].steps, mixed[4].interleave) == (12, (ground_lesson, ground_lesson, (recount.mix, 2)))
     with pytest.raises(ValueError, match="reground_recount_every"):
         base_stages(Budget(recount_steps=7, reground_recount_every=1))
+    # tune may take recount's batches too, from pixels: every k-th step
+    tuned = base_stages(Budget(recount_steps=7, recount_lr=2e-4, ground_steps=9, tune_recount_every=2))
+    assert tuned[:6] == counted[:6] and tuned[6] == replace(counted[6], interleave=(
+        (counted[6].mix, counted[6].turns), (recount.mix, 2)))
+    no_ground = base_stages(Budget(recount_steps=7, ground_steps=0, tune_recount_every=3))
+    assert [s.label for s in no_ground] == ["read", "settle", "recount", "reground", "align", "tune"]
+    assert no_ground[-1].interleave[-1] == (recount.mix, 2) and len(no_ground[-1].interleave) == 3
+    with pytest.raises(ValueError, match="tune_recount_every"):
+        base_stages(Budget(recount_steps=7, tune_recount_every=1))
+    with pytest.raises(ValueError, match="needs recount_steps"):
+        base_stages(Budget(tune_recount_every=2))
     # the field at its default is not hashed: stages finished before it existed keep their fingerprints
     assert chain_fingerprint(default) == chain_fingerprint([replace(s, slot_counts=True) for s in default])
     assert chain_fingerprint(default[:1]) != chain_fingerprint([replace(default[0], slot_counts=False)])
+
+
+def test_a_finished_phase0_is_reused_only_for_its_own_settings(tmp_path):
+    """Its settings are recorded beside it; asked with others (the centre head on, another step count) it refuses,
+    naming the field. One finished before settings were recorded counts as trained without the centre head."""
+    import json
+
+    import pytest
+
+    from mllm.course.base import _check_phase0
+
+    wanted = {"steps": 3000, "batch": 64, "lr": 0.003, "centre": 0.0, "seed": 0}
+    _check_phase0(tmp_path, wanted)  # nothing recorded: the centre head off is what it was trained with
+    with pytest.raises(ValueError, match="centre: finished with 0.0, asked 1.0"):
+        _check_phase0(tmp_path, wanted | {"centre": 1.0})
+    (tmp_path / "settings.json").write_text(json.dumps(wanted | {"centre": 1.0}))
+    _check_phase0(tmp_path, wanted | {"centre": 1.0})
+    with pytest.raises(ValueError, match=r"settings.json.*steps: finished with 3000, asked 100"):
+        _check_phase0(tmp_path, wanted | {"centre": 1.0, "steps": 100})

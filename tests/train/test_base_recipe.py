@@ -727,6 +727,97 @@ def test_readout_loss_by_hand_and_it_prefers_the_true_slots(tokenizer):
     assert wide.readout_loss(scenes, true, embedding) < 0.5 * wide.readout_loss(scenes, torch.randn_like(true), embedding)
 
 
+def test_census_loss_by_hand_reads_every_cell_and_a_ghost_beside_an_object_costs(tmp_path, tokenizer):
+    """Every cell is read as empty (a fixed logit of CENSUS_SCALE / 2) or a category: a ghost (an empty cell holding
+    its neighbour's category) is a census error that `readout_loss`, which reads object cells only, never sees."""
+    from mllm.train.scene_slots import CENSUS_SCALE
+
+    torch.manual_seed(0)
+    slots = SceneSlots(tokenizer, 8, grid=2)
+    embedding = torch.randn(len(tokenizer), 8)
+    scene = S.Scene("t", 120, 120, _scene().objects[:1], 0)  # one small red circle, top left, cell 0
+    tokens = torch.randn(1, 4, 8)
+    words = slots.categories(torch.arange(len(slots.categories.ids)), embedding)
+    expected = []
+    for cell, target in ((0, 1 + list(S.CATEGORIES).index("circle")), (1, 0), (2, 0), (3, 0)):
+        scores = CENSUS_SCALE * (words @ (tokens[0, cell] - slots.cell.weight[cell])) / words.pow(2).sum(-1).mean()
+        logits = torch.cat([torch.tensor([CENSUS_SCALE / 2]), scores])
+        expected.append(-torch.log_softmax(logits, 0)[target])
+    assert torch.allclose(slots.census_loss([scene], tokens, embedding), torch.stack(expected).mean(), atol=1e-5)
+    # the true slots read back nearly free; a ghost of the circle in the next cell costs, where readout does not see it
+    wide, embedding = SceneSlots(tokenizer, 64, grid=6), torch.randn(len(tokenizer), 64)
+    scenes = [S.drawn_scene(S.sample_scene(random.Random(i), "x")) for i in range(8)]
+    true = wide(scenes, embedding).detach()
+    assert wide.census_loss(scenes, true, embedding) < 0.1
+    features = slot_features(scenes[0], 6)
+    held = {f[0] for f in features}
+    ghost_cell = next(c for c in (features[0][0] + d for d in (1, -1, 6, -6)) if 0 <= c < 36 and c not in held)
+    ghosted = true.clone()
+    ghosted[0, ghost_cell] += wide.categories(torch.tensor([features[0][2]]), embedding)[0]
+    assert wide.census_loss(scenes, ghosted, embedding) > wide.census_loss(scenes, true, embedding) + 0.01
+    assert torch.equal(wide.readout_loss(scenes, ghosted, embedding), wide.readout_loss(scenes, true, embedding))
+    # weighed into a stage's total under its own name
+    model = _model(tokenizer)
+    slots = SceneSlots(tokenizer, model.config.llm.hidden_size, grid=2, box_code="number")
+    settings = StageSettings(kind="align", steps=1, lr=1e-3, trains={"vision": 1.0}, answer_weight=0.0,
+                             slot_weight=1.0, census_weight=0.5, batch=2, eval_scenes=1)
+    stage = BaseStage(model, tokenizer, slots, settings, tmp_path)
+    rng = random.Random(0)
+    scenes, images = stage._scenes(rng, 2)
+    parts = stage.loss(scenes, images, rng)
+    assert set(parts) == {"slots", "census", "total"}
+    tokens = base_recipe.vision_tokens(model, stage.processor, images).float()
+    census = slots.census_loss(scenes, tokens, model.llm.get_input_embeddings().weight)
+    assert torch.allclose(parts["census"], census, rtol=0.05)
+    assert torch.allclose(parts["total"], parts["slots"] + 0.5 * parts["census"])
+
+
+def test_an_object_near_a_border_may_be_held_across_it_when_the_tokens_already_hold_it_there(tmp_path, tokenizer):
+    """120 x 120 on a 6 x 6 grid (20-pixel cells): a circle centred 1 pixel left of the border between cells 13 and
+    14 may be held in 14; the star at the middle of its cell and an object at the grid's edge may not. The tokens
+    decide: slots with the circle in 14 are read as 14, the true slots as 13; a neighbour already held keeps it."""
+    from mllm.train.scene_slots import assign_cells, border_neighbours
+
+    objects = (S.SceneObject("circle", "red", 39, 50, 20, 0, (29, 40, 49, 60)),  # u = 1.95, v = 2.5: cell 13
+               S.SceneObject("star", "blue", 70, 70, 20, 0, (60, 60, 80, 80)),  # the middle of cell 21
+               S.SceneObject("heart", "green", 118, 70, 4, 0, (116, 68, 120, 72)))  # u = 5.9: the edge is nearest
+    scene = S.Scene("t", 120, 120, objects, 0)
+    assert [f[0] for f in slot_features(scene, 6)] == [13, 21, 23]
+    assert border_neighbours(scene, 6, 0.25) == [14, None, None]
+    assert border_neighbours(scene, 6, 0.04) == [None, None, None]
+    assert [f[0] for f in slot_features(scene, 6, (14, 21, 23))] == [14, 21, 23]
+    torch.manual_seed(0)
+    slots, embedding = SceneSlots(tokenizer, 64, grid=6), torch.randn(len(tokenizer), 64)
+    true = slots([scene], embedding).detach()
+    moved = slots([scene], embedding, [(14, 21, 23)]).detach()
+    assert torch.equal(moved[0, 14] - slots.cell.weight[14], true[0, 13] - slots.cell.weight[13])
+    assert assign_cells(slots, [scene], true, embedding, 0.25) == [(13, 21, 23)]
+    assert assign_cells(slots, [scene], moved, embedding, 0.25) == [(14, 21, 23)]
+    assert assign_cells(slots, [scene], moved, embedding, 0.04) == [(13, 21, 23)]
+    held = S.Scene("t", 120, 120, objects + (S.SceneObject("moon", "red", 50, 50, 4, 0, (48, 48, 52, 52)),), 0)
+    assert [f[0] for f in slot_features(held, 6)][3] == 14
+    assert assign_cells(slots, [held], slots([held], embedding).detach(), embedding, 0.25) == [(13, 21, 23, 14)]
+    # in a stage every target follows the assignment: the slot regression and the read-backs
+    model = _model(tokenizer)
+    slots = SceneSlots(tokenizer, model.config.llm.hidden_size, grid=2, box_code="number")
+    settings = StageSettings(kind="align", steps=1, lr=1e-3, trains={"vision": 1.0}, answer_weight=0.0,
+                             slot_weight=1.0, readout_weight=1.0, census_weight=1.0, slot_tolerance=0.5, batch=4,
+                             eval_scenes=1)
+    stage = BaseStage(model, tokenizer, slots, settings, tmp_path)
+    rng = random.Random(0)
+    scenes, images = stage._scenes(rng, 4)
+    parts = stage.loss(scenes, images, rng)
+    embedding = model.llm.get_input_embeddings().weight
+    tokens = base_recipe.vision_tokens(model, stage.processor, images).float()
+    cells = assign_cells(slots, scenes, tokens, embedding, 0.5)
+    assert cells != [tuple(f[0] for f in slot_features(scene, 2)) for scene in scenes]  # some object moved
+    target = slots(scenes, embedding, cells).float()
+    assert torch.allclose(parts["slots"], ((tokens - target) ** 2).mean() / target.var(), rtol=0.05)
+    assert torch.allclose(parts["census"], slots.census_loss(scenes, tokens, embedding, cells), rtol=0.05)
+    with pytest.raises(ValueError, match="slot_tolerance"):
+        StageSettings(kind="read", steps=1, lr=1e-3, trains={"llm": 1.0}, slot_tolerance=0.25)
+
+
 def test_describe_scores_the_pairs_greedy_descriptions_name(tmp_path, tokenizer):
     """An LLM stand-in that writes, for every other held-out scene, its first object ("a red circle") and for the
     rest nothing: the score is those scenes' one pair each over every scene's pairs, decoded from what it wrote."""
