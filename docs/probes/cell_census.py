@@ -7,8 +7,9 @@ LLM's counting is what fails; if the census fails too, the tokens are.
     OMP_NUM_THREADS=1 .venv/bin/python docs/probes/cell_census.py runs/course21/base/tune [train=2000 test=600]
 
 With the stage's slot tables beside it (slots.safetensors), the census read the way `SceneSlots.census_loss` reads
-it (no probe trained) is reported first. Also prints the probe's errors by kind: an empty cell taken for an object (a ghost, most often beside an object
-of that category), an object cell called empty (missed), or called another category.
+it (no probe trained) is reported first. Also prints the probe's errors by kind: an empty cell taken for an object
+(a ghost, most often beside an object of that category), an object cell called empty (missed), or called another
+category.
 """
 import random
 import sys
@@ -17,14 +18,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from mllm.course.base import SLOT_GRID
 from mllm.model.image_processing import ImageProcessor
 from mllm.model.modeling_mllm import MLLMModel
-from mllm.train.base_recipe import vision_tokens
-from safetensors.torch import load_file
-
 from mllm.model.tokenization import load_tokenizer
+from mllm.train.base_recipe import vision_tokens
 from mllm.train.scene_slots import CENSUS_SCALE, SceneSlots, slot_features
 from mllm.world import scenes as S
 
@@ -81,7 +81,8 @@ if __name__ == "__main__":
             read = torch.cat([torch.full_like(scores[..., :1], CENSUS_SCALE / 2), scores], -1).argmax(-1)
         y = torch.stack([cell_labels(s) for s in test_scenes])
         print(f"census read by the slots' words: cells {(read == y).float().mean():.4f}, empty cells empty "
-              f"{(read[y == 0] == 0).float().mean():.4f}, object cells right {(read[y > 0] == y[y > 0]).float().mean():.4f}")
+              f"{(read[y == 0] == 0).float().mean():.4f}, object cells right "
+              f"{(read[y > 0] == y[y > 0]).float().mean():.4f}")
         census_report(test_scenes, read)
     train_y = torch.stack([cell_labels(s) for s in train_scenes])
     test_y = torch.stack([cell_labels(s) for s in test_scenes])
