@@ -59,25 +59,29 @@ SLOT_GRID = 6  # the base reads an image as 6 x 6 = 36 tokens, one per cell of t
 N_SCENE_TARGETS = GRID * GRID * (len(SHAPES) + len(COLOUR_NAMES)) + len(SHAPES) * len(COLOUR_NAMES)
 
 
+def _covering(scene: dict, rows: int, cols: int) -> torch.Tensor:
+    """[rows*cols]: 1 + the index of the last-drawn object whose box holds the patch's centre, 0 for none (objects
+    are drawn in list order, so a later one covers an earlier one)."""
+    owner = torch.zeros(rows * cols, dtype=torch.long)
+    w, h = scene["width"], scene["height"]
+    for k, obj in enumerate(scene["objects"]):
+        x0, y0, x1, y1 = obj["bbox"]
+        for i in range(rows):
+            if y0 <= (i + 0.5) * h / rows <= y1:
+                for j in range(cols):
+                    if x0 <= (j + 0.5) * w / cols <= x1:
+                        owner[i * cols + j] = k + 1
+    return owner
+
+
 def patch_targets(scene: dict, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Shape and colour class of each patch of a rows x cols view of the whole image ([rows*cols] each, row-major;
     0 = background, k = SHAPES[k-1] / COLOUR_NAMES[k-1]). A patch belongs to the last-drawn object whose box
-    holds its centre (objects are drawn in list order, so a later one covers an earlier one)."""
-    shape = torch.zeros(rows * cols, dtype=torch.long)
-    colour = torch.zeros(rows * cols, dtype=torch.long)
-    w, h = scene["width"], scene["height"]
-    for obj in scene["objects"]:
-        x0, y0, x1, y1 = obj["bbox"]
-        for i in range(rows):
-            y = (i + 0.5) * h / rows
-            if not y0 <= y <= y1:
-                continue
-            for j in range(cols):
-                x = (j + 0.5) * w / cols
-                if x0 <= x <= x1:
-                    shape[i * cols + j] = SHAPES.index(obj["category"]) + 1
-                    colour[i * cols + j] = COLOUR_NAMES.index(obj["colour"]) + 1
-    return shape, colour
+    holds its centre (`_covering`)."""
+    shapes = torch.tensor([0] + [SHAPES.index(o["category"]) + 1 for o in scene["objects"]])
+    colours = torch.tensor([0] + [COLOUR_NAMES.index(o["colour"]) + 1 for o in scene["objects"]])
+    owner = _covering(scene, rows, cols)
+    return shapes[owner], colours[owner]
 
 
 def centre_targets(scene: dict, rows: int, cols: int, grid: int = SLOT_GRID) -> torch.Tensor:
@@ -85,18 +89,13 @@ def centre_targets(scene: dict, rows: int, cols: int, grid: int = SLOT_GRID) -> 
     the patch's centre (the last drawn, as in `patch_targets`), 0 = background. Every patch of an object names one
     cell, the one the slots put the object in (`scene_slots.slot_features`): the tower is taught where an object's
     centre falls, which a cell's token needs so that no neighbouring cell holds the object too."""
-    centre = torch.zeros(rows * cols, dtype=torch.long)
     w, h = scene["width"], scene["height"]
+    cells = [0]
     for obj in scene["objects"]:
         x0, y0, x1, y1 = obj["bbox"]
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        cell = min(grid - 1, int(grid * cy / h)) * grid + min(grid - 1, int(grid * cx / w))
-        for i in range(rows):
-            if y0 <= (i + 0.5) * h / rows <= y1:
-                for j in range(cols):
-                    if x0 <= (j + 0.5) * w / cols <= x1:
-                        centre[i * cols + j] = 1 + cell
-    return centre
+        cells.append(1 + min(grid - 1, int(grid * cy / h)) * grid + min(grid - 1, int(grid * cx / w)))
+    return torch.tensor(cells)[_covering(scene, rows, cols)]
 
 
 def scene_targets(scene: dict) -> torch.Tensor:

@@ -295,7 +295,7 @@ class BaseStage:
             cells = None
             if s.slot_tolerance:
                 embedding = self.model.llm.get_input_embeddings().weight
-                cells = assign_cells(self.slots, scenes, tokens, embedding, s.slot_tolerance)
+                cells = assign_cells(self.slots, scenes, tokens, slot_vectors, s.slot_tolerance)
                 slot_vectors = self.slots(scenes, embedding, cells)
             if s.answer_weight or s.lm_weight:
                 mix, turns = mix or s.mix, turns or s.turns

@@ -278,18 +278,18 @@ class SceneSlots(nn.Module):
         return out.index_put((rows, f[:, 0]), vectors.to(out.dtype), accumulate=True)
 
 
-def assign_cells(slots: SceneSlots, scenes: list[S.Scene], tokens: torch.Tensor, word_embedding: torch.Tensor,
+def assign_cells(slots: SceneSlots, scenes: list[S.Scene], tokens: torch.Tensor, targets: torch.Tensor,
                  tolerance: float) -> list[tuple[int, ...]]:
     """Per scene, its objects' cells for this batch's targets: an object whose centre lies within `tolerance` cells
     of a border (`border_neighbours`) is put across it when the image tokens [B, Q, D] already hold it there (the
     slot error of the two cells smaller that way), provided it is alone in its cell and the neighbour holds nothing.
     A count of cells needs every object in exactly one of them, not in the one a line a few pixels away picks:
     measured on course23's align, 286 of 381 cells that held an object not theirs had its centre within 0.1 cells
-    of their border. The choice is made without gradient; the losses then use it (slots, read-backs, census, heads)."""
+    of their border. `targets`: the scenes' slot vectors [B, Q, D] with every object in its own cell (`slots`' forward
+    without `cells`). The choice is made without gradient; the losses then use it (slots, read-backs, census, heads)."""
     out = []
     with torch.no_grad():
-        targets = slots(scenes, word_embedding).float()  # (B, Q, D)
-        tokens = tokens.float()
+        targets, tokens = targets.float(), tokens.float()
         for b, scene in enumerate(scenes):
             own = [f[0] for f in slot_features(scene, slots.grid)]
             held = Counter(own)

@@ -264,17 +264,16 @@ def box_role_losses(llm, hidden_states: tuple, scenes, conversations, batch: dic
     say which coordinate is wanted; here the role is picked by which head looks (measured, docs/probes/README.md stop
     39: teacher-forced mean absolute error 42-68 of 1000 where the coordinates' spread is ~195). Empty when the batch
     holds no grounding answer. `cells`: per scene, its objects' cells (`scene_slots.assign_cells`)."""
-    placed = cells
-    rows, at, cells, roles = [], [], [], []
+    rows, at, referred, roles = [], [], [], []
     for b, (scene, conversation) in enumerate(zip(scenes, conversations)):
         for position, cell, role in box_role_targets(scene, conversation, batch["input_ids"][b].tolist(), tokenizer,
-                                                     grid, numbers, None if placed is None else placed[b]):
-            rows.append(b), at.append(position), cells.append(cell), roles.append(role)
+                                                     grid, numbers, None if cells is None else cells[b]):
+            rows.append(b), at.append(position), referred.append(cell), roles.append(role)
     if not rows:
         return {}
     device = hidden_states[0].device
-    rows, at, cells, roles = (torch.tensor(v, device=device) for v in (rows, at, cells, roles))
-    targets = batch["image_starts"][rows] + cells  # (N,) the referred cells' sequence positions
+    rows, at, referred, roles = (torch.tensor(v, device=device) for v in (rows, at, referred, roles))
+    targets = batch["image_starts"][rows] + referred  # (N,) the referred cells' sequence positions
     attend, read = [], []
     inputs = {}  # layer -> (normed input [B, T, D], value projection [B, T, KV * hd]): once per layer
     for layer_index in dict.fromkeys(layer_index for layer_index, _ in heads):

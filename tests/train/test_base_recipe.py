@@ -791,12 +791,13 @@ def test_an_object_near_a_border_may_be_held_across_it_when_the_tokens_already_h
     true = slots([scene], embedding).detach()
     moved = slots([scene], embedding, [(14, 21, 23)]).detach()
     assert torch.equal(moved[0, 14] - slots.cell.weight[14], true[0, 13] - slots.cell.weight[13])
-    assert assign_cells(slots, [scene], true, embedding, 0.25) == [(13, 21, 23)]
-    assert assign_cells(slots, [scene], moved, embedding, 0.25) == [(14, 21, 23)]
-    assert assign_cells(slots, [scene], moved, embedding, 0.04) == [(13, 21, 23)]
+    assert assign_cells(slots, [scene], true, true, 0.25) == [(13, 21, 23)]
+    assert assign_cells(slots, [scene], moved, true, 0.25) == [(14, 21, 23)]
+    assert assign_cells(slots, [scene], moved, true, 0.04) == [(13, 21, 23)]
     held = S.Scene("t", 120, 120, objects + (S.SceneObject("moon", "red", 50, 50, 4, 0, (48, 48, 52, 52)),), 0)
     assert [f[0] for f in slot_features(held, 6)][3] == 14
-    assert assign_cells(slots, [held], slots([held], embedding).detach(), embedding, 0.25) == [(13, 21, 23, 14)]
+    held_slots = slots([held], embedding).detach()
+    assert assign_cells(slots, [held], held_slots, held_slots, 0.25) == [(13, 21, 23, 14)]
     # in a stage every target follows the assignment: the slot regression and the read-backs
     model = _model(tokenizer)
     slots = SceneSlots(tokenizer, model.config.llm.hidden_size, grid=2, box_code="number")
@@ -809,7 +810,7 @@ def test_an_object_near_a_border_may_be_held_across_it_when_the_tokens_already_h
     parts = stage.loss(scenes, images, rng)
     embedding = model.llm.get_input_embeddings().weight
     tokens = base_recipe.vision_tokens(model, stage.processor, images).float()
-    cells = assign_cells(slots, scenes, tokens, embedding, 0.5)
+    cells = assign_cells(slots, scenes, tokens, slots(scenes, embedding), 0.5)
     assert cells != [tuple(f[0] for f in slot_features(scene, 2)) for scene in scenes]  # some object moved
     target = slots(scenes, embedding, cells).float()
     assert torch.allclose(parts["slots"], ((tokens - target) ** 2).mean() / target.var(), rtol=0.05)
