@@ -146,6 +146,9 @@ def pretrain(model, world: Path, steps: int = 1500, batch_size: int = 64, lr: fl
     patch head, each object patch's slot cell (`centre_targets`), its accuracy logged too."""
     processor = ImageProcessor.from_config(model.config.slice)
     examples = _examples(Path(world), processor, limit)
+    # seeded before the heads: whether this process built the init or loaded it (a resumed run, or read-kind
+    # stages that ran here first), the heads start the same (they drew from whatever came before until stop 52)
+    torch.manual_seed(seed)
     heads = PretrainHeads(model.config.vision.hidden_size, model.config.query_num, model.config.llm.hidden_size,
                           centre=centre_weight > 0)
     params = list(model.vpm.parameters()) + list(model.resampler.parameters()) + list(heads.parameters())
@@ -154,7 +157,7 @@ def pretrain(model, world: Path, steps: int = 1500, batch_size: int = 64, lr: fl
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     rng = random.Random(seed)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the steps' draws as before stop 52
     model.vpm.train()
     model.resampler.train()
     log, started, cpu_started = [], time.time(), time.process_time()
@@ -407,18 +410,23 @@ def _fresh_resampler(model, seed: int) -> None:
     model.resampler.load_state_dict(MLLMModel(model.config).resampler.state_dict())
 
 
-def _read_beside(out: Path, budget: Budget, seed: int) -> None:
-    """The read-kind stages (read, settle) in their own process on one core (phase 0 has the other); a
-    finished stage hands on only the LLM and the slots (`BaseStage.load_finished`)."""
+def _read_beside(out: Path, budget: Budget, seed: int, handoff=None) -> None:
+    """The read-kind stages (read, settle, ...) in their own process on one core while phase 0 has the other; a
+    finished stage hands on only the LLM and the slots (`BaseStage.load_finished`). Once `handoff` (an Event) is
+    set, phase 0 is done: the stage under way saves at its next step and this process ends, so that the main
+    process resumes it there on every core instead of one core idling for the rest of the read-kind stages."""
     torch.set_num_threads(1)
     model, tokenizer = _fresh_model(out / "world", out / "base" / "init", seed, budget.whole_numbers, budget.box_code)
     slots = _slots(tokenizer, model, seed, budget.box_code)
     stages = base_stages(budget)
     for k, settings in enumerate(stages):
-        if settings.kind != "read":
+        if settings.kind != "read" or (handoff is not None and handoff.is_set()):
             break
-        BaseStage(model, tokenizer, slots, settings, out / "base" / settings.label, seed=seed,
-                  after=stages[:k]).run(progress=lambda line: print(line, flush=True))
+        summary = BaseStage(model, tokenizer, slots, settings, out / "base" / settings.label, seed=seed,
+                            after=stages[:k]).run(progress=lambda line: print(line, flush=True),
+                                                  stop=None if handoff is None else handoff.is_set)
+        if summary is None:
+            break
 
 
 @contextlib.contextmanager
@@ -476,7 +484,8 @@ def _check_phase0(folder: Path, wanted: dict) -> None:
 def stage_base(out: Path, budget: Budget, seed: int) -> dict:
     """Phase 0 (vision pretraining, `pretrain` above), then read, settle, ground, align and tune (`base_stages`),
     then the polish rounds (`mllm.course.polish`); the last round's model is the base. With two cores or more,
-    phase 0 and the read-kind stages (which share no parameters) run side by side, one core each. Every phase
+    phase 0 and the read-kind stages (which share no parameters) run side by side, one core each, and when phase 0
+    ends the read-kind stage under way goes on here on every core (`_read_beside`'s handoff). Every phase
     resumes: a finished one is reused, a stopped one goes on from its last saved state, so a stopped run goes on
     where it was."""
     world = world_dir(out, budget, seed)
@@ -489,12 +498,15 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
         # phase 0 trains only the vision side and the read-kind stages only the LLM and slots: one core each
         # written before either process reads it
         _fresh_model(world, stage / "init", seed, budget.whole_numbers, budget.box_code)
-        reader = multiprocessing.get_context("spawn").Process(target=_read_beside, args=(out, budget, seed))
+        spawn = multiprocessing.get_context("spawn")
+        handoff = spawn.Event()
+        reader = spawn.Process(target=_read_beside, args=(out, budget, seed, handoff))
         reader.start()
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         with _stopping_together(reader):
             model, tokenizer, log = vision_phase(stage, world, budget, seed)
+            handoff.set()  # the read-kind stage under way goes on here, on every core (below)
             torch.set_num_threads(threads)
             reader.join()
     else:

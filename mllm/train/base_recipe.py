@@ -490,9 +490,10 @@ class BaseStage:
         os.replace(temporary, self.folder / "state.pt")
         write_json_atomic(self.folder / "log.json", state["log"])
 
-    def run(self, progress=print) -> dict:
+    def run(self, progress=print, stop=None) -> dict | None:
         """Train to `steps` (resuming from `state.pt`), write the model and `done.json`; return the summary.
-        A finished stage (done.json present) only loads its weights."""
+        A finished stage (done.json present) only loads its weights. `stop`: asked after every step; when it says
+        so, the state is saved at that step and None returned (a later run resumes there)."""
         s, folder = self.settings, self.folder
         folder.mkdir(parents=True, exist_ok=True)
         self.slots.count_words = s.slot_counts  # what this stage's slots hold, for its training and evaluations
@@ -510,7 +511,9 @@ class BaseStage:
         if (folder / "state.pt").is_file():  # our own file, read with the restricted unpickler all the same
             state = torch.load(folder / "state.pt", weights_only=True)
             self._check_same_chain(folder / "state.pt", state.get("after"))
-            self.model.load_state_dict(state["model"])
+            # the parts this stage trains: the others are this run's earlier stages' (a read-kind stage begun
+            # beside phase 0 saved the init's vision, which must not come back over phase 0's)
+            self.model.load_state_dict(self._trained_part(state["model"]), strict=False)
             self.slots.load_state_dict(state["slots"])
             if self.match_head is not None:
                 self.match_head.load_state_dict(state["match_head"])
@@ -545,7 +548,8 @@ class BaseStage:
                 grounded = f", grounding Acc@0.5 {log[-1]['ground']['acc']:.3f}" if s.ground_scenes else ""
                 progress(f"{s.label} step {step}/{s.steps} ({cpu_minutes} CPU-min): {log[-1]['yesno']}{described}"
                          f"{grounded}")
-            if step % s.save_every == 0 or step == s.steps:
+            stopping = step < s.steps and stop is not None and stop()
+            if step % s.save_every == 0 or step == s.steps or stopping:
                 self._save({"model": self.model.state_dict(), "slots": self.slots.state_dict(),
                             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                             "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "step": step,
@@ -553,6 +557,9 @@ class BaseStage:
                            | ({"match_head": self.match_head.state_dict()} if self.match_head is not None else {})
                            | ({"pointer_head": self.pointer_head.state_dict()}
                               if self.pointer_head is not None else {}))
+            if stopping:
+                progress(f"{s.label}: stopped at step {step} of {s.steps} (saved; a rerun resumes here)")
+                return None
         self.model.config.question_first = s.question_first  # the order its prompts must keep (chat, benches)
         self.model.save_pretrained(folder / "model", tokenizer=self.tokenizer)
         save_file(self.slots.state_dict(), str(folder / "slots.safetensors"))
@@ -578,11 +585,14 @@ class BaseStage:
     def load_finished(self) -> None:
         """Take over only the parts this stage trained: the others are the earlier stages' (so a stage that ran
         beside another, e.g. read beside the vision pretraining, does not bring back its starting vision)."""
-        prefixes = tuple(f"{name}." for part in self.settings.trains for name in MODEL_PARTS.get(part, ()))
-        trained = {k: v for k, v in load_state_dict(self.folder / "model").items() if k.startswith(prefixes)}
-        self.model.load_state_dict(trained, strict=False)
+        self.model.load_state_dict(self._trained_part(load_state_dict(self.folder / "model")), strict=False)
         if "slots" in self.settings.trains:
             self.slots.load_state_dict(load_file(str(self.folder / "slots.safetensors")))
+
+    def _trained_part(self, state: dict) -> dict:
+        """The entries of a model state dict that belong to the parts this stage trains."""
+        prefixes = tuple(f"{name}." for part in self.settings.trains for name in MODEL_PARTS.get(part, ()))
+        return {k: v for k, v in state.items() if k.startswith(prefixes)}
 
     def curve(self) -> list[dict]:
         return json.loads((self.folder / "log.json").read_text())

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from mllm.course.base import GROUND_MIX, SLOT_GRID, base_stages, stage_base
-from mllm.course.shared import Budget
+from mllm.course.shared import Budget, world_dir
 
 
 def _budget():
@@ -122,6 +122,7 @@ def test_stages_run_side_by_side_keep_each_others_results(tmp_path, monkeypatch)
 def test_read_beside_the_vision_pretraining_gives_the_serial_base(tmp_path, monkeypatch):
     from mllm.course import base as course_base
 
+    read_beside = course_base._read_beside
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     side_by_side = stage_base(tmp_path / "two", _budget(), seed=0)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
@@ -132,16 +133,38 @@ def test_read_beside_the_vision_pretraining_gives_the_serial_base(tmp_path, monk
     two = load_file(tmp_path / "two" / "base" / "model" / "model.safetensors")
     one = load_file(tmp_path / "one" / "base" / "model" / "model.safetensors")
     assert all(torch.allclose(two[k], one[k], atol=1e-5) for k in one)
-    names_read_kind = ("read", "settle")
-    # every read-kind stage ran beside phase 0, from the init's vision, and that vision was not handed on
+    # each read-kind stage ran beside phase 0 from the init's vision, or (once phase 0 ended) here from phase 0's;
+    # neither vision was handed on to align (the bases are equal)
     init = load_file(tmp_path / "two" / "base" / "init" / "model.safetensors")
     phase0 = load_file(tmp_path / "two" / "base" / "phase0" / "model.safetensors")
     key = "vpm.embeddings.patch_embedding.weight"
-    for name in names_read_kind:
+    assert not torch.equal(init[key], phase0[key])
+    for name in ("read", "settle", "ground"):
         read = load_file(tmp_path / "two" / "base" / name / "model" / "model.safetensors")
-        assert torch.equal(read[key], init[key]) and not torch.equal(read[key], phase0[key])
+        assert torch.equal(read[key], init[key]) or torch.equal(read[key], phase0[key])
     assert [s["steps"] for s in side_by_side["stages"]] == [s["steps"] for s in serial["stages"]]
     assert side_by_side["stages"][0]["steps"] == 4  # read
+
+    # phase 0 ends while read is at step 3 of 4: read stops there (saved), and the stages go on here from that step
+    class SetOnItsThirdAsking:  # stands for the Event phase 0 sets: asked before each stage and after each step
+        asked = 0
+
+        def is_set(self):
+            self.asked += 1
+            return self.asked > 3
+
+    threads = torch.get_num_threads()
+    world_dir(tmp_path / "handed", _budget(), 0)
+    read_beside(tmp_path / "handed", _budget(), 0, SetOnItsThirdAsking())
+    torch.set_num_threads(threads)
+    stopped = torch.load(tmp_path / "handed" / "base" / "read" / "state.pt", weights_only=True)
+    assert stopped["step"] == 3 and not (tmp_path / "handed" / "base" / "settle").exists()
+    handed = stage_base(tmp_path / "handed", _budget(), seed=0)
+    assert [s["steps"] for s in handed["stages"]] == [s["steps"] for s in serial["stages"]]
+    taken_over = load_file(tmp_path / "handed" / "base" / "model" / "model.safetensors")
+    assert all(torch.allclose(taken_over[k], one[k], atol=1e-5) for k in one)
+    read = load_file(tmp_path / "handed" / "base" / "read" / "model" / "model.safetensors")
+    assert torch.equal(read[key], load_file(tmp_path / "handed" / "base" / "phase0" / "model.safetensors")[key])
 
 
 def test_alignment_starts_from_a_fresh_resampler(tmp_path, monkeypatch):

@@ -570,6 +570,30 @@ def test_a_finished_stage_hands_on_only_the_parts_it_trained(tmp_path, tokenizer
     assert torch.equal(finished.slots.box.weight, slots.box.weight)
 
 
+def test_a_stage_stopped_on_request_resumes_over_another_vision_and_keeps_it(tmp_path, tokenizer):
+    # read begun beside the vision pretraining (from the init), stopped when phase 0 ends, resumed on phase 0's model:
+    # it goes on from the very step it stopped at, and the init's vision in its state must not come back
+    straight, straight_model = _read(tmp_path / "straight", tokenizer, steps=5)
+    straight.run(progress=lambda line: None)
+    asked = []
+    stopped, _ = _read(tmp_path / "stopped", tokenizer, steps=5)
+    assert stopped.run(progress=lambda line: None, stop=lambda: asked.append(1) or len(asked) >= 3) is None
+    state = torch.load(tmp_path / "stopped" / "state.pt", weights_only=True)
+    assert state["step"] == 3 and not (tmp_path / "stopped" / "done.json").exists()  # saved off the save_every beat
+    later = _model(tokenizer, seed=1)  # stands for the model after the vision pretraining
+    vision = {k: v.clone() for k, v in later.vpm.state_dict().items()}
+    slots = SceneSlots(tokenizer, later.config.llm.hidden_size, grid=2)
+    lines = []
+    summary = BaseStage(later, tokenizer, slots, stopped.settings, tmp_path / "stopped").run(progress=lines.append)
+    assert lines[0].startswith("read: resuming at step 3") and summary["steps"] == 5
+    assert all(torch.equal(v, later.vpm.state_dict()[k]) for k, v in vision.items())
+    assert not torch.equal(vision["embeddings.patch_embedding.weight"],
+                           straight_model.vpm.embeddings.patch_embedding.weight)
+    for (name, a), (_, b) in zip(straight_model.llm.state_dict().items(), later.llm.state_dict().items()):
+        assert torch.equal(a, b), name  # the LLM as if never stopped
+    assert torch.equal(straight.slots.box.weight, slots.box.weight)
+
+
 def test_a_finished_stage_trained_with_other_settings_is_not_silently_reused(tmp_path, tokenizer):
     finished, _ = _read(tmp_path, tokenizer, steps=2)
     finished.run(progress=lambda line: None)
