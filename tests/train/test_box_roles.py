@@ -127,6 +127,34 @@ def test_box_role_losses_are_each_heads_own_attention_and_output(tokenizer, tmp_
                            numbers) == {}
 
 
+def test_head_scores_are_the_heads_own_attention_for_rows_of_several_samples_in_any_order(tokenizer, tmp_path):
+    from mllm.train.stage_heads import head_scores
+
+    stage, model = _stage(tmp_path, tokenizer)
+    conversations = [[(GROUNDING_PROMPT.format(expression="the blue star"), BOX)],
+                     [(S.DETAILED_PROMPTS[0], "A star. A red circle.")],  # longer: the others padded
+                     [(GROUNDING_PROMPT.format(expression="the red circle in the top left"), BOX)]]
+    batch = collate([stage._encode(c) for c in conversations], stage.pad_id)
+    tokens = torch.randn(3, stage.query_num, model.config.llm.hidden_size)
+    with torch.no_grad():
+        out = stage._forward(batch, tokens, hidden_states=True)
+        weights = model.llm(inputs_embeds=with_image_tokens(model, batch, tokens),
+                            attention_mask=batch["attention_mask"], output_attentions=True).attentions
+    lengths = batch["attention_mask"].sum(1)
+    rows = torch.tensor([2, 0, 1, 2, 0, 1, 1])  # samples interleaved, as no caller has to sort them
+    at = torch.stack([lengths[r] - 1 - k for k, r in enumerate(rows.tolist())])  # each sample's own last tokens
+    layer_index, head = 2, 3
+    layer = model.llm.model.layers[layer_index]
+    with torch.no_grad():
+        scores = head_scores(model.llm, layer_index, layer.input_layernorm(out.hidden_states[layer_index]), batch,
+                             rows, at, head)  # (N, T)
+    assert scores.shape == (len(rows), batch["input_ids"].shape[1])
+    for n, (r, p) in enumerate(zip(rows.tolist(), at.tolist())):
+        own = weights[layer_index][r, head, p]  # the layer's own softmax over the positions this one attends to
+        assert torch.allclose(scores[n].softmax(-1), own, atol=1e-5), n
+        assert bool((scores[n, p + 1:] == torch.finfo(torch.float32).min).all())  # causal: nothing after it
+
+
 def test_a_stage_with_box_roles_learns_to_look_and_read(tokenizer, tmp_path, monkeypatch):
     from mllm.train import base_recipe
 
