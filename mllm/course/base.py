@@ -533,9 +533,10 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
     shutil.copytree(polished, model_dir)
     pretrain_cpu_minutes = log[-1].get("cpu_minutes", log[-1]["minutes"])  # logs before CPU time was kept
     plot_base_curves(curves, pretrain_cpu_minutes, stage / "base_curves.png")
-    chair_metrics = describe_and_score(model_dir, world, stage, limit=budget.eval_limit)
-    yesno_metrics = answer_yesno(model_dir, world, stage, limit=budget.eval_limit)
-    grounding_metrics = ground_and_score(model_dir, world, stage, limit=budget.eval_limit)
+    scored = _answered_by_the_last_round(polished, stage) if polish_curve else model_dir
+    chair_metrics = describe_and_score(scored, world, stage, limit=budget.eval_limit)
+    yesno_metrics = answer_yesno(scored, world, stage, limit=budget.eval_limit)
+    grounding_metrics = ground_and_score(scored, world, stage, limit=budget.eval_limit)
     kinds = json.loads((stage / "yesno.json").read_text()).get("categories", {})
     cpu_minutes = pretrain_cpu_minutes + sum(s["cpu_minutes"] for s in summaries) + polish_minutes
     return {"stage": "base", "model_dir": str(model_dir), "train_cpu_minutes": round(cpu_minutes, 1),
@@ -543,6 +544,17 @@ def stage_base(out: Path, budget: Budget, seed: int) -> dict:
             "polish": {"rounds": len(polish_curve), "cpu_minutes": round(polish_minutes, 2), "curve": polish_curve},
             "chair": chair_metrics, "yesno": yesno_metrics,
             "yesno_kinds": {k: round(v["acc"], 3) for k, v in kinds.items()}, "grounding": grounding_metrics}
+
+
+def _answered_by_the_last_round(polished: Path, stage: Path) -> Path:
+    """The last polish round evaluated these very weights on the same benches: its answers are copied beside the
+    base's (where the base has none yet) and the base is scored from them, instead of answering everything again
+    (minutes). Returns the model folder the answers are fingerprinted with, the round's."""
+    for name in ("bench_answers_greedy.jsonl", "yesno_answers.jsonl", "rec_answers.jsonl"):
+        answered = polished.parent / "eval" / name
+        if answered.is_file() and not (stage / name).exists():
+            shutil.copyfile(answered, stage / name)
+    return polished
 
 
 def plot_base_curves(curves: list[tuple[str, list[dict]]], start_minutes: float, path: Path) -> None:

@@ -67,6 +67,9 @@ def test_base_recipe_runs_and_a_rerun_resumes(tmp_path):
     assert first["polish"]["rounds"] == 1 and first["polish"]["cpu_minutes"] > 0
     assert first["train_cpu_minutes"] == round(minutes + first["polish"]["cpu_minutes"], 1)
     weights = load_file(base / "model" / "model.safetensors")
+    # the base is scored from the last round's own answers (the same weights), not answered again
+    for name in ("bench_answers_greedy.jsonl", "yesno_answers.jsonl", "rec_answers.jsonl"):
+        assert (base / name).read_text() == (base / "polish" / "round1" / "eval" / name).read_text()
     # the base is the last polish round's model, which went on from tune's
     polished = load_file(base / "polish" / "round1" / "model" / "model.safetensors")
     assert all(bool((weights[k] == polished[k]).all()) for k in weights)
