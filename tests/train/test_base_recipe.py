@@ -489,8 +489,9 @@ def _read(tmp_path, tokenizer, steps=4, **kw):
     kw = {"ground_scenes": 2} | kw  # each held-out grounding prompt decodes alone: few in tests
     model = _model(tokenizer)
     slots = SceneSlots(tokenizer, model.config.llm.hidden_size, grid=2)
+    kw = {"lm_weight": 1.0} | kw
     settings = StageSettings(kind="read", steps=steps, lr=2e-3, trains={"llm": 1.0, "slots": 1.0}, batch=4,
-                             lm_weight=1.0, warmup=2, save_every=2, eval_every=100, eval_scenes=2, **kw)
+                             warmup=2, save_every=2, eval_every=100, eval_scenes=2, **kw)
     return BaseStage(model, tokenizer, slots, settings, tmp_path), model
 
 
@@ -711,6 +712,35 @@ def test_slot_regression_alone_never_runs_the_llm(tmp_path, tokenizer):
     tokens = base_recipe.vision_tokens(model, stage.processor, images).float()
     target = slots(scenes, model.llm.get_input_embeddings().weight).float()
     assert torch.allclose(parts["slots"], ((tokens - target) ** 2).mean() / target.var(), rtol=0.05)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 0.0), (0.0, 1.0)], ids=["both", "answer", "lm"])
+def test_the_answer_and_lm_losses_are_the_cross_entropies_of_the_llms_logits(tmp_path, tokenizer, weights):
+    answer_weight, lm_weight = weights
+    stage, model = _read(tmp_path, tokenizer, answer_weight=answer_weight, lm_weight=lm_weight,
+                         bf16=False)  # fp32: the reference below runs without autocast
+    seen = {}
+    forward = stage._forward
+
+    def keep(batch, tokens, hidden_states=False):
+        seen["batch"], seen["out"] = batch, forward(batch, tokens, hidden_states)
+        return seen["out"]
+
+    stage._forward = keep
+    rng = random.Random(3)
+    scenes, images = stage._scenes(rng, 3)
+    parts = stage.loss(scenes, images, rng)
+    logits = seen["out"].logits.float().flatten(0, 1)  # every position, padding and image span included
+    batch = seen["batch"]
+    assert (batch["attention_mask"] == 0).any()  # padded: positions no loss reads
+    expected = {"answer": F.cross_entropy(logits, batch["labels"].flatten(), ignore_index=-100),
+                "lm": F.cross_entropy(logits, batch["lm_labels"].flatten(), ignore_index=-100)}
+    for name, weight in (("answer", answer_weight), ("lm", lm_weight)):
+        assert (name in parts) == bool(weight)
+        if weight:
+            assert torch.allclose(parts[name], expected[name], atol=1e-6), name
+    parts["total"].backward()  # and the gradient reaches the LLM through the shared log-softmax
+    assert model.llm.lm_head.weight.grad.abs().sum() > 0
 
 
 def test_the_box_read_back_is_weighed_on_its_own(tmp_path, tokenizer):
