@@ -29,6 +29,7 @@ bench: $(STAMP)  # one pinned thread each; every comparison interleaved in one p
 	$(BIN)/python benchmarks/bench_answer.py --threads 1
 	$(BIN)/python benchmarks/bench_vision.py --threads 1
 	$(BIN)/python benchmarks/bench_train.py --threads 1
+	$(BIN)/python benchmarks/bench_base_step.py --threads 1
 
 clean:
 	rm -rf $(VENV) runs output .pytest_cache
