@@ -3,7 +3,7 @@ questions, answered by each model and split by how many objects of the asked cat
 (`count_breakdown.py`). The bench of stops 49-52 ("792 fresh count questions").
 
     OMP_NUM_THREADS=2 .venv/bin/python docs/probes/count_bench.py out=runs/countbench \
-        tune=candidates/course26-tune base=mllm/assets/tiny-base
+        tune=runs/course26/base/tune/model base=mllm/assets/tiny-base
 
 The world is generated once under out/world (and its count-only copy under out/count_world) and reused.
 """
