@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="yes/no pairs (the world's yes/no training questions) per description pair")
     parser.add_argument("--box-anchors", type=non_negative_float, default=0.34,
                         help="grounding pairs (the world's referring expressions) per description pair")
+    parser.add_argument("--count-anchors", type=non_negative_float, default=0.0,
+                        help="count yes/no pairs (about the world's scenes, mostly a category held more than once) "
+                             "per description pair")
     parser.add_argument("--hedge-below", type=non_negative_float, default=0.0,
                         help="hedge: also call 'object' each shape the model wrote with a probability below this")
     parser.add_argument("--named-shapes", type=non_negative_float, default=0.0,
@@ -54,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = self_pairs.build_pairs(args.model, args.world, args.out, args.images, args.samples, args.seed,
                                      args.batch_size, args.max_new_tokens, args.mode, args.true_drops,
                                      yesno_anchors=args.yesno_anchors, box_anchors=args.box_anchors,
-                                     hedge_below=args.hedge_below, named_shapes=args.named_shapes, quiet=False,
-                                     runtime=runtime)
+                                     count_anchors=args.count_anchors, hedge_below=args.hedge_below,
+                                     named_shapes=args.named_shapes, quiet=False, runtime=runtime)
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -52,7 +52,8 @@ def round_settings(budget, r: int = 1) -> dict:
         raise ValueError("Budget.polish_yesno_anchors needs at least one value (yes/no pairs per description pair)")
     return defaults | {"pairs": "self", "pair_mode": "cut", "pair_scenes": "fresh",
                        "pair_images": budget.polish_images, "steps": budget.polish_steps,
-                       "yesno_anchors": yesno[min(r, len(yesno)) - 1], "box_anchors": budget.polish_anchors}
+                       "yesno_anchors": yesno[min(r, len(yesno)) - 1], "box_anchors": budget.polish_anchors} \
+        | ({"count_anchors": budget.polish_count_anchors} if budget.polish_count_anchors else {})
 
 
 def polish(model_dir: Path, world: Path, stage: Path, budget, seed: int) -> tuple[Path, list[dict]]:

@@ -96,7 +96,8 @@ def align(base: Path, world: Path, stage: Path, settings: dict, seed: int = 0) -
                 generate(images, n_train=settings["pair_images"], n_test=0, seed=seed + 1, progress=False)
         summary = build_pairs(base, images, stage / "self_pairs", settings["pair_images"], settings["pair_samples"],
                               seed=seed, mode=settings["pair_mode"], yesno_anchors=settings["yesno_anchors"],
-                              box_anchors=settings["box_anchors"], hedge_below=settings.get("hedge_below", 0.0),
+                              box_anchors=settings["box_anchors"], count_anchors=settings.get("count_anchors", 0.0),
+                              hedge_below=settings.get("hedge_below", 0.0),
                               named_shapes=settings.get("named_shapes", 0.0))
         source = Path(summary["pairs_file"])
         if not summary["pairs"]:  # a model that names nothing (random, or a --quick base) hallucinates nothing

@@ -38,6 +38,7 @@ where it was; shape pairs of sampled descriptions (misnamings the greedy decodin
     correct_shapes(caption, scene)                               -> the caption with its misnamed shapes renamed
     shape_pairs(answers, scenes)                                 -> pair records
     yesno_anchor_pairs(items, n, seed)                           -> yes/no pair records (true answer chosen)
+    count_anchor_pairs(scenes, n, seed, several)                  -> count yes/no pair records (true answer chosen)
     box_anchor_pairs(records, n, seed)                           -> grounding pair records (true box chosen)
     build_pairs(model_dir, world, out_dir, ...)                  -> pairs.json (decoding resumes like `mllm answer`)
 
@@ -49,11 +50,12 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Collection
 
 from mllm.jsonio import write_json_atomic
-from mllm.world.scenes import DETAILED_PROMPTS, NUMBER_WORDS
+from mllm.world.scenes import DETAILED_PROMPTS, NUMBER_WORDS, YESNO_SUFFIX, count_question, wrong_count
 
 
 def sample_questions(scenes: list[dict], n_images: int, samples_per_image: int, seed: int = 0) -> list[dict]:
@@ -404,6 +406,29 @@ def yesno_anchor_pairs(items: list[dict], n: int, seed: int = 0) -> list[dict]:
     return pairs
 
 
+def count_anchor_pairs(scenes: list[dict], n: int, seed: int = 0, several: float = 0.75) -> list[dict]:
+    """n count questions about training scenes (`scenes.jsonl` records), the true answer chosen, each asking the
+    scene's own count of one of its categories (answer Yes) or a wrong count (No, `wrong_count`), half each. With
+    probability `several` the category is one the scene holds more than once, where it has one: polish's yes/no
+    anchors, the world's questions of any kind, let its rounds take back what tune learnt there (course26: count
+    questions about a category held twice, 27 -> 13 of 46 after one round)."""
+    rng = random.Random(seed)
+    train = [s for s in scenes if s.get("split") == "train" and s["objects"]]
+    pairs = []
+    for scene in (rng.choice(train) for _ in range(n if train else 0)):
+        counts = Counter(obj["category"] for obj in scene["objects"])
+        held = sorted(counts)
+        many = [c for c in held if counts[c] > 1]
+        category = rng.choice(many if many and rng.random() < several else held)
+        asked_right = rng.random() < 0.5
+        k = counts[category] if asked_right else wrong_count(counts[category], rng)
+        chosen = "Yes" if asked_right else "No"
+        pairs.append({"idx": len(pairs), "question": count_question(category, k) + YESNO_SUFFIX, "chosen": chosen,
+                      "rejected": "No" if asked_right else "Yes", "image_path": scene["image"],
+                      "metainfos": {"image_id": scene["image_id"], "source": "count_anchor", "held": counts[category]}})
+    return pairs
+
+
 def box_anchor_pairs(records: list[dict], n: int, seed: int = 0) -> list[dict]:
     """n pairs from a world's referring expressions (`grounding_prepare.rec_conversations` records): chosen the
     true box, rejected the box of another object of the same image (images with one object give none). Among
@@ -432,7 +457,7 @@ GREEDY_MODES = ("continuation", "cut", "shape", "hedge")
 def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n_images: int = 600,
                 samples_per_image: int = 4, seed: int = 0, batch_size: int = 32, max_new_tokens: int = 160,
                 mode: str = "balanced", true_drops: int = 1, yesno_anchors: float = 0.0, box_anchors: float = 0.0,
-                hedge_below: float = 0.0, named_shapes: float = 0.0, quiet: bool = True,
+                count_anchors: float = 0.0, hedge_below: float = 0.0, named_shapes: float = 0.0, quiet: bool = True,
                 runtime: dict | None = None) -> dict:
     """Describe the world's training images with `model_dir` and pair the descriptions: mode "corrected" or
     "balanced" (sampled, `corrected_pairs`, the latter with `true_drops`), "ranked" (sampled, `rank_pairs`) or
@@ -440,9 +465,10 @@ def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n
     after its first wrong word) or "shape" (one greedy description per image, its misnamed shapes renamed,
     `shape_pairs`) or "hedge" (the same, each misnamed shape and each shape word the model wrote with a probability
     below `hedge_below` called `HEDGE_WORD`, with `named_shapes` pairs per such pair that keep a sure, right shape
-    against the hedge word, `named_shape_pairs`). `yesno_anchors` and `box_anchors` add that many yes/no and
-    grounding pairs per description pair (`yesno_anchor_pairs`, `box_anchor_pairs`, from the world's yes/no training
-    questions and referring expressions).
+    against the hedge word, `named_shape_pairs`). `yesno_anchors`, `count_anchors` and `box_anchors` add that many
+    yes/no, count and grounding pairs per description pair (`yesno_anchor_pairs`, `count_anchor_pairs`,
+    `box_anchor_pairs`: the world's yes/no training questions, count questions about its scenes, its referring
+    expressions).
 
     Writes out_dir/{questions.jsonl, samples.jsonl, pairs.json, pairs_summary.json}; an interrupted run resumes
     its decoding (samples.jsonl is appended by `mllm answer`). Returns the summary."""
@@ -498,6 +524,8 @@ def build_pairs(model_dir: str | Path, world: str | Path, out_dir: str | Path, n
     if round(yesno_anchors * described):
         pairs += yesno_anchor_pairs(json.loads((world / "yesno_train.json").read_text()),
                                     round(yesno_anchors * described), seed)
+    if round(count_anchors * described):
+        pairs += count_anchor_pairs(scenes, round(count_anchors * described), seed)
     if round(box_anchors * described):
         from mllm.data.grounding_prepare import rec_conversations
 

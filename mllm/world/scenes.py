@@ -422,12 +422,8 @@ def yesno_pair(scene: Scene, rng: random.Random) -> tuple[str, list[tuple[str, s
     elif kind == "count":
         cat = rng.choice(sorted(counts))
         right = counts[cat]
-        wrong = right + 1 if right == 1 or rng.random() < 0.5 else right - 1
-
-        def ask(k: int) -> str:
-            return f"Is there exactly one {cat} in the image?" if k == 1 else \
-                f"Are there exactly {number_phrase(k, cat)} in the image?"
-        yes, no = ask(right), ask(wrong)
+        wrong = wrong_count(right, rng)
+        yes, no = count_question(cat, right), count_question(cat, wrong)
     else:
         obj = rng.choice(_unique_colour_category(scene))
         row, col = grid_cell(obj, scene.width, scene.height)
@@ -436,6 +432,17 @@ def yesno_pair(scene: Scene, rng: random.Random) -> tuple[str, list[tuple[str, s
         no = f"Is the {obj.colour} {obj.category} {CELL_PHRASES[far]} of the image?"
     pair = [(yes + YESNO_SUFFIX, "Yes"), (no + YESNO_SUFFIX, "No")]
     return kind, pair if rng.random() < 0.5 else pair[::-1]
+
+
+def wrong_count(right: int, rng: random.Random) -> int:
+    """The count a 'No' question asks about: one more, or (half the time, for more than one) one fewer."""
+    return right + 1 if right == 1 or rng.random() < 0.5 else right - 1
+
+
+def count_question(category: str, k: int) -> str:
+    """'Is there exactly one star in the image?' / 'Are there exactly two stars in the image?' (no suffix)."""
+    return f"Is there exactly one {category} in the image?" if k == 1 else \
+        f"Are there exactly {number_phrase(k, category)} in the image?"
 
 
 def counting_qa(scene: Scene, rng: random.Random) -> tuple[str, str]:

@@ -82,6 +82,9 @@ def test_round_settings_follow_the_budget():
     # yes/no anchors round by round, the last value for any round after: the third round asks more yes/no pairs
     assert [P.round_settings(Budget(), r)["yesno_anchors"] for r in (1, 2, 3, 4)] == [0.34, 0.34, 0.5, 0.5]
     assert {P.round_settings(Budget(), r)["box_anchors"] for r in (1, 2, 3, 4)} == {0.34}
+    # count anchors only when asked for: finished rounds of the settings before them stay reusable
+    assert "count_anchors" not in settings
+    assert P.round_settings(replace(Budget(), polish_count_anchors=0.25), 2)["count_anchors"] == 0.25
     with pytest.raises(ValueError, match="polish_yesno_anchors needs at least one value"):
         P.round_settings(replace(Budget(), polish_yesno_anchors=()))
     quick = P.round_settings(Budget.quick())

@@ -178,6 +178,39 @@ def test_continuation_pairs_and_yesno_anchors():
         assert anchor["chosen"] == truth
 
 
+def test_count_anchors_ask_true_and_wrong_counts_mostly_of_a_category_held_more_than_once():
+    import re
+
+    from mllm.course.self_pairs import count_anchor_pairs
+
+    lone = {"image_id": "t", "objects": [SCENE["objects"][1]]}
+    scenes = [SCENE | {"split": "train", "image": "images/s.png"}, lone | {"split": "train", "image": "images/t.png"},
+              SCENE | {"image_id": "u", "split": "test", "image": "images/u.png"}]
+    words = {"one": 1, "two": 2, "three": 3, "four": 4}
+    pairs = count_anchor_pairs(scenes, 400, seed=0, several=1.0)
+    assert len(pairs) == 400 and [p["idx"] for p in pairs] == list(range(400))
+    asked = {"s": [], "t": []}
+    for pair in pairs:
+        match = re.fullmatch(r"(?:Is there exactly (one) (\w+)|Are there exactly (\w+) (\w+)s) in the image\? "
+                             r"Please answer yes or no\.", pair["question"])
+        assert match, pair["question"]
+        number, category = (match[1], match[2]) if match[1] else (match[3], match[4])
+        image = pair["metainfos"]["image_id"]
+        held = {"s": {"star": 2, "heart": 1}, "t": {"heart": 1}}[image][category]
+        assert pair["image_path"] == f"images/{image}.png" and pair["metainfos"]["held"] == held
+        assert pair["chosen"] == ("Yes" if words[number] == held else "No") and pair["rejected"] != pair["chosen"]
+        asked[image].append((category, words[number]))
+    # the test scene is never asked; the two-star scene only about its stars (several=1.0), the lone heart about it
+    assert {c for c, _ in asked["s"]} == {"star"} and {c for c, _ in asked["t"]} == {"heart"}
+    # its wrong counts are one and three, the lone heart's two; about half the answers are Yes
+    assert {k for _, k in asked["s"]} == {1, 2, 3} and {k for _, k in asked["t"]} == {1, 2}
+    assert 0.4 < sum(p["chosen"] == "Yes" for p in pairs) / 400 < 0.6
+    # several=0: any held category, the heart as often as the star
+    hearts = sum("heart" in p["question"] for p in count_anchor_pairs(scenes[:1], 400, seed=1, several=0.0))
+    assert 150 < hearts < 250
+    assert count_anchor_pairs([lone | {"split": "test", "image": "x"}], 5) == []
+
+
 def test_cut_pairs_end_the_rejected_side_at_its_first_wrong_word():
     from mllm.course.self_pairs import continuation_pairs, cut_at_error
 
@@ -338,22 +371,23 @@ def test_build_pairs_continuation_describes_each_image_once_greedily(tiny_checkp
     generate(world, n_train=4, n_test=1, seed=0, progress=False)
     out = tmp_path / "pairs"
     summary = build_pairs(tiny_checkpoint, world, out, n_images=3, max_new_tokens=6, mode="continuation",
-                          yesno_anchors=0.5, box_anchors=1.0)
+                          yesno_anchors=0.5, box_anchors=1.0, count_anchors=0.5)
     answers = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert len(answers) == 3 and {a["run"]["decoding"] for a in answers} == {"greedy"}
     pairs = json.loads((out / "pairs.json").read_text())
     # six tokens of a random model never describe a scene right: every image it wrote something for gives a pair
-    # (empty answers are dropped), then half as many yes/no anchors and as many box anchors
+    # (empty answers are dropped), then half as many yes/no anchors, half as many count anchors, as many box anchors
     described = summary["samples"]
     assert described >= 1 and sum(bool(a["answer"].strip()) for a in answers) == described
     sources = sorted(p["metainfos"]["source"] for p in pairs)
     assert sources == sorted(["continuation"] * described + ["yesno_anchor"] * round(0.5 * described)
-                             + ["box_anchor"] * described)
+                             + ["count_anchor"] * round(0.5 * described) + ["box_anchor"] * described)
     assert [p["idx"] for p in pairs] == list(range(len(pairs)))
     assert all(p["chosen"].startswith("The image shows") for p in pairs if p["metainfos"]["source"] == "continuation")
     # hedge pairs from the same greedy descriptions (reused), aimed by the model's own shape probabilities too: six
     # random tokens name no object, so no pair and no anchor
     assert main(["--model", str(tiny_checkpoint), "--world", str(world), "--out", str(out), "--images", "3",
-                 "--max-new-tokens", "6", "--mode", "hedge", "--hedge-below", "0.5", "--named-shapes", "1"]) == 0
+                 "--max-new-tokens", "6", "--mode", "hedge", "--hedge-below", "0.5", "--named-shapes", "1",
+                 "--count-anchors", "1"]) == 0
     assert json.loads((out / "pairs_summary.json").read_text())["mode"] == "hedge"
     assert json.loads((out / "pairs.json").read_text()) == []
