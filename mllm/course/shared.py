@@ -83,8 +83,8 @@ class Budget:
     # 0.5 took course16's base from yes/no 0.916 / acc+ 0.865 to 0.928 / 0.889 on 3,000 fresh questions (stop 47)
     polish_yesno_anchors: tuple[float, ...] = (0.34, 0.34, 0.5)
     # count questions per description pair, about the round's scenes, mostly about a category they hold more than once
-    # (`self_pairs.count_anchor_pairs`; 0: none). course26's first round took count from tune's 0.880 to 0.819 on 792
-    # fresh questions (a category held twice: 98 -> 51 of 138) with the yes/no anchors alone
+    # (`self_pairs.count_anchor_pairs`; 0: none). One round on 792 fresh count questions: without them 0.880 -> 0.819
+    # (course26; twice-held 98 -> 51 of 138), with 0.34 of them 0.811 -> 0.852 (course27; 28 -> 91 of 138, stop 53)
     polish_count_anchors: float = 0.0
     base_batch: int = 32  # scenes per step (a conversation each) in every base stage
     base_eval_scenes: int = 100  # held-out scenes (a yes/no pair each) for the stages' curves
