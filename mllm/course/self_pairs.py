@@ -38,7 +38,7 @@ where it was; shape pairs of sampled descriptions (misnamings the greedy decodin
     correct_shapes(caption, scene)                               -> the caption with its misnamed shapes renamed
     shape_pairs(answers, scenes)                                 -> pair records
     yesno_anchor_pairs(items, n, seed)                           -> yes/no pair records (true answer chosen)
-    count_anchor_pairs(scenes, n, seed, several)                  -> count yes/no pair records (true answer chosen)
+    count_anchor_pairs(scenes, n, seed, several)                 -> count yes/no pair records (true answer chosen)
     box_anchor_pairs(records, n, seed)                           -> grounding pair records (true box chosen)
     build_pairs(model_dir, world, out_dir, ...)                  -> pairs.json (decoding resumes like `mllm answer`)
 
